@@ -1,0 +1,2396 @@
+"""pyworker: a standard-library PyWorker for serverless GPU endpoints.
+
+A PyWorker is the small server that runs beside a model server (an LLM, an image
+generator) on a rented GPU instance. The platform's autoscaler routes a client to this
+worker and hands the client a signed ``auth_data``; the client then calls the worker
+directly. One request travels through this module like this:
+
+    client --POST /generate {"auth_data": ..., "payload": ...}--> HttpServer
+      HttpServer._serve_connection   read_request_head / read the body (strict RFC 9112)
+      Backend.create_handler(...)    parse JSON -> AuthData -> verify the RSA signature
+                                     -> ApiPayload.from_json_msg -> count_workload
+                                     -> wait for the model (FIFO when one at a time)
+      HttpClient.request             POST payload.generate_payload_json() to the model
+      EndpointHandler                turn the model's answer into the client's Response
+      HttpServer._write_response     JSON with Content-Length, or a chunked stream relayed
+                                     chunk by chunk (cut, not finished, if the model breaks)
+    client <-------------------------------------------------------------------------
+
+Beside the requests, the Backend tails the model's log file (ready / errored), runs a
+throughput benchmark once the model is loaded, health-checks the model, and reports load
+to the autoscaler every few seconds (POST {REPORT_ADDR}/worker_status/).
+
+The server's connection, one task per connection:
+
+    idle --head within HEAD_TIMEOUT--> request --body--> handler --> response
+      ^                                                               |
+      +------------- keep-alive (HTTP/1.1 default) -------------------+--> close
+
+Environment (validated at start by Config.from_env; a bad value stops the worker with one
+line naming the variable):
+
+    WORKER_PORT       port to listen on (3000)
+    MODEL_LOG         the model server's log file (required to become ready)
+    MODEL_SERVER_URL  overrides the worker file's model URL
+    REPORT_ADDR       autoscaler base URL(s), comma-separated (https://run.vast.ai)
+    CONTAINER_ID      worker id in load reports (0)
+    PUBLIC_IPADDR, VAST_TCP_PORT_<WORKER_PORT>   the public address reported as `url`
+    USE_SSL           true: serve TLS with /etc/instance.crt and /etc/instance.key
+                      (WORKER_SSL_CERT / WORKER_SSL_KEY override the paths)
+    UNSECURED         true: do not check signatures (says so loudly)
+    PUBKEY_FILE       PEM public key instead of fetching {REPORT_ADDR}/pubkey/
+    MAX_BODY_BYTES    largest request body accepted (16 MiB)
+    LOG_LEVEL         DEBUG, INFO (default), WARNING, ERROR
+
+Standard library only; uvloop and orjson are used when they can be imported.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import base64
+import binascii
+import collections
+import contextlib
+import dataclasses
+import enum
+import hashlib
+import http
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import signal
+import ssl
+import sys
+import time
+import types
+import typing
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, ClassVar, Generic, TypeVar
+
+# Optional accelerators ###########################################################################
+
+try:  # orjson parses and serialises JSON about 5x faster than the json module.
+    import orjson
+
+    def json_loads(data: bytes) -> Any:
+        return orjson.loads(data)
+
+    def json_dumps(obj: Any) -> bytes:
+        return orjson.dumps(obj)
+
+    _JSON_DECODE_ERRORS: tuple[type[Exception], ...] = (orjson.JSONDecodeError, ValueError)
+except ImportError:  # pragma: no cover - exercised by the bare-interpreter run
+    _json_decoder = json.JSONDecoder()
+    _json_encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+    def json_loads(data: bytes) -> Any:
+        return _json_decoder.decode(data.decode("utf-8"))
+
+    def json_dumps(obj: Any) -> bytes:
+        return _json_encoder.encode(obj).encode("utf-8")
+
+    _JSON_DECODE_ERRORS = (ValueError, RecursionError)
+
+
+def install_uvloop() -> bool:
+    """Use uvloop's event loop when it is installed; returns whether it is."""
+    try:
+        import uvloop  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        return False
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())  # pyright: ignore
+    return True
+
+
+log = logging.getLogger("pyworker")
+access_log = logging.getLogger("pyworker.access")
+
+# Limits ##########################################################################################
+# Each limit answers a status (or closes the connection) instead of letting a client make the
+# worker buffer or wait without end.
+
+MAX_REQUEST_LINE = 8 * 1024  # 414 past this; URIs here are short route names
+MAX_HEAD = 64 * 1024  # 431: request line + headers; h11 allows 16 KiB, http.client 64 KiB
+MAX_HEADERS = 100  # 431: the same count http.client allows
+MAX_BODY = 16 * 1024 * 1024  # 413, checked before reading; MAX_BODY_BYTES overrides
+MAX_CHUNK_SIZE_DIGITS = 16  # 16 hex digits = 2**64 - 1; more is an attack, not a chunk
+MAX_TRAILERS = 100  # trailer fields are read and dropped, but not without end
+HEAD_TIMEOUT = 10.0  # seconds to receive a whole request head (slow-loris)
+BODY_TIMEOUT = 60.0  # seconds to receive a whole request body once the head arrived
+KEEPALIVE_TIMEOUT = 60.0  # idle seconds before a keep-alive connection is closed
+WRITE_TIMEOUT = 60.0  # seconds a client may leave a response unread before it is dropped
+MAX_UPSTREAM_BODY = 256 * 1024 * 1024  # a model's JSON answer read into memory at most
+UPSTREAM_READ_SIZE = 64 * 1024  # streamed model chunks are relayed in pieces of at most this
+MAX_IDLE_UPSTREAM = 128  # pooled keep-alive connections to the model kept open at most
+CONNECT_TIMEOUT = 10.0  # seconds to open a connection to the model or the autoscaler
+SHUTDOWN_GRACE = 30.0  # seconds in-flight requests get to finish after SIGTERM
+
+# Errors ##########################################################################################
+
+
+class HttpError(Exception):
+    """A request that must be answered with `status` (h11's error_status_hint, as one type).
+
+    Raised by the framing code and by handlers; the server turns it into a short JSON answer.
+    A framing error also closes the connection, since the stream position is then unknown.
+    """
+
+    def __init__(
+        self, status: int, message: str, headers: Sequence[tuple[str, str]] = ()
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = list(headers)
+
+
+class UpstreamError(Exception):
+    """The model server (or autoscaler) was unreachable or broke the HTTP protocol: 502."""
+
+    status = 502
+
+
+class UpstreamTimeout(UpstreamError):
+    """The upstream did not answer in time: 504."""
+
+    status = 504
+
+
+class JsonDataException(Exception):
+    """Bad fields in a client's JSON: {field: message}, answered as 422 (SPEC section 2)."""
+
+    def __init__(self, json_msg: Mapping[str, Any]) -> None:
+        super().__init__(json_msg)
+        self.message = dict(json_msg)
+
+
+# HTTP framing ####################################################################################
+# Parsing is kept apart from I/O (h11's habit): these functions take bytes and return values or
+# raise HttpError; the stream code around them is thin.
+
+# RFC 9110 section 5.6.2: token = 1*tchar
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# Bytes never allowed in a head: NUL and the controls except HTAB; CR and LF are checked apart.
+_BAD_HEAD_BYTE = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_TARGET = re.compile(rb"/[\x21-\x7e]*")  # origin-form, printable ASCII without spaces
+_VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]")
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,%d}" % MAX_CHUNK_SIZE_DIGITS)
+_STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([0-9]{3})(?: ([\x09\x20-\x7e\x80-\xff]*))?")
+_DIGITS = re.compile(rb"[0-9]{1,19}")  # len(str(2**63)) == 19; more is no real length
+
+
+class Headers:
+    """Header fields in arrival order, names lower-cased; `get` returns the first value."""
+
+    __slots__ = ("_fields",)
+
+    def __init__(self, fields: Iterable[tuple[str, str]] = ()) -> None:
+        self._fields = list(fields)
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        for key, value in self._fields:
+            if key == name:
+                return value
+        return default
+
+    def get_all(self, name: str) -> list[str]:
+        return [value for key, value in self._fields if key == name]
+
+    def items(self) -> list[tuple[str, str]]:
+        return list(self._fields)
+
+    def __contains__(self, name: object) -> bool:
+        return any(key == name for key, _ in self._fields)
+
+    def __len__(self) -> int:
+        return len(self._fields)
+
+    def __repr__(self) -> str:
+        return f"Headers({self._fields!r})"
+
+
+@dataclasses.dataclass
+class BodyFraming:
+    """How a message body is delimited (RFC 9112 section 6.3)."""
+
+    kind: typing.Literal["length", "chunked", "close"]
+    length: int = 0
+
+
+@dataclasses.dataclass
+class Request:
+    """One parsed client request. `body` is filled in once it has been read."""
+
+    method: str
+    target: str
+    version: str
+    headers: Headers
+    framing: BodyFraming
+    keep_alive: bool
+    expect_continue: bool = False
+    body: bytes = b""
+    remote: str = ""
+
+    @property
+    def path(self) -> str:
+        return self.target.split("?", 1)[0]
+
+
+def _split_head(head: bytes) -> list[bytes]:
+    """Split a head (ending in CRLF CRLF) into lines; reject bare CR/LF and control bytes."""
+    if not head.endswith(b"\r\n\r\n"):
+        raise HttpError(400, "head not terminated by CRLF CRLF")
+    body = head[:-4]
+    # RFC 9112 section 2.2: a bare CR is invalid; we also refuse bare LF line ends, which
+    # some parsers accept and some do not (a smuggling vector between proxies).
+    if body.count(b"\n") != body.count(b"\r\n") or body.count(b"\r") != body.count(b"\r\n"):
+        raise HttpError(400, "bare CR or LF in head")
+    if _BAD_HEAD_BYTE.search(body):
+        raise HttpError(400, "control character in head")
+    return body.split(b"\r\n")
+
+
+def parse_header_lines(lines: Sequence[bytes], *, limit: int = MAX_HEADERS) -> Headers:
+    """Parse `name: value` lines (no CRLF); names are lower-cased, values stripped of OWS."""
+    if len(lines) > limit:
+        raise HttpError(431, "too many header fields")
+    fields: list[tuple[str, str]] = []
+    for line in lines:
+        name, colon, value = line.partition(b":")
+        if not colon:
+            raise HttpError(400, "header line without a colon")
+        if not _TOKEN.fullmatch(name):
+            # Also catches "Name :" and obs-fold continuation lines (RFC 9112 5.1, 5.2).
+            raise HttpError(400, "invalid header field name")
+        fields.append((name.decode("ascii").lower(), value.strip(b" \t").decode("latin-1")))
+    return Headers(fields)
+
+
+def _content_length(headers: Headers) -> int | None:
+    values = headers.get_all("content-length")
+    if not values:
+        return None
+    seen: set[bytes] = set()
+    for value in values:
+        for item in value.encode("latin-1").split(b","):
+            item = item.strip(b" \t")
+            if not _DIGITS.fullmatch(item):
+                raise HttpError(400, "invalid Content-Length")
+            seen.add(item.lstrip(b"0") or b"0")
+    if len(seen) != 1:  # RFC 9112 6.3: differing lengths are unrecoverable
+        raise HttpError(400, "conflicting Content-Length values")
+    return int(seen.pop())
+
+
+def _tokens(value: str) -> list[str]:
+    return [t.strip(" \t").lower() for t in value.split(",") if t.strip(" \t")]
+
+
+def request_framing(headers: Headers, version: str) -> BodyFraming:
+    """Body framing of a request: Content-Length, chunked, or no body (RFC 9112 6.3)."""
+    te_values = headers.get_all("transfer-encoding")
+    length = _content_length(headers)
+    if te_values:
+        if length is not None:
+            # Both present: the classic smuggling setup (RFC 9112 6.3 rule 3). Refuse it.
+            raise HttpError(400, "both Transfer-Encoding and Content-Length")
+        if version == "HTTP/1.0":
+            raise HttpError(400, "Transfer-Encoding in an HTTP/1.0 request")
+        codings = [t for v in te_values for t in _tokens(v)]
+        if not codings or codings[-1] != "chunked":
+            if codings and "chunked" in codings:
+                raise HttpError(400, "chunked is not the final transfer coding")
+            raise HttpError(501, "unsupported transfer coding")
+        if len(codings) > 1:
+            raise HttpError(501, "unsupported transfer coding")
+        return BodyFraming("chunked")
+    return BodyFraming("length", length or 0)
+
+
+def parse_request_head(head: bytes) -> Request:
+    """Parse a request head (request line and fields, ending in CRLF CRLF) into a Request."""
+    lines = _split_head(head)
+    request_line = lines[0]
+    if len(request_line) > MAX_REQUEST_LINE:
+        raise HttpError(414, "request line too long")
+    parts = request_line.split(b" ")
+    if len(parts) != 3:
+        raise HttpError(400, "malformed request line")
+    method, target, version = parts
+    if not _TOKEN.fullmatch(method):
+        raise HttpError(400, "invalid method")
+    if not _VERSION.fullmatch(version):
+        raise HttpError(400, "invalid HTTP version")
+    if version not in (b"HTTP/1.1", b"HTTP/1.0"):
+        raise HttpError(505, "HTTP version not supported")
+    if not _TARGET.fullmatch(target):
+        raise HttpError(400, "invalid request target")
+    version_s = version.decode("ascii")
+    headers = parse_header_lines(lines[1:])
+    hosts = headers.get_all("host")
+    if len(hosts) > 1 or (not hosts and version_s == "HTTP/1.1"):
+        raise HttpError(400, "exactly one Host header is required")  # RFC 9112 3.2
+    framing = request_framing(headers, version_s)
+    connection = _tokens(headers.get("connection") or "")
+    if version_s == "HTTP/1.1":
+        keep_alive = "close" not in connection
+    else:
+        keep_alive = "keep-alive" in connection and "close" not in connection
+    expect = headers.get("expect")
+    expect_continue = False
+    if expect is not None:
+        if expect.lower() != "100-continue":
+            raise HttpError(417, "unsupported expectation")
+        expect_continue = version_s == "HTTP/1.1"
+    return Request(
+        method=method.decode("ascii"),
+        target=target.decode("ascii"),
+        version=version_s,
+        headers=headers,
+        framing=framing,
+        keep_alive=keep_alive,
+        expect_continue=expect_continue,
+    )
+
+
+def parse_response_head(head: bytes, *, request_method: str = "POST") -> ClientResponseHead:
+    """Parse a response head from an upstream server (status line and fields)."""
+    lines = _split_head(head)
+    match = _STATUS_LINE.fullmatch(lines[0])
+    if match is None:
+        raise HttpError(502, "malformed status line")
+    status = int(match.group(1))
+    reason = (match.group(2) or b"").decode("latin-1")
+    headers = parse_header_lines(lines[1:])
+    version = lines[0][:8].decode("ascii")
+    if request_method == "HEAD" or status < 200 or status in (204, 304):
+        framing = BodyFraming("length", 0)
+    elif headers.get_all("transfer-encoding"):
+        codings = [t for v in headers.get_all("transfer-encoding") for t in _tokens(v)]
+        # RFC 9112 6.3 rule 4: chunked last means chunked; otherwise read until close.
+        framing = BodyFraming("chunked") if codings == ["chunked"] else BodyFraming("close")
+        if codings and codings[-1] == "chunked" and len(codings) > 1:
+            raise HttpError(502, "unsupported transfer coding from upstream")
+    else:
+        length = _content_length(headers)
+        framing = BodyFraming("close") if length is None else BodyFraming("length", length)
+    connection = _tokens(headers.get("connection") or "")
+    if version == "HTTP/1.1":
+        keep_alive = "close" not in connection
+    else:
+        keep_alive = "keep-alive" in connection
+    if framing.kind == "close":
+        keep_alive = False
+    return ClientResponseHead(status, reason, headers, framing, keep_alive)
+
+
+def parse_chunk_size(line: bytes) -> int:
+    """The size from a chunk-size line (with its CRLF): 1-16 hex digits, extensions ignored.
+
+    Unlike http.client's int(line, 16) this refuses "0x1a", "+1a", "1_a", "-1" and " 1a".
+    """
+    if not line.endswith(b"\r\n"):
+        raise HttpError(400, "chunk size line not terminated by CRLF")
+    size, _, extension = line[:-2].partition(b";")
+    size = size.rstrip(b" \t")  # RFC 9112 7.1.1: BWS may precede a chunk extension
+    if not _CHUNK_SIZE.fullmatch(size):
+        raise HttpError(400, "invalid chunk size")
+    if b"\r" in extension or b"\n" in extension or _BAD_HEAD_BYTE.search(extension):
+        raise HttpError(400, "invalid chunk extension")
+    return int(size, 16)
+
+
+@dataclasses.dataclass
+class ClientResponseHead:
+    status: int
+    reason: str
+    headers: Headers
+    framing: BodyFraming
+    keep_alive: bool
+
+
+_REASONS = {s.value: s.phrase for s in http.HTTPStatus}
+
+
+def response_head(
+    status: int,
+    headers: Iterable[tuple[str, str]],
+    *,
+    content_length: int | None,
+    keep_alive: bool,
+) -> bytes:
+    """Serialise a status line and header fields; Content-Length or chunked framing."""
+    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"]
+    lines.append(f"Date: {_http_date()}\r\nServer: pyworker\r\n")
+    for name, value in headers:
+        if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
+            raise ValueError(f"CR or LF in header field {name!r}")  # response splitting
+        lines.append(f"{name}: {value}\r\n")
+    if content_length is None:
+        lines.append("Transfer-Encoding: chunked\r\n")
+    else:
+        lines.append(f"Content-Length: {content_length}\r\n")
+    if not keep_alive:
+        lines.append("Connection: close\r\n")
+    lines.append("\r\n")
+    return "".join(lines).encode("latin-1")
+
+
+_date_cache: tuple[int, str] = (0, "")
+
+
+def _http_date() -> str:
+    """The Date header value (RFC 9110 5.6.7), formatted once a second."""
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now)))
+    return _date_cache[1]
+
+
+def encode_chunk(data: bytes) -> bytes:
+    """One chunk of a chunked body (RFC 9112 7.1); empty data would end the body, so refuse it."""
+    if not data:
+        raise ValueError("an empty chunk ends the body; skip it instead")
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+async def read_head(reader: asyncio.StreamReader, *, first_line_limit: int) -> bytes:
+    """Read one head up to CRLF CRLF; the reader's limit bounds it (431 or 414)."""
+    try:
+        return await reader.readuntil(b"\r\n\r\n")
+    except asyncio.LimitOverrunError as exc:
+        # Tell an over-long request line (414) from an over-long header block (431).
+        # The connection is closed after this error, so consuming the buffer is harmless.
+        buffered = await reader.read(first_line_limit + 2)
+        if b"\r\n" not in buffered and exc.consumed >= first_line_limit:
+            raise HttpError(414, "request line too long") from None
+        raise HttpError(431, "request head too large") from None
+
+
+async def read_chunked(
+    reader: asyncio.StreamReader, *, max_size: int | None, piece: int = UPSTREAM_READ_SIZE
+) -> AsyncIterator[bytes]:
+    """Yield the data of a chunked body as it arrives; trailers are read and dropped.
+
+    A chunk larger than `piece` is yielded in pieces so memory stays bounded. Raises
+    HttpError(400) on any grammar error, HttpError(413) past `max_size`, and
+    asyncio.IncompleteReadError when the peer closes early.
+    """
+    total = 0
+    while True:
+        try:
+            line = await reader.readuntil(b"\r\n")
+        except asyncio.LimitOverrunError:
+            raise HttpError(400, "chunk size line too long") from None
+        size = parse_chunk_size(line)
+        if size == 0:
+            break
+        total += size
+        if max_size is not None and total > max_size:
+            raise HttpError(413, "body too large")
+        while size > 0:
+            data = await reader.readexactly(min(size, piece))
+            size -= len(data)
+            yield data
+        if await reader.readexactly(2) != b"\r\n":
+            raise HttpError(400, "chunk data not followed by CRLF")
+    for _ in range(MAX_TRAILERS + 1):
+        try:
+            line = await reader.readuntil(b"\r\n")
+        except asyncio.LimitOverrunError:
+            raise HttpError(431, "trailer section too large") from None
+        if line == b"\r\n":
+            return
+        parse_header_lines([line[:-2]])  # validated, then dropped
+    raise HttpError(431, "too many trailer fields")
+
+
+# HTTP client #####################################################################################
+# A keep-alive pool to one base URL: the model server, or the autoscaler for load reports.
+
+
+def split_url(url: str) -> tuple[str, str, int, str]:
+    """(scheme, host, port, path prefix) of an http or https base URL; ValueError otherwise."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an http(s) URL: {url!r}")
+    if parts.query or parts.fragment or parts.username:
+        raise ValueError(f"URL must not have a query, fragment or user: {url!r}")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return parts.scheme, parts.hostname, port, parts.path.rstrip("/")
+
+
+class _Deadline:
+    """A time limit on one exchange: when it passes, the connection is aborted, which wakes
+    whatever read is waiting on it. Cheaper than wait_for around every read."""
+
+    __slots__ = ("expired", "_handle", "_transport")
+
+    def __init__(self, seconds: float | None) -> None:
+        self.expired = False
+        self._transport: asyncio.BaseTransport | None = None
+        self._handle: asyncio.TimerHandle | None = None
+        if seconds is not None:
+            self._handle = asyncio.get_running_loop().call_later(seconds, self._expire)
+
+    def watch(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
+        if self.expired:
+            self._expire()
+
+    def _expire(self) -> None:
+        self.expired = True
+        if self._transport is not None:
+            _abort(self._transport)
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        self._transport = None
+
+
+def _abort(transport: asyncio.BaseTransport) -> None:
+    abort = getattr(transport, "abort", None)
+    if abort is not None:
+        abort()
+    else:  # pragma: no cover - every stream transport has abort()
+        transport.close()
+
+
+class _Connection:
+    __slots__ = ("reader", "writer")
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    def usable(self) -> bool:
+        # A pooled connection the server closed while idle shows EOF (or leftover bytes).
+        return not (self.writer.is_closing() or self.reader.at_eof() or self.reader.exception())
+
+    def abort(self) -> None:
+        _abort(self.writer.transport)
+
+
+class HttpClient:
+    """An HTTP/1.1 client with a keep-alive connection pool to one base URL.
+
+    Safe for concurrent use: each request takes an idle connection or opens one. A connection
+    returns to the pool only when its response was read completely and neither side asked to
+    close. A pooled connection the server closed while idle is detected, and a request that
+    failed on a reused connection before any response byte arrived is retried once on a new
+    connection.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        connect_timeout: float = CONNECT_TIMEOUT,
+        max_idle: int = MAX_IDLE_UPSTREAM,
+        max_body: int = MAX_UPSTREAM_BODY,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        scheme, self.host, self.port, self.prefix = split_url(base_url)
+        self.connect_timeout = connect_timeout
+        self.max_idle = max_idle
+        self.max_body = max_body
+        self._ssl: ssl.SSLContext | None = None
+        if scheme == "https":
+            self._ssl = ssl_context or ssl.create_default_context()
+        default_port = 443 if scheme == "https" else 80
+        self._host_header = self.host if self.port == default_port else f"{self.host}:{self.port}"
+        self._idle: collections.deque[_Connection] = collections.deque()
+        self.connections_opened = 0
+
+    @property
+    def idle_connections(self) -> int:
+        return len(self._idle)
+
+    async def _connect(self, deadline: _Deadline, timeout: float | None) -> _Connection:
+        limit = self.connect_timeout if timeout is None else min(timeout, self.connect_timeout)
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(self.host, self.port, ssl=self._ssl, limit=MAX_HEAD),
+                limit,
+            )
+        except asyncio.TimeoutError:
+            raise UpstreamTimeout(f"connect to {self.base_url} timed out") from None
+        except OSError as exc:
+            raise UpstreamError(f"cannot connect to {self.base_url}: {exc}") from None
+        self.connections_opened += 1
+        conn = _Connection(reader, writer)
+        deadline.watch(writer.transport)
+        return conn
+
+    def _take_idle(self) -> _Connection | None:
+        while self._idle:
+            conn = self._idle.pop()  # the most recent one is the least likely to be stale
+            if conn.usable():
+                return conn
+            conn.writer.close()
+        return None
+
+    def _release(self, conn: _Connection) -> None:
+        if len(self._idle) < self.max_idle and conn.usable():
+            self._idle.append(conn)
+        else:
+            conn.writer.close()
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        *,
+        headers: Iterable[tuple[str, str]] = (),
+        content_type: str = "application/json",
+        timeout: float | None = None,
+    ) -> ClientResponse:
+        """Send a request and return once the response head arrived.
+
+        `timeout` bounds the whole exchange, body included. Raises UpstreamError when the
+        server is unreachable or breaks the protocol, UpstreamTimeout past the timeout.
+        The caller must read the body or close() the response.
+        """
+        lines = [f"{method} {self.prefix}{path} HTTP/1.1\r\nHost: {self._host_header}\r\n"]
+        for name, value in headers:
+            lines.append(f"{name}: {value}\r\n")
+        if body is not None:
+            lines.append(f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n")
+        lines.append("\r\n")
+        data = "".join(lines).encode("latin-1") + (body or b"")
+        deadline = _Deadline(timeout)
+        try:
+            return await self._exchange(method, data, deadline, timeout)
+        except BaseException:
+            deadline.cancel()
+            raise
+
+    async def _exchange(
+        self, method: str, data: bytes, deadline: _Deadline, timeout: float | None
+    ) -> ClientResponse:
+        for attempt in (1, 2):
+            conn = self._take_idle()
+            reused = conn is not None
+            if conn is None:
+                conn = await self._connect(deadline, timeout)
+            else:
+                deadline.watch(conn.writer.transport)
+            try:
+                conn.writer.write(data)
+                head = await read_head(conn.reader, first_line_limit=MAX_HEAD)
+                parsed = parse_response_head(head, request_method=method)
+                while 100 <= parsed.status < 200:  # 1xx answers precede the real one
+                    if parsed.status == 101:
+                        raise HttpError(502, "unexpected protocol switch")
+                    head = await read_head(conn.reader, first_line_limit=MAX_HEAD)
+                    parsed = parse_response_head(head, request_method=method)
+            except asyncio.IncompleteReadError as exc:
+                conn.abort()
+                if deadline.expired:
+                    raise UpstreamTimeout(f"{self.base_url} did not answer in time") from None
+                if reused and attempt == 1 and not exc.partial:
+                    continue  # the server closed the idle connection as we sent: retry once
+                raise UpstreamError(f"{self.base_url} closed the connection early") from None
+            except (ConnectionError, OSError) as exc:
+                conn.abort()
+                if deadline.expired:
+                    raise UpstreamTimeout(f"{self.base_url} did not answer in time") from None
+                if reused and attempt == 1:
+                    continue
+                raise UpstreamError(f"{self.base_url}: {exc}") from None
+            except HttpError as exc:
+                conn.abort()
+                raise UpstreamError(f"{self.base_url} broke HTTP: {exc.message}") from None
+            except BaseException:
+                conn.abort()  # cancelled: the half-done exchange cannot be reused
+                raise
+            return ClientResponse(self, conn, parsed, deadline)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def close(self) -> None:
+        """Close the idle connections; responses still being read keep theirs."""
+        while self._idle:
+            self._idle.pop().writer.close()
+
+
+class ClientResponse:
+    """A response whose head arrived; read() or iter_chunks() the body, or close() it."""
+
+    def __init__(
+        self,
+        client: HttpClient,
+        conn: _Connection,
+        head: ClientResponseHead,
+        deadline: _Deadline,
+    ) -> None:
+        self.status = head.status
+        self.reason = head.reason
+        self.headers = head.headers
+        self._client = client
+        self._conn: _Connection | None = conn
+        self._head = head
+        self._deadline = deadline
+        self._started = False
+
+    @property
+    def content_type(self) -> str:
+        return self.headers.get("content-type") or "application/octet-stream"
+
+    async def read(self) -> bytes:
+        """The whole body (at most the client's max_body bytes)."""
+        framing = self._head.framing
+        if framing.kind == "length" and framing.length > self._client.max_body:
+            self.close()
+            raise UpstreamError("upstream body too large")
+        parts: list[bytes] = []
+        size = 0
+        async for chunk in self.iter_chunks():
+            size += len(chunk)
+            if size > self._client.max_body:
+                self.close()
+                raise UpstreamError("upstream body too large")
+            parts.append(chunk)
+        return b"".join(parts)
+
+    async def json(self) -> Any:
+        body = await self.read()
+        try:
+            return json_loads(body)
+        except _JSON_DECODE_ERRORS:
+            raise UpstreamError("upstream answered invalid JSON") from None
+
+    async def iter_chunks(self) -> AsyncIterator[bytes]:
+        """Yield body data as it arrives, never waiting for the end of a slow stream.
+
+        Raises UpstreamError if the body breaks off or is malformed (UpstreamTimeout past
+        the deadline). Leaving the loop early closes the connection.
+        """
+        conn = self._conn
+        if conn is None or self._started:
+            raise RuntimeError("the body was already read or the response closed")
+        self._started = True
+        framing = self._head.framing
+        reader = conn.reader
+        complete = False
+        try:
+            if framing.kind == "length":
+                remaining = framing.length
+                while remaining:
+                    data = await reader.read(min(remaining, UPSTREAM_READ_SIZE))
+                    if not data:
+                        raise asyncio.IncompleteReadError(b"", remaining)
+                    remaining -= len(data)
+                    yield data
+            elif framing.kind == "chunked":
+                async for data in read_chunked(reader, max_size=None):
+                    yield data
+            else:
+                while data := await reader.read(UPSTREAM_READ_SIZE):
+                    yield data
+            complete = True
+        except (asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
+            if self._deadline.expired:
+                raise UpstreamTimeout("upstream did not finish in time") from None
+            raise UpstreamError(f"upstream broke off the body: {exc!r}") from None
+        except HttpError as exc:
+            raise UpstreamError(f"upstream sent a malformed body: {exc.message}") from None
+        finally:
+            self._finish(complete)
+
+    def _finish(self, complete: bool) -> None:
+        conn, self._conn = self._conn, None
+        self._deadline.cancel()
+        if conn is None:
+            return
+        if complete and self._head.keep_alive:
+            self._client._release(conn)  # pyright: ignore[reportPrivateUsage]
+        else:
+            conn.abort()
+
+    def close(self) -> None:
+        """Done with this response: an unread or partly read body closes the connection."""
+        complete = not self._started and self._head.framing == BodyFraming("length", 0)
+        self._finish(complete)
+
+    async def __aenter__(self) -> ClientResponse:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+# HTTP server #####################################################################################
+
+
+class Response:
+    """An answer to a request: a body sent with Content-Length, or a stream sent chunked.
+
+    `stream` yields the body's pieces; each is written and drained as it comes. If the stream
+    raises, the connection is cut without the last chunk, so the client sees an error rather
+    than a short success.
+    """
+
+    __slots__ = ("body", "content_type", "headers", "status", "stream")
+
+    def __init__(
+        self,
+        status: int = 200,
+        body: bytes = b"",
+        *,
+        content_type: str = "application/json",
+        headers: Sequence[tuple[str, str]] = (),
+        stream: AsyncIterator[bytes] | None = None,
+    ) -> None:
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+        self.headers = headers
+        self.stream = stream
+
+
+def json_response(obj: Any, status: int = 200, headers: Sequence[tuple[str, str]] = ()) -> Response:
+    return Response(status, json_dumps(obj), headers=headers)
+
+
+def text_response(text: str, status: int = 200) -> Response:
+    return Response(status, text.encode(), content_type="text/plain; charset=utf-8")
+
+
+def error_response(status: int, message: str, **extra: Any) -> Response:
+    return json_response({"error": message, **extra}, status)
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    handler: Handler
+
+
+def post(path: str, handler: Handler) -> Route:
+    return Route("POST", path, handler)
+
+
+def get(path: str, handler: Handler) -> Route:
+    return Route("GET", path, handler)
+
+
+class _ServerProtocol(asyncio.StreamReaderProtocol):
+    """asyncio's stream protocol, plus: the connection's task is cancelled when the client
+    goes away while a handler is working for it, so the model request is abandoned at once."""
+
+    def __init__(self, server: HttpServer) -> None:
+        self.reader = asyncio.StreamReader(limit=MAX_HEAD)
+        super().__init__(self.reader)
+        self._server = server
+        self.task: asyncio.Task[None] | None = None
+        self.busy = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        loop = asyncio.get_running_loop()
+        writer = asyncio.StreamWriter(
+            typing.cast(asyncio.WriteTransport, transport), self, self.reader, loop
+        )
+        self.task = loop.create_task(self._server._serve_connection(self, self.reader, writer))  # pyright: ignore[reportPrivateUsage]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self.busy and self.task is not None:
+            self.task.cancel()
+
+
+class HttpServer:
+    """A strict HTTP/1.1 server on asyncio streams, routing method + path to handlers."""
+
+    def __init__(self, routes: Iterable[Route], *, max_body: int = MAX_BODY) -> None:
+        self.routes: dict[str, dict[str, Handler]] = {}
+        for route in routes:
+            self.routes.setdefault(route.path, {})[route.method] = route.handler
+        self.max_body = max_body
+        self._server: asyncio.Server | None = None
+        self._protocols: set[_ServerProtocol] = set()
+        self.closing = False
+
+    async def start(
+        self, host: str = "127.0.0.1", port: int = 0, *, ssl_context: ssl.SSLContext | None = None
+    ) -> int:
+        """Listen; returns the bound port."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _ServerProtocol(self), host, port, ssl=ssl_context, backlog=1024
+        )
+        return int(self._server.sockets[0].getsockname()[1])
+
+    @property
+    def connections(self) -> int:
+        return len(self._protocols)
+
+    @property
+    def busy_connections(self) -> int:
+        return sum(1 for p in self._protocols if p.busy)
+
+    async def shutdown(self, grace: float = SHUTDOWN_GRACE) -> None:
+        """Stop accepting, close idle connections, wait for busy ones up to `grace` seconds."""
+        self.closing = True
+        if self._server is not None:
+            self._server.close()
+        deadline = time.monotonic() + grace
+        while True:
+            for proto in list(self._protocols):
+                if not proto.busy and proto.transport is not None:
+                    proto.transport.close()  # idle keep-alive connection
+            if not self._protocols or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.05)
+        for proto in list(self._protocols):
+            if proto.transport is not None:
+                _abort(proto.transport)
+
+    async def _serve_connection(
+        self, proto: _ServerProtocol, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self._protocols.add(proto)
+        transport = writer.transport
+        peer = writer.get_extra_info("peername")
+        remote = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else ""
+        loop = asyncio.get_running_loop()
+        timeout = HEAD_TIMEOUT
+        try:
+            while not self.closing:
+                # One timer per phase closes the connection if the client stalls (slow-loris).
+                timer = loop.call_later(timeout, _abort, transport)
+                try:
+                    head = await read_head(reader, first_line_limit=MAX_REQUEST_LINE)
+                    request = parse_request_head(head)
+                    request.remote = remote
+                    timer.cancel()
+                    timer = loop.call_later(BODY_TIMEOUT, _abort, transport)
+                    request.body = await self._read_body(request, reader, writer)
+                except HttpError as exc:
+                    self._send_error(writer, exc)
+                    break
+                except (asyncio.IncompleteReadError, ConnectionError, OSError):
+                    break  # closed by the client or by our timer
+                finally:
+                    timer.cancel()
+                if self.closing:
+                    request.keep_alive = False
+                proto.busy = True
+                try:
+                    ok = await self._respond(request, writer)
+                finally:
+                    proto.busy = False
+                if not (ok and request.keep_alive):
+                    break
+                timeout = KEEPALIVE_TIMEOUT
+        except asyncio.CancelledError:
+            pass  # the client went away mid-request; the handler has cleaned up
+        except Exception:
+            log.exception("unexpected error on a connection")
+        finally:
+            self._protocols.discard(proto)
+            if not transport.is_closing():
+                with contextlib.suppress(Exception):
+                    await writer.drain()
+            transport.close()
+
+    async def _read_body(
+        self, request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bytes:
+        framing = request.framing
+        if framing.kind == "length" and framing.length == 0:
+            return b""
+        if framing.kind == "length" and framing.length > self.max_body:
+            raise HttpError(413, "body too large")  # before reading any of it
+        if request.expect_continue:  # RFC 9110 10.1.1: tell the client to go ahead
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if framing.kind == "length":
+            return await reader.readexactly(framing.length)
+        parts: list[bytes] = []
+        async for data in read_chunked(reader, max_size=self.max_body):
+            parts.append(data)
+        return b"".join(parts)
+
+    def _send_error(self, writer: asyncio.StreamWriter, exc: HttpError) -> None:
+        """A framing error: answer it and close, since where the next request starts is unknown."""
+        body = json_dumps({"error": exc.message})
+        head = response_head(
+            exc.status,
+            [("Content-Type", "application/json"), *exc.headers],
+            content_length=len(body),
+            keep_alive=False,
+        )
+        with contextlib.suppress(Exception):
+            writer.write(head + body)
+
+    async def _respond(self, request: Request, writer: asyncio.StreamWriter) -> bool:
+        """Run the handler and write its response; False when the connection must close."""
+        methods = self.routes.get(request.path)
+        if methods is None:
+            response = error_response(404, "not found")
+        elif request.method not in methods:
+            allow = ", ".join(sorted(methods))
+            response = error_response(405, "method not allowed")
+            response.headers = [("Allow", allow)]
+        else:
+            try:
+                response = await methods[request.method](request)
+            except HttpError as exc:
+                response = error_response(exc.status, exc.message)
+                response.headers = exc.headers
+            except Exception:
+                log.exception("handler for %s %s failed", request.method, request.path)
+                response = error_response(500, "internal error")
+        return await self._write_response(request, response, writer)
+
+    async def _write_response(
+        self, request: Request, response: Response, writer: asyncio.StreamWriter
+    ) -> bool:
+        keep_alive = request.keep_alive and not self.closing
+        headers = [("Content-Type", response.content_type), *response.headers]
+        stream = response.stream
+        if stream is None:
+            body = response.body
+            writer.write(
+                response_head(
+                    response.status, headers, content_length=len(body), keep_alive=keep_alive
+                )
+                + body
+            )
+            await self._drain(writer)
+            return keep_alive
+        try:
+            writer.write(
+                response_head(response.status, headers, content_length=None, keep_alive=keep_alive)
+            )
+            async for data in stream:
+                if data:
+                    writer.write(encode_chunk(data))
+                    await self._drain(writer)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # The model broke off: cut the client's stream (no last chunk) so it sees an error.
+            log.warning("stream for %s cut: %s", request.path, exc)
+            _abort(writer.transport)
+            return False
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        writer.write(LAST_CHUNK)
+        await self._drain(writer)
+        return keep_alive
+
+    @staticmethod
+    async def _drain(writer: asyncio.StreamWriter) -> None:
+        """Wait while the client's socket buffer is full (back-pressure), but not forever."""
+        transport = writer.transport
+        if transport.get_write_buffer_size() <= 64 * 1024 and not transport.is_closing():
+            return  # asyncio's drain() would return at once; skip its overhead
+        if transport.is_closing():
+            raise ConnectionResetError("client connection closed")
+        timer = asyncio.get_running_loop().call_later(WRITE_TIMEOUT, _abort, transport)
+        try:
+            await writer.drain()
+        finally:
+            timer.cancel()
+
+
+# Payload protocol ################################################################################
+# What a worker author writes: an ApiPayload for the model API's request fields.
+
+if typing.TYPE_CHECKING:
+    from typing_extensions import Self
+
+
+class ApiPayload(abc.ABC):
+    """The model API's request fields, parsed from the client's `payload` object.
+
+    A dataclass subclass gets `from_json_msg` for free: each field is checked for presence
+    (unless it has a default) and type, and every bad field is reported at once (422).
+    """
+
+    @classmethod
+    @abc.abstractmethod
+    def for_test(cls) -> Self:
+        """A realistic random payload, used by the benchmark and the load tester."""
+
+    @abc.abstractmethod
+    def generate_payload_json(self) -> dict[str, Any]:
+        """The JSON object sent to the model API."""
+
+    @abc.abstractmethod
+    def count_workload(self) -> float:
+        """The request's cost in the autoscaler's unit (tokens, pixels x steps ...)."""
+
+    @classmethod
+    def from_json_msg(cls, json_msg: dict[str, Any]) -> Self:
+        """Build the payload from the client's JSON; raise JsonDataException on bad fields."""
+        return from_json_fields(cls, json_msg)
+
+
+_T = TypeVar("_T")
+_hints_cache: dict[type, dict[str, Any]] = {}
+
+
+def from_json_fields(cls: type[_T], json_msg: Any) -> _T:
+    """Instantiate dataclass `cls` from a JSON object, checking every field's presence and type.
+
+    Unknown keys are ignored. Raises JsonDataException({field: message}) listing every bad field.
+    """
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls.__name__} is not a dataclass: write its from_json_msg yourself")
+    if not isinstance(json_msg, dict):
+        raise JsonDataException({"__all__": "expected a JSON object"})
+    msg = typing.cast(dict[str, Any], json_msg)
+    hints = _hints_cache.get(cls)
+    if hints is None:
+        hints = _hints_cache[cls] = typing.get_type_hints(cls)
+    errors: dict[str, str] = {}
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):
+        if not field.init:
+            continue
+        if field.name not in msg:
+            if (
+                field.default is dataclasses.MISSING
+                and field.default_factory is dataclasses.MISSING
+            ):
+                errors[field.name] = "missing parameter"
+            continue
+        value = msg[field.name]
+        hint = hints.get(field.name, Any)
+        if not _matches(value, hint):
+            errors[field.name] = f"expected {_describe(hint)}"
+            continue
+        values[field.name] = float(value) if hint is float and type(value) is int else value
+    if errors:
+        raise JsonDataException(errors)
+    return cls(**values)
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a type hint (the subset of types JSON can carry)."""
+    if hint is Any or hint is object:
+        return True
+    if hint is None or hint is type(None):
+        return value is None
+    if hint is bool:
+        return type(value) is bool
+    if hint is int:
+        return type(value) is int  # bool is an int in Python, never in JSON
+    if hint is float:
+        return type(value) in (int, float) and math.isfinite(value)
+    if hint is str:
+        return type(value) is str
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if origin is typing.Literal:
+        return any(type(value) is type(a) and value == a for a in args)
+    if origin is list or hint is list:
+        items = typing.cast(list[Any], value)
+        return isinstance(value, list) and (not args or all(_matches(v, args[0]) for v in items))
+    if origin is dict or hint is dict:
+        mapping = typing.cast(dict[Any, Any], value)
+        return isinstance(value, dict) and (
+            not args or all(_matches(v, args[1]) for v in mapping.values())
+        )
+    return isinstance(value, hint) if isinstance(hint, type) else False
+
+
+def _describe(hint: Any) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "a boolean"}
+    if hint in names:
+        return names[hint]
+    if hint is None or hint is type(None):
+        return "null"
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) is list or hint is list:
+        return "a list"
+    if typing.get_origin(hint) is dict or hint is dict:
+        return "an object"
+    return getattr(hint, "__name__", str(hint))
+
+
+@dataclasses.dataclass
+class AuthData:
+    """The autoscaler's signed ticket that comes with each client request (SPEC section 3)."""
+
+    signature: str
+    cost: str | int | float
+    endpoint: str
+    reqnum: int
+    url: str
+
+    @classmethod
+    def from_json_msg(cls, json_msg: Any) -> AuthData:
+        return from_json_fields(cls, json_msg)
+
+    def message(self) -> bytes:
+        """The signed bytes: Python's json.dumps(indent=4) of the four fields in this order.
+
+        orjson cannot produce this layout; the stdlib must, byte for byte.
+        """
+        fields = {"cost": self.cost, "endpoint": self.endpoint, "reqnum": self.reqnum}
+        fields["url"] = self.url
+        return json.dumps(fields, indent=4).encode("utf-8")
+
+
+# Signatures ######################################################################################
+# RSA PKCS#1 v1.5 with SHA-256, verified in pure Python: pow() is the only real cost
+# (about 0.2 ms for a 2048-bit key).
+
+# DigestInfo for SHA-256 (RFC 8017 section 9.2, note 1)
+_SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
+_RSA_ENCRYPTION_OID = bytes.fromhex("2a864886f70d010101")  # 1.2.840.113549.1.1.1
+MAX_SIGNATURE_B64 = 4096  # base64 of an 8192-bit signature is 1368 characters
+
+
+class KeyFormatError(ValueError):
+    """A public key that cannot be used."""
+
+
+def _der_next(data: bytes, pos: int, tag: int) -> tuple[bytes, int]:
+    """Read one DER TLV of `tag` at `pos`: (content, position after it)."""
+    if pos + 2 > len(data) or data[pos] != tag:
+        raise KeyFormatError(f"DER: expected tag 0x{tag:02x}")
+    length = data[pos + 1]
+    pos += 2
+    if length & 0x80:
+        count = length & 0x7F
+        if count == 0 or count > 4 or pos + count > len(data):
+            raise KeyFormatError("DER: bad length")
+        length = int.from_bytes(data[pos : pos + count], "big")
+        pos += count
+    if pos + length > len(data):
+        raise KeyFormatError("DER: truncated")
+    return data[pos : pos + length], pos + length
+
+
+@dataclasses.dataclass(frozen=True)
+class RsaPublicKey:
+    n: int
+    e: int
+
+    @property
+    def size(self) -> int:
+        """The modulus length in bytes: every signature has exactly this many."""
+        return (self.n.bit_length() + 7) // 8
+
+    @classmethod
+    def from_pkcs1_der(cls, der: bytes) -> RsaPublicKey:
+        seq, end = _der_next(der, 0, 0x30)
+        if end != len(der):
+            raise KeyFormatError("DER: trailing bytes")
+        n_bytes, pos = _der_next(seq, 0, 0x02)
+        e_bytes, pos = _der_next(seq, pos, 0x02)
+        if pos != len(seq):
+            raise KeyFormatError("DER: trailing bytes in RSAPublicKey")
+        n, e = int.from_bytes(n_bytes, "big"), int.from_bytes(e_bytes, "big")
+        if not 1024 <= n.bit_length() <= 8192 or e < 3 or e % 2 == 0 or e >= n:
+            raise KeyFormatError("RSA key must be 1024-8192 bits with an odd exponent >= 3")
+        return cls(n, e)
+
+    @classmethod
+    def from_spki_der(cls, der: bytes) -> RsaPublicKey:
+        seq, end = _der_next(der, 0, 0x30)
+        if end != len(der):
+            raise KeyFormatError("DER: trailing bytes")
+        algorithm, pos = _der_next(seq, 0, 0x30)
+        oid, _ = _der_next(algorithm, 0, 0x06)
+        if oid != _RSA_ENCRYPTION_OID:
+            raise KeyFormatError("not an RSA public key")
+        bits, _ = _der_next(seq, pos, 0x03)
+        if not bits or bits[0] != 0:
+            raise KeyFormatError("DER: bad BIT STRING")
+        return cls.from_pkcs1_der(bits[1:])
+
+    @classmethod
+    def from_pem(cls, pem: str | bytes) -> RsaPublicKey:
+        """Load `BEGIN PUBLIC KEY` (SubjectPublicKeyInfo) or `BEGIN RSA PUBLIC KEY` (PKCS#1)."""
+        text = pem.decode("ascii", "replace") if isinstance(pem, bytes) else pem
+        for label, loader in (
+            ("PUBLIC KEY", cls.from_spki_der),
+            ("RSA PUBLIC KEY", cls.from_pkcs1_der),
+        ):
+            match = re.search(
+                rf"-----BEGIN {label}-----([A-Za-z0-9+/=\s]*)-----END {label}-----", text
+            )
+            if match:
+                try:
+                    der = base64.b64decode("".join(match.group(1).split()), validate=True)
+                except binascii.Error:
+                    raise KeyFormatError("PEM: bad base64") from None
+                return loader(der)
+        raise KeyFormatError("no PEM public key found (BEGIN PUBLIC KEY or BEGIN RSA PUBLIC KEY)")
+
+    def verify(self, message: bytes, signature: bytes) -> bool:
+        """PKCS#1 v1.5 SHA-256 (RFC 8017 8.2.2), by encoding the expected block and comparing
+        it whole. Never parse the decrypted block: parsing verifiers accept forgeries for
+        small exponents (Bleichenbacher 2006)."""
+        k = self.size
+        if len(signature) != k:
+            return False
+        s = int.from_bytes(signature, "big")
+        if s >= self.n:
+            return False
+        block = pow(s, self.e, self.n).to_bytes(k, "big")
+        digest = _SHA256_DIGEST_INFO + hashlib.sha256(message).digest()
+        expected = b"\x00\x01" + b"\xff" * (k - len(digest) - 3) + b"\x00" + digest
+        return block == expected  # both public values: a plain comparison leaks nothing secret
+
+
+class ReplayGuard:
+    """Refuses a reqnum more than WINDOW below the highest accepted, and any message identical
+    to one of the last WINDOW accepted. Memory is bounded; look-ups are O(1)."""
+
+    WINDOW = 100
+
+    def __init__(self) -> None:
+        self.highest: int | None = None
+        self._recent: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+
+    def check(self, reqnum: int, message: bytes) -> str | None:
+        """Why this request is a replay, or None."""
+        if self.highest is not None and reqnum < self.highest - self.WINDOW:
+            return "stale reqnum"
+        if hashlib.sha256(message).digest() in self._recent:
+            return "replayed request"
+        return None
+
+    def record(self, reqnum: int, message: bytes) -> None:
+        self.highest = reqnum if self.highest is None else max(self.highest, reqnum)
+        self._recent[hashlib.sha256(message).digest()] = None
+        if len(self._recent) > self.WINDOW:
+            self._recent.popitem(last=False)
+
+
+def verify_auth(key: RsaPublicKey, auth: AuthData, guard: ReplayGuard) -> str | None:
+    """Check one request's signature and freshness; the reason it fails, or None."""
+    if len(auth.signature) > MAX_SIGNATURE_B64:
+        return "signature too long"
+    try:
+        signature = base64.b64decode(auth.signature, validate=True)
+    except (binascii.Error, ValueError):
+        return "signature is not base64"
+    message = auth.message()
+    reason = guard.check(auth.reqnum, message)
+    if reason is not None:
+        return reason
+    if not key.verify(message, signature):
+        return "bad signature"
+    guard.record(auth.reqnum, message)
+    return None
+
+
+# Handler base classes ############################################################################
+
+P = TypeVar("P", bound=ApiPayload)
+
+
+class EndpointHandler(abc.ABC, Generic[P]):
+    """One model API route: which payload it takes and how the model's answer is relayed.
+
+    Subclass it once per route; `relay_json` and `relay_stream` cover the two common answers.
+    """
+
+    #: rounds of the throughput benchmark when this handler is the benchmark handler
+    benchmark_runs: ClassVar[int] = 8
+    #: the model's health endpoint (GET), polled once the worker is ready; None: no check
+    healthcheck_endpoint: ClassVar[str | None] = None
+    #: seconds a model request may take, answer included (None: no limit, for long streams)
+    model_timeout: ClassVar[float | None] = None
+
+    @property
+    @abc.abstractmethod
+    def endpoint(self) -> str:
+        """The model API path requests are forwarded to, e.g. "/generate"."""
+
+    @classmethod
+    @abc.abstractmethod
+    def payload_cls(cls) -> type[P]:
+        """The ApiPayload subclass this route takes."""
+
+    def make_benchmark_payload(self) -> P:
+        """A payload for the benchmark; by default the payload class's for_test()."""
+        return self.payload_cls().for_test()
+
+    @abc.abstractmethod
+    async def generate_client_response(
+        self, client_request: Request, model_response: ClientResponse
+    ) -> Response:
+        """Turn the model's answer into the client's (see relay_json and relay_stream)."""
+
+
+async def relay_json(model_response: ClientResponse) -> Response:
+    """The model's answer as-is: its status, content type and whole body."""
+    body = await model_response.read()
+    return Response(model_response.status, body, content_type=model_response.content_type)
+
+
+async def relay_stream(model_response: ClientResponse) -> Response:
+    """The model's body relayed chunk by chunk as it arrives (chunked / SSE streams)."""
+    return Response(
+        model_response.status,
+        content_type=model_response.content_type,
+        stream=model_response.iter_chunks(),
+    )
+
+
+class LogAction(enum.Enum):
+    """What a model-log line means when it contains the action's text."""
+
+    ModelLoaded = "model_loaded"  # run the benchmark, then ready
+    ModelError = "model_error"  # errored, for good
+    Info = "info"  # echo the line to the worker's log
+
+
+# Configuration ###################################################################################
+
+
+class ConfigError(ValueError):
+    """A bad environment value; the message names the variable."""
+
+
+@dataclasses.dataclass
+class Config:
+    """The worker's settings (SPEC section 8); Config.from_env() reads and checks them."""
+
+    worker_port: int = 3000
+    host: str = "0.0.0.0"
+    model_log: str | None = None
+    model_server_url: str | None = None
+    report_addrs: list[str] = dataclasses.field(default_factory=lambda: ["https://run.vast.ai"])
+    container_id: int = 0
+    public_url: str = ""
+    use_ssl: bool = False
+    ssl_cert: str = "/etc/instance.crt"
+    ssl_key: str = "/etc/instance.key"
+    unsecured: bool = False
+    pubkey_file: str | None = None
+    max_body: int = MAX_BODY
+    log_level: str = "INFO"
+    benchmark_cache: str = ".has_benchmark"
+    report_check_interval: float = 1.0  # how often a report is considered
+    report_max_interval: float = 10.0  # a report goes out at least this often
+    report_timeout: float = 5.0
+    healthcheck_interval: float = 10.0
+    log_poll_interval: float = 0.2
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
+        env = os.environ if env is None else env
+        config = cls()
+
+        def flag(name: str) -> bool:
+            value = env.get(name, "false").strip().lower()
+            if value not in ("true", "false", "1", "0", "yes", "no", ""):
+                raise ConfigError(f"{name}={value!r}: expected true or false")
+            return value in ("true", "1", "yes")
+
+        def integer(name: str, default: int, low: int, high: int) -> int:
+            raw = env.get(name, "").strip()
+            if not raw:
+                return default
+            if not raw.isdigit() or not low <= int(raw) <= high:
+                raise ConfigError(f"{name}={raw!r}: expected an integer from {low} to {high}")
+            return int(raw)
+
+        def url(name: str, raw: str) -> str:
+            try:
+                split_url(raw)
+            except ValueError:
+                raise ConfigError(f"{name}={raw!r}: expected an http:// or https:// URL") from None
+            return raw.rstrip("/")
+
+        config.worker_port = integer("WORKER_PORT", 3000, 1, 65535)
+        config.model_log = env.get("MODEL_LOG") or None
+        if env.get("MODEL_SERVER_URL"):
+            config.model_server_url = url("MODEL_SERVER_URL", env["MODEL_SERVER_URL"])
+        addrs = [a.strip() for a in env.get("REPORT_ADDR", "").split(",") if a.strip()]
+        if addrs:
+            config.report_addrs = [url("REPORT_ADDR", a) for a in addrs]
+        config.container_id = integer("CONTAINER_ID", 0, 0, 2**63 - 1)
+        config.use_ssl = flag("USE_SSL")
+        config.ssl_cert = env.get("WORKER_SSL_CERT") or config.ssl_cert
+        config.ssl_key = env.get("WORKER_SSL_KEY") or config.ssl_key
+        config.unsecured = flag("UNSECURED")
+        config.pubkey_file = env.get("PUBKEY_FILE") or None
+        if config.pubkey_file and not os.path.isfile(config.pubkey_file):
+            raise ConfigError(f"PUBKEY_FILE={config.pubkey_file!r}: no such file")
+        config.max_body = integer("MAX_BODY_BYTES", MAX_BODY, 1024, 2**40)
+        level = env.get("LOG_LEVEL", "INFO").strip().upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ConfigError(f"LOG_LEVEL={level!r}: expected DEBUG, INFO, WARNING or ERROR")
+        config.log_level = level
+        public_ip = env.get("PUBLIC_IPADDR", "").strip() or "127.0.0.1"
+        port_var = f"VAST_TCP_PORT_{config.worker_port}"
+        public_port = integer(port_var, config.worker_port, 1, 65535)
+        scheme = "https" if config.use_ssl else "http"
+        config.public_url = f"{scheme}://{public_ip}:{public_port}"
+        return config
+
+
+# Backend: metrics ################################################################################
+
+
+class Histogram:
+    """A Prometheus histogram with fixed buckets (seconds)."""
+
+    BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(self.BUCKETS) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(self.BUCKETS):
+            if value <= bound:
+                self.counts[i] += 1
+                break
+        else:
+            self.counts[-1] += 1
+        self.total += value
+
+    def render(self, name: str, labels: str) -> list[str]:
+        lines: list[str] = []
+        cumulative = 0
+        sep = "," if labels else ""
+        for bound, count in zip((*self.BUCKETS, math.inf), self.counts):
+            cumulative += count
+            le = "+Inf" if bound == math.inf else repr(bound)
+            lines.append(f'{name}_bucket{{{labels}{sep}le="{le}"}} {cumulative}')
+        lines.append(f"{name}_sum{{{labels}}} {self.total:.6f}")
+        lines.append(f"{name}_count{{{labels}}} {cumulative}")
+        return lines
+
+
+@dataclasses.dataclass
+class Tally:
+    """A request count and its workload."""
+
+    requests: int = 0
+    workload: float = 0.0
+
+    def add(self, workload: float) -> None:
+        self.requests += 1
+        self.workload += workload
+
+
+class Metrics:
+    """Request and workload bookkeeping. Every accepted request is in exactly one of
+    in_flight, served, errored, cancelled: received = in_flight + served + errored + cancelled.
+    """
+
+    def __init__(self) -> None:
+        self.received = Tally()
+        self.in_flight = Tally()
+        self.queued = 0
+        self.served = Tally()
+        self.errored = Tally()
+        self.cancelled = Tally()
+        self.rejected = 0  # 429 answers: never accepted, so never received
+        self.by_route_status: collections.Counter[tuple[str, int]] = collections.Counter()
+        self.duration: dict[str, Histogram] = collections.defaultdict(Histogram)
+        self.queue_wait = Histogram()
+        self.first_byte = Histogram()
+        # The window since the last successful load report (SPEC section 7).
+        self.window_start = time.monotonic()
+        self.window_received = 0.0  # workload received minus cancelled
+        self.window_completed = 0.0  # workload of requests served
+        self.window_finished = 0  # requests finished, whatever their outcome
+
+    def start(self, workload: float) -> None:
+        self.received.add(workload)
+        self.in_flight.add(workload)
+        self.window_received += workload
+
+    def finish(self, workload: float, outcome: str) -> None:
+        self.in_flight.requests -= 1
+        self.in_flight.workload -= workload
+        if outcome == "served":
+            self.served.add(workload)
+            self.window_completed += workload
+        elif outcome == "errored":
+            self.errored.add(workload)
+        else:
+            self.cancelled.add(workload)
+            self.window_received -= workload
+        self.window_finished += 1
+
+    def consistent(self) -> bool:
+        parts = (self.in_flight, self.served, self.errored, self.cancelled)
+        return self.received.requests == sum(t.requests for t in parts) and math.isclose(
+            self.received.workload, sum(t.workload for t in parts), abs_tol=1e-6
+        )
+
+
+class State(enum.Enum):
+    LOADING = "loading"
+    BENCHMARKING = "benchmarking"
+    READY = "ready"
+    ERRORED = "errored"
+
+
+class _Job:
+    """One accepted request on its way through the backend; finish() settles it once."""
+
+    __slots__ = ("backend", "done", "first_byte", "model_start", "route", "start", "workload")
+
+    def __init__(self, backend: Backend, route: str, workload: float) -> None:
+        self.backend = backend
+        self.route = route
+        self.workload = workload
+        self.start = time.monotonic()
+        self.model_start = self.start
+        self.first_byte: float | None = None
+        self.done = False
+        backend.metrics.start(workload)
+
+    def finish(self, outcome: str, status: int) -> None:
+        if self.done:
+            return
+        self.done = True
+        backend = self.backend
+        backend.metrics.finish(self.workload, outcome)
+        backend.record(self.route, status, time.monotonic() - self.start)
+        if access_log.isEnabledFor(logging.INFO):
+            now = time.monotonic()
+            access_log.info(
+                "%s %d workload=%g queue=%.3fs total=%.3fs%s",
+                self.route,
+                status,
+                self.workload,
+                self.model_start - self.start,
+                now - self.start,
+                "" if outcome == "served" else f" ({outcome})",
+            )
+
+
+class _AccountedStream:
+    """A model stream relayed to a client, settling its job exactly once however it ends:
+    served at the end, errored if the model breaks off, cancelled if the client leaves
+    (aclose() before the end), even if it was never iterated at all."""
+
+    def __init__(
+        self,
+        job: _Job,
+        model_response: ClientResponse,
+        inner: AsyncIterator[bytes],
+        release: Callable[[], None],
+    ) -> None:
+        self._job = job
+        self._model_response = model_response
+        self._inner = inner
+        self._release = release
+
+    def __aiter__(self) -> _AccountedStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            data = await self._inner.__anext__()
+        except StopAsyncIteration:
+            status = self._model_response.status
+            self._settle("served" if 200 <= status < 300 else "errored", status)
+            raise
+        except asyncio.CancelledError:
+            self._settle("cancelled", 499)
+            raise
+        except UpstreamError as exc:
+            self._settle("errored", exc.status)
+            raise
+        except Exception:
+            self._settle("errored", 500)
+            raise
+        job = self._job
+        if job.first_byte is None:
+            job.first_byte = time.monotonic()
+            job.backend.metrics.first_byte.observe(job.first_byte - job.model_start)
+        return data
+
+    async def aclose(self) -> None:
+        self._settle("cancelled", 499)
+        aclose = getattr(self._inner, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+    def _settle(self, outcome: str, status: int) -> None:
+        if self._job.done:
+            return
+        self._model_response.close()
+        self._release()
+        self._job.finish(outcome, status)
+
+
+# Backend #########################################################################################
+
+
+class Backend:
+    """The worker's core: per-request pipeline, model queue, readiness, benchmark, reports.
+
+    model_server_url       the model API's base URL (MODEL_SERVER_URL overrides it)
+    model_log_file         the model server's log (MODEL_LOG overrides it)
+    allow_parallel_requests  False: one request at a time to the model, FIFO
+    benchmark_handler      the route whose payloads measure the model's throughput
+    log_actions            [(LogAction, substring)] matched against each model-log line
+    max_queue_time         seconds of estimated wait past which a request gets 429
+    """
+
+    def __init__(
+        self,
+        model_server_url: str,
+        model_log_file: str | None,
+        allow_parallel_requests: bool,
+        benchmark_handler: EndpointHandler[Any],
+        log_actions: Sequence[tuple[LogAction, str]],
+        max_queue_time: float | None = None,
+    ) -> None:
+        self.model_server_url = model_server_url
+        self.model_log_file = model_log_file
+        self.allow_parallel_requests = allow_parallel_requests
+        self.benchmark_handler = benchmark_handler
+        self.log_actions = list(log_actions)
+        self.max_queue_time = max_queue_time
+        self.config = Config()
+        self.metrics = Metrics()
+        self.state = State.LOADING
+        self.error_msg = ""
+        self.max_perf = 0.0
+        self.pubkey: RsaPublicKey | None = None
+        self.replay_guard = ReplayGuard()
+        self.queue_lock: asyncio.Lock | None = None
+        self._client: HttpClient | None = None
+        self._report_clients: list[HttpClient] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._started_at = time.monotonic()
+        self._loadtime: float | None = None  # sent once in a load report, then 0
+        self._last_report = 0.0
+        self._disk_base = 0
+
+    # Per-request pipeline ---------------------------------------------------------------------
+
+    @property
+    def client(self) -> HttpClient:
+        if self._client is None:
+            raise RuntimeError("Backend.start() has not run")
+        return self._client
+
+    def create_handler(self, handler: EndpointHandler[Any]) -> Handler:
+        """The server-side handler for a route forwarding to `handler.endpoint`."""
+        payload_cls = handler.payload_cls()
+
+        async def handle(request: Request) -> Response:
+            return await self._handle(handler, payload_cls, request)
+
+        return handle
+
+    async def _handle(
+        self, handler: EndpointHandler[Any], payload_cls: type[ApiPayload], request: Request
+    ) -> Response:
+        route = request.path
+        refusal = self._not_ready()
+        if refusal is not None:
+            self.record(route, 503, 0.0)
+            return refusal
+        try:
+            payload = self._parse_request(payload_cls, request.body)
+        except HttpError as exc:
+            self.record(route, exc.status, 0.0)
+            return error_response(exc.status, exc.message)
+        except JsonDataException as exc:
+            self.record(route, 422, 0.0)
+            return json_response(exc.message, 422)
+        workload = float(payload.count_workload())
+        if self.max_queue_time is not None and self.max_perf > 0:
+            wait = self.metrics.in_flight.workload / self.max_perf
+            if wait > self.max_queue_time:
+                self.metrics.rejected += 1
+                self.record(route, 429, 0.0)
+                retry = str(max(1, math.ceil(wait - self.max_queue_time)))
+                return json_response(
+                    {"error": "queue too long", "estimated_wait": round(wait, 3)},
+                    429,
+                    [("Retry-After", retry)],
+                )
+        job = _Job(self, route, workload)
+        lock = self.queue_lock
+        holding = False
+        try:
+            if lock is not None:  # one at a time: asyncio.Lock wakes waiters in FIFO order
+                self.metrics.queued += 1
+                try:
+                    await lock.acquire()
+                finally:
+                    self.metrics.queued -= 1
+                holding = True
+            job.model_start = time.monotonic()
+            self.metrics.queue_wait.observe(job.model_start - job.start)
+            body = json_dumps(payload.generate_payload_json())
+            model_response = await self.client.request(
+                "POST", handler.endpoint, body, timeout=handler.model_timeout
+            )
+            try:
+                response = await handler.generate_client_response(request, model_response)
+            except BaseException:
+                model_response.close()
+                raise
+            if response.stream is None:
+                model_response.close()
+                ok = 200 <= model_response.status < 300
+                job.finish("served" if ok else "errored", response.status)
+                return response
+            release = lock.release if holding and lock is not None else _nothing
+            holding = False  # the stream releases the model when it ends
+            response.stream = _AccountedStream(job, model_response, response.stream, release)
+            return response
+        except UpstreamError as exc:
+            job.finish("errored", exc.status)
+            log.warning("%s: model request failed: %s", route, exc)
+            return error_response(exc.status, "model server error: " + str(exc))
+        except asyncio.CancelledError:
+            job.finish("cancelled", 499)
+            raise
+        except BaseException:
+            job.finish("errored", 500)
+            raise
+        finally:
+            if holding and lock is not None:
+                lock.release()
+
+    def _not_ready(self) -> Response | None:
+        if self.state is not State.READY:
+            reason = self.error_msg if self.state is State.ERRORED else "model not ready"
+            return error_response(503, reason, state=self.state.value)
+        if not self.config.unsecured and self.pubkey is None:
+            return error_response(503, "no public key yet", state="no_pubkey")
+        return None
+
+    def _parse_request(self, payload_cls: type[ApiPayload], body: bytes) -> ApiPayload:
+        """Parse, validate auth_data, verify it, and only then parse the payload."""
+        try:
+            data = json_loads(body)
+        except _JSON_DECODE_ERRORS:
+            raise HttpError(422, "invalid JSON") from None
+        if not isinstance(data, dict):
+            raise HttpError(422, "invalid JSON")
+        msg = typing.cast(dict[str, Any], data)
+        errors: dict[str, Any] = {}
+        auth: AuthData | None = None
+        if not self.config.unsecured:
+            if "auth_data" not in msg:
+                errors["auth_data"] = "missing parameter"
+            else:
+                try:
+                    auth = AuthData.from_json_msg(msg["auth_data"])
+                except JsonDataException as exc:
+                    errors["auth_data"] = exc.message.get("__all__", exc.message)
+        raw_payload = msg.get("payload")
+        if "payload" not in msg:
+            errors["payload"] = "missing parameter"
+        elif not isinstance(raw_payload, dict):
+            errors["payload"] = "expected a JSON object"
+        if errors:
+            if "payload" not in errors:  # report the payload's bad fields in the same answer
+                try:
+                    payload_cls.from_json_msg(typing.cast(dict[str, Any], raw_payload))
+                except JsonDataException as exc:
+                    errors["payload"] = exc.message
+            raise JsonDataException(errors)
+        if auth is not None:
+            assert self.pubkey is not None
+            reason = verify_auth(self.pubkey, auth, self.replay_guard)
+            if reason is not None:
+                raise HttpError(401, reason)
+        try:
+            return payload_cls.from_json_msg(typing.cast(dict[str, Any], raw_payload))
+        except JsonDataException as exc:
+            raise JsonDataException({"payload": exc.message}) from None
+
+    def record(self, route: str, status: int, duration: float) -> None:
+        self.metrics.by_route_status[(route, status)] += 1
+        if duration:
+            self.metrics.duration[route].observe(duration)
+
+    # Built-in routes --------------------------------------------------------------------------
+
+    async def handle_ping(self, request: Request) -> Response:
+        return Response(200, b"pong", content_type="text/plain; charset=utf-8")
+
+    async def handle_healthcheck(self, request: Request) -> Response:
+        endpoint = self.benchmark_handler.healthcheck_endpoint
+        if endpoint is None:
+            return json_response({"state": self.state.value, "error_msg": self.error_msg})
+        try:
+            async with await self.client.request("GET", endpoint, timeout=10.0) as resp:
+                body = await resp.read()
+                return Response(resp.status, body, content_type=resp.content_type)
+        except UpstreamError as exc:
+            return error_response(exc.status, "model healthcheck failed: " + str(exc))
+
+    async def handle_metrics(self, request: Request) -> Response:
+        return Response(
+            200, self.render_metrics().encode(), content_type="text/plain; version=0.0.4"
+        )
+
+    def render_metrics(self) -> str:
+        """The Prometheus text exposition format (version 0.0.4)."""
+        m = self.metrics
+        out: list[str] = []
+
+        def metric(name: str, kind: str, help_text: str, samples: Iterable[str]) -> None:
+            out.append(f"# HELP {name} {help_text}")
+            out.append(f"# TYPE {name} {kind}")
+            out.extend(samples)
+
+        metric(
+            "pyworker_requests_total",
+            "counter",
+            "Requests answered, by route and status.",
+            (
+                f'pyworker_requests_total{{route="{r}",status="{s}"}} {n}'
+                for (r, s), n in sorted(m.by_route_status.items())
+            ),
+        )
+        metric("pyworker_requests_in_flight", "gauge", "Requests being served.",
+               [f"pyworker_requests_in_flight {m.in_flight.requests}"])  # fmt: skip
+        metric("pyworker_requests_queued", "gauge", "Requests waiting for the model.",
+               [f"pyworker_requests_queued {m.queued}"])  # fmt: skip
+        tallies = {"received": m.received, "served": m.served, "errored": m.errored}
+        tallies["cancelled"] = m.cancelled
+        metric(
+            "pyworker_workload_total",
+            "counter",
+            "Workload of accepted requests, by outcome.",
+            (f'pyworker_workload_total{{outcome="{k}"}} {t.workload:g}' for k, t in tallies.items()),
+        )
+        metric(
+            "pyworker_request_duration_seconds",
+            "histogram",
+            "Time from request to the end of its answer.",
+            (
+                line
+                for route, hist in sorted(m.duration.items())
+                for line in hist.render("pyworker_request_duration_seconds", f'route="{route}"')
+            ),
+        )
+        metric("pyworker_queue_wait_seconds", "histogram", "Time waiting for the model.",
+               m.queue_wait.render("pyworker_queue_wait_seconds", ""))  # fmt: skip
+        metric("pyworker_stream_first_byte_seconds", "histogram",
+               "Time from forwarding a stream request to its first chunk.",
+               m.first_byte.render("pyworker_stream_first_byte_seconds", ""))  # fmt: skip
+        metric(
+            "pyworker_state",
+            "gauge",
+            "The worker's state (1 for the current one).",
+            (f'pyworker_state{{state="{s.value}"}} {int(s is self.state)}' for s in State),
+        )
+        metric("pyworker_max_perf", "gauge", "Benchmark throughput, workload per second.",
+               [f"pyworker_max_perf {self.max_perf:g}"])  # fmt: skip
+        return "\n".join(out) + "\n"
+
+    # Life -------------------------------------------------------------------------------------
+
+    async def start(self, config: Config) -> None:
+        """Start the background work; returns at once (nothing here waits on the network)."""
+        self.config = config
+        self._started_at = time.monotonic()
+        self._client = HttpClient(config.model_server_url or self.model_server_url)
+        self._report_clients = [HttpClient(a, max_idle=2) for a in config.report_addrs]
+        if not self.allow_parallel_requests:
+            self.queue_lock = asyncio.Lock()
+        if config.model_log is not None:
+            self.model_log_file = config.model_log
+        if config.unsecured:
+            log.warning("!!! UNSECURED=true: requests are NOT checked for the autoscaler's "
+                        "signature; anyone who can reach this port can use the model !!!")  # fmt: skip
+        elif config.pubkey_file:
+            with open(config.pubkey_file, "rb") as f:
+                self.pubkey = RsaPublicKey.from_pem(f.read())
+        else:
+            self._spawn(self._fetch_pubkey())
+        if self.model_log_file:
+            self._spawn(self._tail_log(self.model_log_file))
+        else:
+            log.error("MODEL_LOG is not set: the worker cannot become ready")
+        self._spawn(self._report_loop())
+        self._spawn(self._healthcheck_loop())
+
+    def _spawn(self, coro: typing.Coroutine[Any, Any, None]) -> None:
+        self._tasks.append(asyncio.get_running_loop().create_task(coro))
+
+    async def stop(self) -> None:
+        """Cancel background work, send a last load report, close connections."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.send_report(), self.config.report_timeout + 1)
+        for client in (self._client, *self._report_clients):
+            if client is not None:
+                await client.close()
+
+    def set_errored(self, message: str) -> None:
+        if self.state is not State.ERRORED:
+            log.error("worker errored: %s", message)
+            self.state = State.ERRORED
+            self.error_msg = message
+
+    async def _fetch_pubkey(self) -> None:
+        """GET {first REPORT_ADDR}/pubkey/ until it works, backing off up to a minute."""
+        client = self._report_clients[0]
+        delay = 1.0
+        while self.pubkey is None:
+            try:
+                async with await client.request("GET", "/pubkey/", timeout=10.0) as resp:
+                    body = await resp.read()
+                if resp.status != 200:
+                    raise UpstreamError(f"status {resp.status}")
+                self.pubkey = RsaPublicKey.from_pem(body)
+                log.info("public key loaded from %s", client.base_url)
+                return
+            except (UpstreamError, KeyFormatError) as exc:
+                log.warning("public key fetch from %s failed (%s); retry in %.0fs",
+                            client.base_url, exc, delay)  # fmt: skip
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 60.0)
+
+    # Model log -------------------------------------------------------------------------------
+
+    async def _tail_log(self, path: str) -> None:
+        """Follow the model's log from its start: appends, truncation, rotation, partial lines.
+
+        Polls with os.stat and reads with os.pread in small steps, so the event loop never
+        blocks (the 2024 public PyWorker slept inside it and served ~100 requests a second).
+        """
+        interval = self.config.log_poll_interval
+        fd: int | None = None
+        inode: int | None = None
+        pos = 0
+        partial = b""
+        waited = False
+        try:
+            while True:
+                try:
+                    st = os.stat(path)
+                except FileNotFoundError:
+                    if fd is None and not waited:
+                        log.info("waiting for the model log %s", path)
+                        waited = True
+                    await asyncio.sleep(interval)
+                    continue
+                if st.st_ino != inode:
+                    if fd is not None:
+                        log.info("model log %s was replaced; reading the new file", path)
+                        os.close(fd)
+                        fd = None
+                    try:
+                        fd = os.open(path, os.O_RDONLY)
+                    except OSError:
+                        await asyncio.sleep(interval)
+                        continue
+                    inode, pos, partial = os.fstat(fd).st_ino, 0, b""
+                elif st.st_size < pos:
+                    log.info("model log %s was truncated; reading it from the start", path)
+                    pos, partial = 0, b""
+                if fd is None or st.st_size <= pos:
+                    await asyncio.sleep(interval)
+                    continue
+                data = os.pread(fd, min(st.st_size - pos, 1024 * 1024), pos)
+                pos += len(data)
+                lines = (partial + data).split(b"\n")
+                partial = lines.pop()  # a line counts only once it ends
+                if len(partial) > MAX_LOG_LINE:
+                    lines.append(partial[:MAX_LOG_LINE])  # act on a huge line's start, once
+                    partial = b""
+                for line in lines:
+                    self.handle_log_line(line[:MAX_LOG_LINE].decode("utf-8", "replace").rstrip())
+                await asyncio.sleep(0)  # a big backlog is read in steps, between requests
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def handle_log_line(self, line: str) -> None:
+        for action, text in self.log_actions:
+            if text not in line:
+                continue
+            if action is LogAction.ModelLoaded:
+                if self.state is State.LOADING:
+                    log.info("model loaded: %s", line[:200])
+                    self.state = State.BENCHMARKING
+                    self._spawn(self._benchmark())
+            elif action is LogAction.ModelError:
+                self.set_errored(line[:1000])
+            else:
+                log.info("model: %s", line[:1000])
+
+    # Benchmark -------------------------------------------------------------------------------
+
+    async def _bench_request(self, payload: ApiPayload) -> bool:
+        """Send one payload straight to the model; whether it answered 2xx in full."""
+        handler = self.benchmark_handler
+        body = json_dumps(payload.generate_payload_json())
+        try:
+            async with await self.client.request(
+                "POST", handler.endpoint, body, timeout=BENCHMARK_TIMEOUT
+            ) as resp:
+                await resp.read()
+                return 200 <= resp.status < 300
+        except UpstreamError as exc:
+            log.warning("benchmark request failed: %s", exc)
+            return False
+
+    async def _benchmark(self) -> None:
+        """Measure the model's throughput (SPEC section 6), then become ready."""
+        handler = self.benchmark_handler
+        cache = self.config.benchmark_cache
+        cached = 0.0
+        with contextlib.suppress(OSError, ValueError):
+            with open(cache) as f:
+                cached = float(f.read().strip())
+        if not math.isfinite(cached) or cached <= 0:
+            cached = 0.0
+        await self._bench_request(handler.make_benchmark_payload())  # warm-up, discarded
+        if cached:
+            self.max_perf = cached
+            log.info("benchmark: using cached max_perf=%.2f from %s", cached, cache)
+        else:
+            concurrency = 10 if self.allow_parallel_requests else 1
+            rounds: list[float] = []
+            for _ in range(handler.benchmark_runs):
+                payloads = [handler.make_benchmark_payload() for _ in range(concurrency)]
+                started = time.monotonic()
+                results = await asyncio.gather(*(self._bench_request(p) for p in payloads))
+                elapsed = max(time.monotonic() - started, 1e-9)
+                done = sum(p.count_workload() for p, ok in zip(payloads, results) if ok)
+                rounds.append(done / elapsed)
+            self.max_perf = max(rounds, default=0.0)
+            if self.max_perf <= 0:
+                self.set_errored("benchmark: no request to the model succeeded")
+                return
+            with contextlib.suppress(OSError):
+                with open(cache, "w") as f:
+                    f.write(f"{self.max_perf}\n")
+            log.info(
+                "benchmark: %d rounds of %d requests; workload/s best %.2f, worst %.2f",
+                len(rounds), concurrency, self.max_perf, min(rounds),
+            )  # fmt: skip
+        if self.state is State.BENCHMARKING:
+            self.state = State.READY
+            self._loadtime = time.monotonic() - self._started_at
+            log.info("worker ready after %.1fs (max_perf=%.2f)", self._loadtime, self.max_perf)
+
+    # Healthcheck -----------------------------------------------------------------------------
+
+    async def _healthcheck_loop(self) -> None:
+        """Once ready, GET the model's health endpoint; after a first success a failure
+        (non-2xx, timeout, refused) marks the worker errored."""
+        endpoint = self.benchmark_handler.healthcheck_endpoint
+        if endpoint is None:
+            return
+        healthy_once = False
+        while self.state is not State.ERRORED:
+            await asyncio.sleep(self.config.healthcheck_interval)
+            if self.state is not State.READY:
+                continue
+            try:
+                async with await self.client.request("GET", endpoint, timeout=10.0) as resp:
+                    await resp.read()
+                ok, why = 200 <= resp.status < 300, f"status {resp.status}"
+            except UpstreamError as exc:
+                ok, why = False, str(exc)
+            if ok:
+                healthy_once = True
+            elif healthy_once:
+                self.set_errored(f"model healthcheck failed: {why}")
+
+    # Load reports ----------------------------------------------------------------------------
+
+    def report_body(self) -> dict[str, Any]:
+        """The load report (SPEC section 7), every field spelled as the autoscaler expects."""
+        m = self.metrics
+        elapsed = max(time.monotonic() - m.window_start, 1e-6)
+        disk = _disk_used()
+        return {
+            "id": self.config.container_id,
+            "loadtime": self._loadtime or 0.0,
+            "cur_load": m.window_received / elapsed,
+            "error_msg": self.error_msg,
+            "max_perf": self.max_perf,
+            "cur_perf": m.window_completed / elapsed,
+            "cur_capacity": 0,
+            "max_capacity": 0,
+            "num_requests_working": m.in_flight.requests,
+            "num_requests_recieved": m.received.requests,  # sic: the wire name
+            "additional_disk_usage": max(disk - self._disk_base, 0) / 1e9,
+            "url": self.config.public_url,
+        }
+
+    async def send_report(self) -> bool:
+        """POST the report to every REPORT_ADDR; on a success, start a new window."""
+        m = self.metrics
+        snapshot = (time.monotonic(), m.window_received, m.window_completed, m.window_finished)
+        loadtime = self._loadtime
+        disk = _disk_used()
+        body = json_dumps(self.report_body())
+        results = await asyncio.gather(*(self._post_report(c, body) for c in self._report_clients))
+        if not any(results):
+            return False
+        # Subtract what was reported: requests that ended during the send stay counted.
+        m.window_start = snapshot[0]
+        m.window_received -= snapshot[1]
+        m.window_completed -= snapshot[2]
+        m.window_finished -= snapshot[3]
+        self._disk_base = disk
+        if loadtime is not None and self._loadtime == loadtime:
+            self._loadtime = None  # loadtime goes out non-zero once
+        return True
+
+    async def _post_report(self, client: HttpClient, body: bytes) -> bool:
+        delay = 0.5
+        for attempt in range(REPORT_ATTEMPTS):
+            try:
+                async with await client.request(
+                    "POST", "/worker_status/", body, timeout=self.config.report_timeout
+                ) as resp:
+                    await resp.read()
+                if 200 <= resp.status < 300:
+                    return True
+                why = f"status {resp.status}"
+            except UpstreamError as exc:
+                why = str(exc)
+            if attempt + 1 < REPORT_ATTEMPTS:
+                await asyncio.sleep(delay)
+                delay *= 2
+        log.warning("load report to %s failed: %s", client.base_url, why)
+        return False
+
+    async def _report_loop(self) -> None:
+        self._disk_base = _disk_used()
+        last_sent = time.monotonic()
+        while True:
+            await asyncio.sleep(self.config.report_check_interval)
+            due = time.monotonic() - last_sent >= self.config.report_max_interval
+            if self.metrics.window_finished or self._loadtime is not None or due:
+                if await self.send_report():
+                    last_sent = time.monotonic()
+
+
+MAX_LOG_LINE = 64 * 1024  # a model-log line is matched on its first 64 KiB (bounded memory)
+BENCHMARK_TIMEOUT = 600.0  # seconds one benchmark request may take
+REPORT_ATTEMPTS = 3  # tries per load report and address, with backoff 0.5 s, 1 s
+
+
+def _disk_used() -> int:
+    try:
+        return shutil.disk_usage(".").used
+    except OSError:
+        return 0
+
+
+def _nothing() -> None:
+    return None
+
+
+# Server and run() ################################################################################
+
+
+class Worker:
+    """A running worker: the HTTP server and the backend behind it."""
+
+    def __init__(self, backend: Backend, server: HttpServer, port: int) -> None:
+        self.backend = backend
+        self.server = server
+        self.port = port
+
+    async def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
+        """Stop accepting, let in-flight requests finish (up to `grace`), report, close."""
+        await self.server.shutdown(grace)
+        await self.backend.stop()
+
+
+async def start_server(
+    backend: Backend,
+    routes: Iterable[Route],
+    config: Config | None = None,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+) -> Worker:
+    """Listen and start the backend; /ping answers before anything else finishes."""
+    config = config or Config.from_env()
+    builtin = [
+        get("/ping", backend.handle_ping),
+        get("/healthcheck", backend.handle_healthcheck),
+        get("/metrics", backend.handle_metrics),
+    ]
+    server = HttpServer([*builtin, *routes], max_body=config.max_body)
+    ssl_context = None
+    if config.use_ssl:
+        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ssl_context.load_cert_chain(config.ssl_cert, config.ssl_key)
+    bound = await server.start(
+        config.host if host is None else host,
+        config.worker_port if port is None else port,
+        ssl_context=ssl_context,
+    )
+    await backend.start(config)
+    log.info("pyworker listening on port %d (%s)", bound, "TLS" if ssl_context else "plain HTTP")
+    return Worker(backend, server, bound)
+
+
+def run(backend: Backend, routes: Iterable[Route]) -> None:
+    """Run a worker until SIGTERM or SIGINT: the entry point of a worker file."""
+    try:
+        config = Config.from_env()
+    except ConfigError as exc:
+        sys.exit(f"pyworker: bad configuration: {exc}")
+    logging.basicConfig(
+        level=config.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stdout,
+    )
+    if install_uvloop():
+        log.debug("using uvloop")
+    routes = list(routes)
+
+    async def main() -> None:
+        try:
+            worker = await start_server(backend, routes, config)
+        except (OSError, KeyFormatError, ssl.SSLError) as exc:
+            log.error("cannot start: %s", exc)
+            raise SystemExit(1) from None
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("shutting down: finishing %d requests in flight", worker.server.busy_connections)
+        await worker.stop()
+        log.info("stopped")
+
+    asyncio.run(main())
