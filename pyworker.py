@@ -94,7 +94,10 @@ except ImportError:  # pragma: no cover - exercised by the bare-interpreter run
     def json_dumps(obj: Any) -> bytes:
         return _json_encoder.encode(obj).encode("utf-8")
 
-    _JSON_DECODE_ERRORS = (ValueError, RecursionError)
+    _JSON_DECODE_ERRORS = (  # pyright: ignore[reportConstantRedefinition]
+        ValueError,
+        RecursionError,
+    )
 
 
 def install_uvloop() -> bool:
@@ -140,9 +143,7 @@ class HttpError(Exception):
     A framing error also closes the connection, since the stream position is then unknown.
     """
 
-    def __init__(
-        self, status: int, message: str, headers: Sequence[tuple[str, str]] = ()
-    ) -> None:
+    def __init__(self, status: int, message: str, headers: Sequence[tuple[str, str]] = ()) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -277,8 +278,8 @@ def _content_length(headers: Headers) -> int | None:
         return None
     seen: set[bytes] = set()
     for value in values:
-        for item in value.encode("latin-1").split(b","):
-            item = item.strip(b" \t")
+        for raw in value.encode("latin-1").split(b","):
+            item = raw.strip(b" \t")
             if not _DIGITS.fullmatch(item):
                 raise HttpError(400, "invalid Content-Length")
             seen.add(item.lstrip(b"0") or b"0")
@@ -535,7 +536,7 @@ class _Deadline:
     """A time limit on one exchange: when it passes, the connection is aborted, which wakes
     whatever read is waiting on it. Cheaper than wait_for around every read."""
 
-    __slots__ = ("expired", "_handle", "_transport")
+    __slots__ = ("_handle", "_transport", "expired")
 
     def __init__(self, seconds: float | None) -> None:
         self.expired = False
@@ -902,15 +903,18 @@ class _ServerProtocol(asyncio.StreamReaderProtocol):
         super().__init__(self.reader)
         self._server = server
         self.task: asyncio.Task[None] | None = None
+        self.conn_transport: asyncio.BaseTransport | None = None
         self.busy = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        self.conn_transport = transport
         loop = asyncio.get_running_loop()
         writer = asyncio.StreamWriter(
             typing.cast(asyncio.WriteTransport, transport), self, self.reader, loop
         )
-        self.task = loop.create_task(self._server._serve_connection(self, self.reader, writer))  # pyright: ignore[reportPrivateUsage]
+        serve = self._server._serve_connection  # pyright: ignore[reportPrivateUsage]
+        self.task = loop.create_task(serve(self, self.reader, writer))
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -956,14 +960,14 @@ class HttpServer:
         deadline = time.monotonic() + grace
         while True:
             for proto in list(self._protocols):
-                if not proto.busy and proto.transport is not None:
-                    proto.transport.close()  # idle keep-alive connection
+                if not proto.busy and proto.conn_transport is not None:
+                    proto.conn_transport.close()  # idle keep-alive connection
             if not self._protocols or time.monotonic() >= deadline:
                 break
             await asyncio.sleep(0.05)
         for proto in list(self._protocols):
-            if proto.transport is not None:
-                _abort(proto.transport)
+            if proto.conn_transport is not None:
+                _abort(proto.conn_transport)
 
     async def _serve_connection(
         self, proto: _ServerProtocol, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -1975,17 +1979,28 @@ class Backend:
                 for (r, s), n in sorted(m.by_route_status.items())
             ),
         )
-        metric("pyworker_requests_in_flight", "gauge", "Requests being served.",
-               [f"pyworker_requests_in_flight {m.in_flight.requests}"])  # fmt: skip
-        metric("pyworker_requests_queued", "gauge", "Requests waiting for the model.",
-               [f"pyworker_requests_queued {m.queued}"])  # fmt: skip
+        metric(
+            "pyworker_requests_in_flight",
+            "gauge",
+            "Requests being served.",
+            [f"pyworker_requests_in_flight {m.in_flight.requests}"],
+        )
+        metric(
+            "pyworker_requests_queued",
+            "gauge",
+            "Requests waiting for the model.",
+            [f"pyworker_requests_queued {m.queued}"],
+        )
         tallies = {"received": m.received, "served": m.served, "errored": m.errored}
         tallies["cancelled"] = m.cancelled
         metric(
             "pyworker_workload_total",
             "counter",
             "Workload of accepted requests, by outcome.",
-            (f'pyworker_workload_total{{outcome="{k}"}} {t.workload:g}' for k, t in tallies.items()),
+            (
+                f'pyworker_workload_total{{outcome="{k}"}} {t.workload:g}'
+                for k, t in tallies.items()
+            ),
         )
         metric(
             "pyworker_request_duration_seconds",
@@ -1997,19 +2012,30 @@ class Backend:
                 for line in hist.render("pyworker_request_duration_seconds", f'route="{route}"')
             ),
         )
-        metric("pyworker_queue_wait_seconds", "histogram", "Time waiting for the model.",
-               m.queue_wait.render("pyworker_queue_wait_seconds", ""))  # fmt: skip
-        metric("pyworker_stream_first_byte_seconds", "histogram",
-               "Time from forwarding a stream request to its first chunk.",
-               m.first_byte.render("pyworker_stream_first_byte_seconds", ""))  # fmt: skip
+        metric(
+            "pyworker_queue_wait_seconds",
+            "histogram",
+            "Time waiting for the model.",
+            m.queue_wait.render("pyworker_queue_wait_seconds", ""),
+        )
+        metric(
+            "pyworker_stream_first_byte_seconds",
+            "histogram",
+            "Time from forwarding a stream request to its first chunk.",
+            m.first_byte.render("pyworker_stream_first_byte_seconds", ""),
+        )
         metric(
             "pyworker_state",
             "gauge",
             "The worker's state (1 for the current one).",
             (f'pyworker_state{{state="{s.value}"}} {int(s is self.state)}' for s in State),
         )
-        metric("pyworker_max_perf", "gauge", "Benchmark throughput, workload per second.",
-               [f"pyworker_max_perf {self.max_perf:g}"])  # fmt: skip
+        metric(
+            "pyworker_max_perf",
+            "gauge",
+            "Benchmark throughput, workload per second.",
+            [f"pyworker_max_perf {self.max_perf:g}"],
+        )
         return "\n".join(out) + "\n"
 
     # Life -------------------------------------------------------------------------------------
@@ -2025,8 +2051,10 @@ class Backend:
         if config.model_log is not None:
             self.model_log_file = config.model_log
         if config.unsecured:
-            log.warning("!!! UNSECURED=true: requests are NOT checked for the autoscaler's "
-                        "signature; anyone who can reach this port can use the model !!!")  # fmt: skip
+            log.warning(
+                "!!! UNSECURED=true: requests are NOT checked for the autoscaler's "
+                "signature; anyone who can reach this port can use the model !!!"
+            )
         elif config.pubkey_file:
             with open(config.pubkey_file, "rb") as f:
                 self.pubkey = RsaPublicKey.from_pem(f.read())
@@ -2074,8 +2102,12 @@ class Backend:
                 log.info("public key loaded from %s", client.base_url)
                 return
             except (UpstreamError, KeyFormatError) as exc:
-                log.warning("public key fetch from %s failed (%s); retry in %.0fs",
-                            client.base_url, exc, delay)  # fmt: skip
+                log.warning(
+                    "public key fetch from %s failed (%s); retry in %.0fs",
+                    client.base_url,
+                    exc,
+                    delay,
+                )
             await asyncio.sleep(delay)
             delay = min(delay * 2, 60.0)
 
@@ -2169,9 +2201,8 @@ class Backend:
         handler = self.benchmark_handler
         cache = self.config.benchmark_cache
         cached = 0.0
-        with contextlib.suppress(OSError, ValueError):
-            with open(cache) as f:
-                cached = float(f.read().strip())
+        with contextlib.suppress(OSError, ValueError), open(cache) as f:
+            cached = float(f.read().strip())
         if not math.isfinite(cached) or cached <= 0:
             cached = 0.0
         await self._bench_request(handler.make_benchmark_payload())  # warm-up, discarded
@@ -2192,13 +2223,15 @@ class Backend:
             if self.max_perf <= 0:
                 self.set_errored("benchmark: no request to the model succeeded")
                 return
-            with contextlib.suppress(OSError):
-                with open(cache, "w") as f:
-                    f.write(f"{self.max_perf}\n")
+            with contextlib.suppress(OSError), open(cache, "w") as f:
+                f.write(f"{self.max_perf}\n")
             log.info(
                 "benchmark: %d rounds of %d requests; workload/s best %.2f, worst %.2f",
-                len(rounds), concurrency, self.max_perf, min(rounds),
-            )  # fmt: skip
+                len(rounds),
+                concurrency,
+                self.max_perf,
+                min(rounds),
+            )
         if self.state is State.BENCHMARKING:
             self.state = State.READY
             self._loadtime = time.monotonic() - self._started_at
@@ -2272,6 +2305,7 @@ class Backend:
 
     async def _post_report(self, client: HttpClient, body: bytes) -> bool:
         delay = 0.5
+        why = ""
         for attempt in range(REPORT_ATTEMPTS):
             try:
                 async with await client.request(
@@ -2295,9 +2329,9 @@ class Backend:
         while True:
             await asyncio.sleep(self.config.report_check_interval)
             due = time.monotonic() - last_sent >= self.config.report_max_interval
-            if self.metrics.window_finished or self._loadtime is not None or due:
-                if await self.send_report():
-                    last_sent = time.monotonic()
+            wanted = self.metrics.window_finished or self._loadtime is not None or due
+            if wanted and await self.send_report():
+                last_sent = time.monotonic()
 
 
 MAX_LOG_LINE = 64 * 1024  # a model-log line is matched on its first 64 KiB (bounded memory)
