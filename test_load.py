@@ -14,6 +14,7 @@ import os
 import random
 import secrets
 import time
+import typing
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -221,9 +222,11 @@ class FakeModel:
 
     def _accept(self, request: Request) -> tuple[dict[str, Any], Response | None]:
         payload: Any = pyworker.json_loads(request.body)
-        if not isinstance(payload, dict) or not isinstance(payload.get("prompt"), str):
+        if not isinstance(payload, dict):
+            return {}, pyworker.error_response(422, "expected a JSON object")
+        body = typing.cast(dict[str, Any], payload)
+        if not isinstance(body.get("prompt"), str):
             return {}, pyworker.error_response(422, "prompt: expected a string")
-        body: dict[str, Any] = payload
         self.requests.append(body)
         if self.fail_status is not None:
             return body, pyworker.error_response(self.fail_status, "model failure (fake)")
@@ -350,9 +353,11 @@ class LocalAutoscaler:
 
     async def _worker_status(self, request: Request) -> Response:
         report: Any = pyworker.json_loads(request.body)
-        if not isinstance(report, dict) or not isinstance(report.get("url"), str):
-            return pyworker.error_response(422, "expected a report object with a url")
-        body: dict[str, Any] = report
+        if not isinstance(report, dict):
+            return pyworker.error_response(422, "expected a report object")
+        body = typing.cast(dict[str, Any], report)
+        if not isinstance(body.get("url"), str):
+            return pyworker.error_response(422, "the report has no url")
         self.reports.append(body)
         self.report_times.append(time.monotonic())
         view = self.workers.setdefault(body["url"], WorkerView(body["url"], body))
@@ -365,7 +370,7 @@ class LocalAutoscaler:
         msg: Any = pyworker.json_loads(request.body)
         if not isinstance(msg, dict):
             return pyworker.error_response(422, "invalid JSON")
-        route: dict[str, Any] = msg
+        route = typing.cast(dict[str, Any], msg)
         if route.get("api_key") != self.api_key:
             return pyworker.error_response(401, "bad api_key")
         if route.get("endpoint") != self.endpoint:
