@@ -1,0 +1,865 @@
+"""The worker's life with real files and real sockets (SPEC sections 5 to 8, issue 4).
+
+A worker runs in-process on 127.0.0.1 beside test_load's FakeModel and LocalAutoscaler. The
+model log is a real file the tests write slowly, in pieces, truncate and rotate; load reports
+are the JSON bodies the local autoscaler recorded; requests go over raw sockets so that the
+client side owes nothing to the code under test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import re
+import socket
+import time
+import tracemalloc
+from collections.abc import AsyncGenerator, Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+import hello_world
+import pyworker
+from pyworker import Backend, Config, ConfigError, LogAction, State
+from test_load import FakeModel, LocalAutoscaler, RsaPrivateKey
+
+T = TypeVar("T")
+
+LOADED = FakeModel.LOADED_LINE
+ERROR_TEXT = "Exception: corrupted model file"
+INFO_TEXT = '"message":"Download'
+REPORT_FIELDS = {
+    "id",
+    "loadtime",
+    "cur_load",
+    "error_msg",
+    "max_perf",
+    "cur_perf",
+    "cur_capacity",
+    "max_capacity",
+    "num_requests_working",
+    "num_requests_recieved",
+    "additional_disk_usage",
+    "url",
+}
+
+
+@functools.cache
+def signing_key() -> RsaPrivateKey:
+    """One RSA key per module: pure-Python key generation takes about a second."""
+    return RsaPrivateKey.generate()
+
+
+def run(coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
+    """Run a test's coroutine on a fresh event loop, bounded."""
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+async def until(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout}s for {what}")
+        await asyncio.sleep(0.02)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def append(path: Path, text: str) -> None:
+    with open(path, "a") as f:
+        f.write(text)
+
+
+# A raw HTTP/1.1 client ###########################################################################
+
+
+@dataclasses.dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    complete: bool  # a chunked body ended with its last chunk (always True for a sized one)
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def encode_request(method: str, path: str, body: Any = None, *, close: bool = True) -> bytes:
+    data = b"" if body is None else json.dumps(body).encode()
+    head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    if body is not None:
+        head += f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+    if close:
+        head += "Connection: close\r\n"
+    return (head + "\r\n").encode() + data
+
+
+async def read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+    lines = head.split("\r\n")
+    status = int(lines[0].split()[1])
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if line:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+    return status, headers
+
+
+async def read_chunk(reader: asyncio.StreamReader) -> bytes | None:
+    """One chunk's data; b"" for the last chunk; None if the stream was cut."""
+    try:
+        size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+        if size == 0:
+            await reader.readuntil(b"\r\n")
+            return b""
+        return (await reader.readexactly(size + 2))[:-2]
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return None
+
+
+async def read_reply(reader: asyncio.StreamReader) -> Reply:
+    status, headers = await read_head(reader)
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        parts: list[bytes] = []
+        while True:
+            chunk = await read_chunk(reader)
+            if not chunk:
+                return Reply(status, headers, b"".join(parts), chunk == b"")
+            parts.append(chunk)
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return Reply(status, headers, body, True)
+
+
+async def request(
+    port: int, method: str, path: str, body: Any = None, *, timeout: float = 10.0
+) -> Reply:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(encode_request(method, path, body))
+        return await asyncio.wait_for(read_reply(reader), timeout)
+    finally:
+        writer.close()
+
+
+def generate(prompt: str) -> dict[str, Any]:
+    """An unsigned client body for the hello_world routes (the worker runs UNSECURED)."""
+    return {"payload": {"prompt": prompt, "max_response_tokens": 4}}
+
+
+# A worker in-process #############################################################################
+
+
+class FastHandler(hello_world.GenerateHandler):
+    benchmark_runs = 2
+
+
+class HealthHandler(FastHandler):
+    healthcheck_endpoint = "/health"
+
+
+class CountingModel(FakeModel):
+    """A FakeModel that counts its healthchecks."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.health_hits = 0
+
+    async def _health(self, request: pyworker.Request) -> pyworker.Response:
+        self.health_hits += 1
+        return await super()._health(request)
+
+
+@dataclasses.dataclass
+class Rig:
+    fake: FakeModel
+    scaler: LocalAutoscaler | None
+    worker: pyworker.Worker
+    log: Path
+    cache: Path
+
+    @property
+    def backend(self) -> Backend:
+        return self.worker.backend
+
+    @property
+    def port(self) -> int:
+        return self.worker.port
+
+    @property
+    def reports(self) -> list[dict[str, Any]]:
+        assert self.scaler is not None
+        return self.scaler.reports
+
+    async def ready(self, timeout: float = 10.0) -> None:
+        await until(lambda: self.backend.state is State.READY, timeout, "the worker to be ready")
+
+
+def model_log(tmp_path: Path) -> Path:
+    return tmp_path / "model.log"
+
+
+def make_backend(handler: pyworker.EndpointHandler[Any], parallel: bool = True) -> Backend:
+    return Backend(
+        model_server_url="http://127.0.0.1:9",  # replaced by Config.model_server_url
+        model_log_file=None,
+        allow_parallel_requests=parallel,
+        benchmark_handler=handler,
+        log_actions=[
+            (LogAction.ModelLoaded, LOADED),
+            (LogAction.ModelError, ERROR_TEXT),
+            (LogAction.Info, INFO_TEXT),
+        ],
+    )
+
+
+@contextlib.asynccontextmanager
+async def running_worker(
+    tmp_path: Path,
+    *,
+    fake: FakeModel | None = None,
+    autoscaler: bool = True,
+    report_addr: str | None = None,
+    handler: pyworker.EndpointHandler[Any] | None = None,
+    parallel: bool = True,
+    config: Config | None = None,
+    **overrides: Any,
+) -> AsyncGenerator[Rig, None]:
+    """A FakeModel, a LocalAutoscaler (unless `autoscaler` is False) and a worker on port 0.
+
+    By default the fake model writes its own log (loaded at once) and the worker runs
+    UNSECURED; `overrides` replace Config fields.
+    """
+    log = model_log(tmp_path)
+    cache = tmp_path / ".has_benchmark"
+    fake = fake if fake is not None else FakeModel(log_path=str(log))
+    scaler: LocalAutoscaler | None = None
+    worker: pyworker.Worker | None = None
+    try:
+        await fake.start()
+        if autoscaler:
+            scaler = await LocalAutoscaler(signing_key()).start()
+        addr = report_addr or (scaler.url if scaler else f"http://127.0.0.1:{free_port()}")
+        settings: dict[str, Any] = {
+            "host": "127.0.0.1",
+            "model_server_url": fake.url,
+            "model_log": str(log),
+            "benchmark_cache": str(cache),
+            "report_addrs": [addr],
+            "unsecured": True,
+            "report_check_interval": 0.1,
+            "report_max_interval": 1.0,
+            "report_timeout": 1.0,
+            "healthcheck_interval": 0.2,
+            "log_poll_interval": 0.05,
+        }
+        settings.update(overrides)
+        base = config if config is not None else Config()
+        cfg = dataclasses.replace(base, **settings)
+        backend = make_backend(handler or FastHandler(), parallel)
+        routes = [
+            pyworker.post("/generate", backend.create_handler(FastHandler())),
+            pyworker.post(
+                "/generate_stream", backend.create_handler(hello_world.GenerateStreamHandler())
+            ),
+        ]
+        worker = await pyworker.start_server(backend, routes, cfg, port=0)
+        yield Rig(fake, scaler, worker, log, cache)
+    finally:
+        if worker is not None:
+            await worker.stop(grace=1.0)
+        await fake.stop()
+        if scaler is not None:
+            await scaler.stop()
+
+
+# Model log #######################################################################################
+
+
+def test_log_created_late_and_written_in_pieces(tmp_path: Path) -> None:
+    """The log does not exist when the worker starts; the loaded line arrives in three
+    writes, and acts only once its newline is written."""
+
+    async def main() -> None:
+        log = model_log(tmp_path)
+        async with running_worker(tmp_path, fake=FakeModel()) as rig:
+            await asyncio.sleep(0.3)
+            assert rig.backend.state is State.LOADING
+            append(log, "2024-01-01 starting up\ninfer serv")
+            await asyncio.sleep(0.2)
+            append(log, "er has star")
+            await asyncio.sleep(0.2)
+            append(log, "ted on port 5001")  # the whole text, but no newline yet
+            await asyncio.sleep(0.3)
+            assert rig.backend.state is State.LOADING
+            assert rig.fake.requests == []  # no benchmark yet
+            append(log, "\n")
+            await rig.ready()
+
+    run(main())
+
+
+def test_log_truncated_is_read_from_the_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def main() -> None:
+        caplog.set_level(logging.INFO, logger="pyworker")
+        log = model_log(tmp_path)
+        append(log, "noise line number whatever\n" * 200)
+        append(log, '{"message":"Downloading shard 1"}\n')
+        async with running_worker(tmp_path, fake=FakeModel()) as rig:
+            await until(lambda: "Downloading shard 1" in caplog.text, 5, "the old content")
+            with open(log, "w") as f:  # truncate: the new content is shorter than the old
+                f.write(f"{LOADED}\n")
+            await rig.ready()
+
+    run(main())
+
+
+def test_log_rotated_by_rename_and_new_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def main() -> None:
+        caplog.set_level(logging.INFO, logger="pyworker")
+        log = model_log(tmp_path)
+        append(log, "old log line\n" * 100 + '{"message":"Downloading shard 1"}\n')
+        async with running_worker(tmp_path, fake=FakeModel()) as rig:
+            await until(lambda: "Downloading shard 1" in caplog.text, 5, "the old content")
+            os.rename(log, tmp_path / "model.log.1")
+            await asyncio.sleep(0.2)
+            append(log, f"fresh\n{LOADED}\n")
+            await rig.ready()
+            # What the old file gets after the rotation is no longer followed.
+            append(tmp_path / "model.log.1", f"{ERROR_TEXT}\n")
+            await asyncio.sleep(0.3)
+            assert rig.backend.state is State.READY
+
+    run(main())
+
+
+def test_loaded_line_repeated_benchmarks_once(tmp_path: Path) -> None:
+    async def main() -> None:
+        log = model_log(tmp_path)
+        append(log, f"{LOADED}\n{LOADED}\n")
+        async with running_worker(tmp_path, fake=FakeModel()) as rig:
+            await rig.ready()
+            expected = 1 + FastHandler.benchmark_runs * 10  # warm-up + rounds of 10
+            assert len(rig.fake.requests) == expected
+            append(log, f"{LOADED} again\n")
+            await asyncio.sleep(0.5)
+            assert rig.backend.state is State.READY
+            assert len(rig.fake.requests) == expected
+            await until(lambda: len(rig.reports) >= 3, 5, "three load reports")
+            assert sum(1 for r in rig.reports if r["loadtime"] != 0) == 1
+
+    run(main())
+
+
+def test_model_error_is_sticky_and_reported(tmp_path: Path) -> None:
+    async def main() -> None:
+        log = model_log(tmp_path)
+        append(log, f"{ERROR_TEXT}: shard 3 checksum mismatch\n")
+        async with running_worker(tmp_path, fake=FakeModel()) as rig:
+            await until(lambda: rig.backend.state is State.ERRORED, 5, "errored")
+            assert "shard 3 checksum mismatch" in rig.backend.error_msg
+            append(log, f"{LOADED}\n")
+            await asyncio.sleep(0.4)
+            assert rig.backend.state is State.ERRORED
+            assert rig.fake.requests == []  # no benchmark for an errored model
+            reply = await request(rig.port, "POST", "/generate", generate("hi"))
+            assert reply.status == 503
+            assert "shard 3 checksum mismatch" in reply.json()["error"]
+            n = len(rig.reports)
+            await until(lambda: len(rig.reports) > n, 3, "a load report")
+            assert "shard 3 checksum mismatch" in rig.reports[-1]["error_msg"]
+
+    run(main())
+
+
+def test_model_error_after_ready_is_sticky(tmp_path: Path) -> None:
+    async def main() -> None:
+        log = model_log(tmp_path)
+        async with running_worker(tmp_path) as rig:
+            await rig.ready()
+            append(log, f"{ERROR_TEXT} (out of memory)\n")
+            await until(lambda: rig.backend.state is State.ERRORED, 5, "errored")
+            append(log, f"{LOADED}\n")
+            await asyncio.sleep(0.3)
+            assert rig.backend.state is State.ERRORED
+            assert "out of memory" in rig.backend.error_msg
+
+    run(main())
+
+
+def test_info_lines_are_echoed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        caplog.set_level(logging.INFO, logger="pyworker")
+        log = model_log(tmp_path)
+        async with running_worker(tmp_path, fake=FakeModel()) as rig:
+            append(log, "unrelated chatter 1234\n")
+            append(log, '{"level":"info","message":"Downloading shard 7 of 9"}\n')
+            await until(lambda: "Downloading shard 7 of 9" in caplog.text, 5, "the echo")
+            assert "unrelated chatter 1234" not in caplog.text
+            assert rig.backend.state is State.LOADING
+
+    run(main())
+
+
+def test_huge_line_without_newline_is_bounded(tmp_path: Path) -> None:
+    """A 10 MB line with no newline neither crashes the tail nor gets buffered whole."""
+
+    async def main() -> None:
+        log = model_log(tmp_path)
+        megabyte = b"x" * (1 << 20)
+        async with running_worker(tmp_path, fake=FakeModel()) as rig:
+            rig.cache.write_text("100\n")
+            tracemalloc.start()
+            try:
+                for _ in range(10):
+                    with open(log, "ab") as f:
+                        f.write(megabyte)
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(0.3)
+                assert rig.backend.state is State.LOADING
+                append(log, f"\nnext line\n{LOADED}\n")
+                await rig.ready(timeout=20)
+                _, peak = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+            assert peak < 8 * (1 << 20), f"peak {peak} bytes while tailing a 10 MB line"
+            ping = await request(rig.port, "GET", "/ping")
+            assert ping.status == 200
+
+    run(main())
+
+
+# Benchmark #######################################################################################
+
+
+def test_benchmark_uses_cached_number(tmp_path: Path) -> None:
+    async def main() -> None:
+        (tmp_path / ".has_benchmark").write_text("123.5\n")
+        async with running_worker(tmp_path) as rig:
+            await rig.ready()
+            await asyncio.sleep(0.3)
+            assert rig.backend.max_perf == 123.5
+            assert len(rig.fake.requests) == 1  # the warm-up only
+            await until(lambda: bool(rig.reports), 3, "a load report")
+            assert rig.reports[-1]["max_perf"] == 123.5
+
+    run(main())
+
+
+@pytest.mark.parametrize("cached", [None, "not a number", "", "-5", "nan"])
+def test_benchmark_rounds_of_ten(tmp_path: Path, cached: str | None) -> None:
+    async def main() -> None:
+        if cached is not None:
+            (tmp_path / ".has_benchmark").write_text(cached)
+        fake = FakeModel(log_path=str(model_log(tmp_path)), json_delay=0.05)
+        async with running_worker(tmp_path, fake=fake) as rig:
+            await rig.ready()
+            requests = rig.fake.requests
+            assert len(requests) == 1 + 2 * 10
+            assert rig.fake.max_active == 10
+            workload = sum(hello_world.count_tokens(r["prompt"]) for r in requests[1:11])
+            # A round of 10 takes at least json_delay: its throughput is at most this.
+            assert 0 < rig.backend.max_perf <= workload / 0.05 * 1.5
+            assert math.isclose(float(rig.cache.read_text()), rig.backend.max_perf)
+
+    run(main())
+
+
+def test_benchmark_one_at_a_time(tmp_path: Path) -> None:
+    async def main() -> None:
+        fake = FakeModel(log_path=str(model_log(tmp_path)), json_delay=0.02, one_at_a_time=True)
+        async with running_worker(tmp_path, fake=fake, parallel=False) as rig:
+            await rig.ready()
+            assert len(rig.fake.requests) == 1 + 2
+            assert rig.fake.max_active == 1
+            assert rig.backend.max_perf > 0
+
+    run(main())
+
+
+def test_benchmark_all_failing_errors_the_worker(tmp_path: Path) -> None:
+    async def main() -> None:
+        fake = FakeModel(log_path=str(model_log(tmp_path)), fail_status=500)
+        async with running_worker(tmp_path, fake=fake) as rig:
+            await until(lambda: rig.backend.state is State.ERRORED, 5, "errored")
+            assert "benchmark" in rig.backend.error_msg
+            assert len(rig.fake.requests) == 21
+            assert not rig.cache.exists()
+            n = len(rig.reports)
+            await until(lambda: len(rig.reports) > n, 3, "a load report")
+            assert rig.reports[-1]["error_msg"] == rig.backend.error_msg
+            assert rig.reports[-1]["loadtime"] == 0
+
+    run(main())
+
+
+# Healthcheck #####################################################################################
+
+
+def test_healthcheck_failure_after_success_errors(tmp_path: Path) -> None:
+    async def main() -> None:
+        fake = CountingModel(log_path=str(model_log(tmp_path)))
+        async with running_worker(tmp_path, fake=fake, handler=HealthHandler()) as rig:
+            await rig.ready()
+            await until(lambda: fake.health_hits >= 2, 3, "two healthchecks")
+            assert rig.backend.state is State.READY
+            fake.healthy = False
+            await until(lambda: rig.backend.state is State.ERRORED, 3, "errored")
+            assert "healthcheck" in rig.backend.error_msg
+            fake.healthy = True
+            await asyncio.sleep(0.5)
+            assert rig.backend.state is State.ERRORED  # sticky
+
+    run(main())
+
+
+def test_healthcheck_never_healthy_does_not_error(tmp_path: Path) -> None:
+    async def main() -> None:
+        fake = CountingModel(log_path=str(model_log(tmp_path)))
+        fake.healthy = False
+        async with running_worker(tmp_path, fake=fake, handler=HealthHandler()) as rig:
+            await rig.ready()
+            await until(lambda: fake.health_hits >= 3, 3, "three healthchecks")
+            assert rig.backend.state is State.READY
+
+    run(main())
+
+
+# Load reports ####################################################################################
+
+
+def test_report_fields_and_types(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with running_worker(tmp_path, container_id=42) as rig:
+            await rig.ready()
+            reply = await request(rig.port, "POST", "/generate", generate("one two three"))
+            assert reply.status == 200
+            await until(lambda: len(rig.reports) >= 2, 3, "two load reports")
+        assert rig.scaler is not None
+        for report in rig.scaler.reports:
+            assert set(report) == REPORT_FIELDS
+            assert type(report["id"]) is int and report["id"] == 42
+            for name in ("loadtime", "cur_load", "max_perf", "cur_perf", "additional_disk_usage"):
+                assert type(report[name]) in (int, float), name
+                assert report[name] >= 0, name
+            for name in ("cur_capacity", "max_capacity"):
+                assert type(report[name]) is int and report[name] == 0, name
+            for name in ("num_requests_working", "num_requests_recieved"):
+                assert type(report[name]) is int and report[name] >= 0, name
+            assert type(report["error_msg"]) is str and report["error_msg"] == ""
+            assert report["url"] == rig.backend.config.public_url
+        last = rig.scaler.reports[-1]
+        assert last["num_requests_recieved"] == 1
+        assert last["max_perf"] == rig.backend.max_perf > 0
+
+    run(main())
+
+
+def test_loadtime_nonzero_exactly_once(tmp_path: Path) -> None:
+    async def main() -> None:
+        fake = FakeModel(log_path=str(model_log(tmp_path)), load_time=0.4)
+        async with running_worker(tmp_path, fake=fake, report_max_interval=0.3) as rig:
+            await rig.ready()
+            await until(lambda: len(rig.reports) >= 6, 5, "six load reports")
+            loadtimes = [r["loadtime"] for r in rig.reports]
+            nonzero = [t for t in loadtimes if t != 0]
+            assert len(nonzero) == 1, loadtimes
+            assert 0.4 <= nonzero[0] < 5.0
+            # Sent non-zero in the first report after ready, never before.
+            assert all(r["max_perf"] == 0 for r in rig.reports[: loadtimes.index(nonzero[0])])
+
+    run(main())
+
+
+def test_loadtime_survives_an_autoscaler_outage(tmp_path: Path) -> None:
+    """The autoscaler is down when the worker becomes ready: the non-zero loadtime is not
+    spent on a failed send; it goes out once the autoscaler is back."""
+
+    async def main() -> None:
+        port = free_port()
+        async with running_worker(
+            tmp_path, autoscaler=False, report_addr=f"http://127.0.0.1:{port}"
+        ) as rig:
+            await rig.ready()
+            await asyncio.sleep(1.0)
+            scaler = await LocalAutoscaler(signing_key()).start(port)
+            try:
+                await until(lambda: len(scaler.reports) >= 3, 8, "three load reports")
+                loadtimes = [r["loadtime"] for r in scaler.reports]
+                assert loadtimes[0] > 0 and loadtimes[1:] == [0] * (len(loadtimes) - 1)
+            finally:
+                await scaler.stop()
+
+    run(main())
+
+
+def test_report_url_from_environment(tmp_path: Path) -> None:
+    env = {"WORKER_PORT": "3456", "PUBLIC_IPADDR": "203.0.113.7", "VAST_TCP_PORT_3456": "41234"}
+    assert Config.from_env(env).public_url == "http://203.0.113.7:41234"
+    assert Config.from_env({**env, "USE_SSL": "true"}).public_url == "https://203.0.113.7:41234"
+    assert Config.from_env({"WORKER_PORT": "3456"}).public_url == "http://127.0.0.1:3456"
+    assert Config.from_env({}).public_url == "http://127.0.0.1:3000"
+    # VAST_TCP_PORT_<port> of another port is not ours.
+    other = {"WORKER_PORT": "3456", "PUBLIC_IPADDR": "198.51.100.1", "VAST_TCP_PORT_3000": "1"}
+    assert Config.from_env(other).public_url == "http://198.51.100.1:3456"
+
+    async def main() -> None:
+        config = Config.from_env({**env, "CONTAINER_ID": "777"})
+        async with running_worker(tmp_path, config=config) as rig:
+            await until(lambda: bool(rig.reports), 3, "a load report")
+            assert rig.reports[-1]["url"] == "http://203.0.113.7:41234"
+            assert rig.reports[-1]["id"] == 777
+
+    run(main())
+
+
+def test_report_cadence(tmp_path: Path) -> None:
+    """Idle: a report every report_max_interval (1 s). A finished request: a report at the
+    next check (0.1 s), not at the next interval."""
+
+    async def main() -> None:
+        async with running_worker(tmp_path) as rig:
+            await rig.ready()
+            assert rig.scaler is not None
+            times = rig.scaler.report_times
+            await until(lambda: any(r["loadtime"] for r in rig.reports), 3, "loadtime report")
+            first = len(times)
+            await until(lambda: len(times) >= first + 2, 4, "two idle reports")
+            gaps = [b - a for a, b in zip(times[first - 1 :], times[first:])]
+            assert all(0.85 <= g <= 1.6 for g in gaps), gaps
+            # Right after an idle report, a request: its report comes well before 1 s.
+            n = len(times)
+            await until(lambda: len(times) > n, 2, "an idle report")
+            await asyncio.sleep(0.1)
+            n = len(times)
+            reply = await request(rig.port, "POST", "/generate", generate("a b c"))
+            done = time.monotonic()
+            assert reply.status == 200
+            await until(lambda: len(times) > n, 2, "a report after the request")
+            assert times[n] - done < 0.5
+            assert rig.reports[n]["num_requests_recieved"] == 1
+
+    run(main())
+
+
+def test_workload_figures_survive_an_autoscaler_outage(tmp_path: Path) -> None:
+    """A known sequence while the autoscaler is down: 2 served, 1 errored (model 500), 1
+    cancelled (client left mid-stream), 1 still in flight, 1 rejected (422, never received).
+    The first report after the autoscaler is back holds all of it: nothing was reset by the
+    failed sends."""
+
+    async def main() -> None:
+        fake = FakeModel(log_path=str(model_log(tmp_path)), token_delay=0.3)
+        served_prompts = ["alpha beta gamma", "one two three four five"]
+        errored_prompt = "a b c d e f g"
+        stream_prompts = {"cancelled": "k " * 11, "in_flight": "z " * 13}
+        tokens = hello_world.count_tokens
+        assert [tokens(p) for p in served_prompts] == [3, 5]
+        assert tokens(errored_prompt) == 7
+        assert [tokens(p) for p in stream_prompts.values()] == [11, 13]
+        async with running_worker(tmp_path, fake=fake) as rig:
+            scaler = rig.scaler
+            assert scaler is not None
+            await rig.ready()
+            await until(lambda: any(r["loadtime"] for r in scaler.reports), 3, "loadtime")
+            port = scaler.port
+            await scaler.stop()  # the autoscaler goes down
+            t0 = scaler.report_times[-1]
+            streams: list[asyncio.StreamWriter] = []
+            try:
+                for prompt in served_prompts:
+                    reply = await request(rig.port, "POST", "/generate", generate(prompt))
+                    assert reply.status == 200
+                fake.fail_status = 500
+                reply = await request(rig.port, "POST", "/generate", generate(errored_prompt))
+                fake.fail_status = None
+                assert reply.status == 500
+                bad = await request(rig.port, "POST", "/generate", {"payload": {"prompt": 5}})
+                assert bad.status == 422
+                for prompt in stream_prompts.values():
+                    reader, writer = await asyncio.open_connection("127.0.0.1", rig.port)
+                    streams.append(writer)
+                    body = {"payload": {"prompt": prompt, "max_response_tokens": 16}}
+                    writer.write(encode_request("POST", "/generate_stream", body))
+                    status, _ = await read_head(reader)
+                    assert status == 200
+                    assert await read_chunk(reader)  # the first token
+                streams.pop(0).close()  # the client of the "cancelled" stream leaves
+                await until(lambda: rig.backend.metrics.cancelled.requests == 1, 2, "cancel")
+                sequence_end = time.monotonic()
+                # Failed sends take up to ~1.5 s of retries: let the ones that began during
+                # the sequence fail before the autoscaler comes back.
+                await asyncio.sleep(2.0)
+                back = await LocalAutoscaler(signing_key()).start(port)
+                try:
+                    await until(lambda: bool(back.reports), 5, "a report after the outage")
+                    report, t1 = back.reports[0], back.report_times[0]
+                finally:
+                    await back.stop()
+            finally:
+                for writer in streams:
+                    writer.close()
+        assert report["num_requests_recieved"] == 5
+        assert report["num_requests_working"] == 1
+        received = 3 + 5 + 7 + 13  # served, errored and in flight; not the cancelled 11
+        served = 3 + 5
+        assert report["cur_load"] > 0
+        assert math.isclose(report["cur_perf"] / report["cur_load"], served / received)
+        window = received / report["cur_load"]  # the report's window, implied
+        assert sequence_end - t0 - 0.05 <= window <= t1 - t0 + 0.2, (window, t0, t1)
+
+    run(main(), timeout=40)
+
+
+# Public key ######################################################################################
+
+
+def test_pubkey_fetched_in_background_from_a_late_autoscaler(tmp_path: Path) -> None:
+    async def main() -> None:
+        key = signing_key()
+        port = free_port()
+        addr = f"http://127.0.0.1:{port}"
+        async with running_worker(
+            tmp_path, autoscaler=False, report_addr=addr, unsecured=False
+        ) as rig:
+            ping = await request(rig.port, "GET", "/ping")
+            assert (ping.status, ping.body) == (200, b"pong")
+            await rig.ready()
+            url = f"http://127.0.0.1:{rig.port}"
+            signed = {
+                "auth_data": key.sign_auth(cost=3, endpoint="local", reqnum=1, url=url),
+                "payload": {"prompt": "a b c", "max_response_tokens": 4},
+            }
+            reply = await request(rig.port, "POST", "/generate", signed)
+            assert reply.status == 503
+            assert reply.json()["error"] == "no public key yet"
+            scaler = await LocalAutoscaler(key).start(port)
+            try:
+                await until(lambda: rig.backend.pubkey is not None, 8, "the public key")
+                reply = await request(rig.port, "POST", "/generate", signed)
+                assert reply.status == 200, reply.body
+                forged = dict(signed, auth_data=dict(signed["auth_data"], reqnum=2))
+                reply = await request(rig.port, "POST", "/generate", forged)
+                assert reply.status == 401
+            finally:
+                await scaler.stop()
+
+    run(main())
+
+
+# /metrics ########################################################################################
+
+SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$")
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text format, loosely: every line a comment or `name{labels} value`."""
+    samples: dict[str, float] = {}
+    typed: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            name, kind = line.split()[2:4]
+            assert kind in ("counter", "gauge", "histogram", "summary", "untyped"), line
+            typed.add(name)
+            continue
+        if not line or line.startswith("#"):
+            continue
+        match = SAMPLE.match(line)
+        assert match, f"not a sample line: {line!r}"
+        name = match.group(1)
+        assert re.sub(r"_(bucket|sum|count)$", "", name) in typed or name in typed, line
+        samples[name + (match.group(2) or "")] = float(match.group(3))
+    return samples
+
+
+def test_metrics_prometheus_counters_move(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with running_worker(tmp_path) as rig:
+            await rig.ready()
+            reply = await request(rig.port, "GET", "/metrics")
+            assert reply.status == 200
+            assert reply.headers["content-type"].startswith("text/plain")
+            before = parse_metrics(reply.body.decode())
+            for prompt in ("a b", "c d e"):
+                assert (
+                    await request(rig.port, "POST", "/generate", generate(prompt))
+                ).status == 200
+            bad = await request(rig.port, "POST", "/generate", {"payload": {}})
+            assert bad.status == 422
+            after = parse_metrics((await request(rig.port, "GET", "/metrics")).body.decode())
+        ok = 'pyworker_requests_total{route="/generate",status="200"}'
+        rejected = 'pyworker_requests_total{route="/generate",status="422"}'
+        assert after[ok] - before.get(ok, 0) == 2
+        assert after[rejected] - before.get(rejected, 0) == 1
+        assert after["pyworker_requests_in_flight"] == 0
+        assert after['pyworker_state{state="ready"}'] == 1
+        assert after["pyworker_max_perf"] > 0
+
+    run(main())
+
+
+# Configuration ###################################################################################
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("WORKER_PORT", "abc"),
+        ("WORKER_PORT", "70000"),
+        ("USE_SSL", "maybe"),
+        ("UNSECURED", "sure"),
+        ("REPORT_ADDR", "ftp://x"),
+        ("MODEL_SERVER_URL", "localhost:5001"),
+        ("LOG_LEVEL", "LOUD"),
+        ("PUBKEY_FILE", "/nonexistent/pubkey.pem"),
+        ("CONTAINER_ID", "-1"),
+        ("VAST_TCP_PORT_3000", "x"),
+    ],
+)
+def test_config_rejects_bad_values(name: str, value: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Config.from_env({name: value})
+    message = str(info.value)
+    assert name in message
+    assert "\n" not in message
+
+
+def test_config_reads_good_values(tmp_path: Path) -> None:
+    pem = tmp_path / "key.pem"
+    pem.write_text(signing_key().public_pem())
+    env = {
+        "WORKER_PORT": "3001",
+        "REPORT_ADDR": "http://127.0.0.1:8081/, https://example.test",
+        "CONTAINER_ID": "12",
+        "USE_SSL": "true",
+        "UNSECURED": "false",
+        "PUBKEY_FILE": str(pem),
+        "LOG_LEVEL": "debug",
+        "MODEL_LOG": "/tmp/model.log",
+        "MODEL_SERVER_URL": "http://127.0.0.1:5001",
+    }
+    config = Config.from_env(env)
+    assert config.worker_port == 3001
+    assert config.report_addrs == ["http://127.0.0.1:8081", "https://example.test"]
+    assert (config.container_id, config.use_ssl, config.unsecured) == (12, True, False)
+    assert (config.pubkey_file, config.log_level) == (str(pem), "DEBUG")
+    assert config.model_log == "/tmp/model.log"
+    assert config.model_server_url == "http://127.0.0.1:5001"
+    assert config.public_url == "https://127.0.0.1:3001"
+    assert Config.from_env({}).report_addrs == ["https://run.vast.ai"]
