@@ -81,7 +81,7 @@ class InputData(ApiPayload):
         return cls(prompt=prompt, max_response_tokens=300)
 
     def generate_payload_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {"prompt": self.prompt, "max_response_tokens": self.max_response_tokens}
 
     def count_workload(self) -> float:
         return float(count_tokens(self.prompt))
@@ -91,12 +91,13 @@ class InputData(ApiPayload):
 # with long words counted as several pieces, the way byte-pair encodings split rare words.
 # On ordinary English prose it lands within about 10% of GPT-2's BPE count (see README).
 _PIECES = re.compile(r"[A-Za-z]+|[0-9]{1,3}|[^\sA-Za-z0-9]")
+_LONG_WORDS = re.compile(r"[A-Za-z]{10,}")
 
 
 def count_tokens(text: str) -> int:
-    count = 0
-    for piece in _PIECES.findall(text):
-        count += 1 + max(0, len(piece) - 4) // 6  # a word over 10 letters is 2+ tokens
+    count = len(_PIECES.findall(text))
+    for word in _LONG_WORDS.findall(text):
+        count += (len(word) - 4) // 6  # a word of 10 letters or more is 2+ tokens
     return count
 
 

@@ -51,6 +51,7 @@ import abc
 import asyncio
 import base64
 import binascii
+import bisect
 import collections
 import contextlib
 import dataclasses
@@ -127,6 +128,7 @@ HEAD_TIMEOUT = 10.0  # seconds to receive a whole request head (slow-loris)
 BODY_TIMEOUT = 60.0  # seconds to receive a whole request body once the head arrived
 KEEPALIVE_TIMEOUT = 60.0  # idle seconds before a keep-alive connection is closed
 WRITE_TIMEOUT = 60.0  # seconds a client may leave a response unread before it is dropped
+SWEEP_INTERVAL = 0.25  # how often connections are checked against those deadlines
 MAX_UPSTREAM_BODY = 256 * 1024 * 1024  # a model's JSON answer read into memory at most
 UPSTREAM_READ_SIZE = 64 * 1024  # streamed model chunks are relayed in pieces of at most this
 MAX_IDLE_UPSTREAM = 128  # pooled keep-alive connections to the model kept open at most
@@ -180,6 +182,9 @@ _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _BAD_HEAD_BYTE = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _TARGET = re.compile(rb"/[\x21-\x7e]*")  # origin-form, printable ASCII without spaces
 _VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]")
+# method SP origin-form SP version (RFC 9112 3), the one shape accepted; anything else goes to
+# _request_line_error, which says why.
+_REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) (/[\x21-\x7e]*) (HTTP/1\.[01])")
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,%d}" % MAX_CHUNK_SIZE_DIGITS)
 _STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([0-9]{3})(?: ([\x09\x20-\x7e\x80-\xff]*))?")
 _DIGITS = re.compile(rb"[0-9]{1,19}")  # len(str(2**63)) == 19; more is no real length
@@ -188,25 +193,35 @@ _DIGITS = re.compile(rb"[0-9]{1,19}")  # len(str(2**63)) == 19; more is no real 
 class Headers:
     """Header fields in arrival order, names lower-cased; `get` returns the first value."""
 
-    __slots__ = ("_fields",)
+    __slots__ = ("_fields", "_index")
 
     def __init__(self, fields: Iterable[tuple[str, str]] = ()) -> None:
         self._fields = list(fields)
+        self._index: dict[str, list[str]] | None = None
+
+    def _lookup(self) -> dict[str, list[str]]:
+        index = self._index
+        if index is None:  # built on first use: one pass, then O(1) look-ups
+            index = self._index = {}
+            for key, value in self._fields:
+                if key in index:
+                    index[key].append(value)
+                else:
+                    index[key] = [value]
+        return index
 
     def get(self, name: str, default: str | None = None) -> str | None:
-        for key, value in self._fields:
-            if key == name:
-                return value
-        return default
+        values = self._lookup().get(name)
+        return values[0] if values else default
 
     def get_all(self, name: str) -> list[str]:
-        return [value for key, value in self._fields if key == name]
+        return list(self._lookup().get(name, ()))
 
     def items(self) -> list[tuple[str, str]]:
         return list(self._fields)
 
     def __contains__(self, name: object) -> bool:
-        return any(key == name for key, _ in self._fields)
+        return name in self._lookup()
 
     def __len__(self) -> int:
         return len(self._fields)
@@ -240,6 +255,27 @@ class Request:
     @property
     def path(self) -> str:
         return self.target.split("?", 1)[0]
+
+
+# One regex checks a whole head in C: a first line, then fields "token: value CRLF" whose values
+# hold no control byte but HTAB (so no bare CR or LF, no NUL, no obs-fold), then CRLF.
+_FIELD_RE = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\r\n"
+_HEAD = re.compile(rb"([^\r\n]*)\r\n((?:%s)*)\r\n" % _FIELD_RE)
+_FIELD_PARTS = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*(.*?)[ \t]*\r\n")
+
+
+def _parse_head(head: bytes) -> tuple[bytes, Headers]:
+    """The first line and the fields of a head ending in CRLF CRLF (names lower-cased)."""
+    match = _HEAD.fullmatch(head)
+    if match is None:
+        lines = _split_head(head)  # the slow path names what is wrong
+        parse_header_lines(lines[1:])
+        raise HttpError(400, "malformed head")
+    # Checked above; now take the fields apart as text (latin-1 maps bytes 1:1).
+    fields = _FIELD_PARTS.findall(match.group(2).decode("latin-1"))
+    if len(fields) > MAX_HEADERS:
+        raise HttpError(431, "too many header fields")
+    return match.group(1), Headers([(name.lower(), value) for name, value in fields])
 
 
 def _split_head(head: bytes) -> list[bytes]:
@@ -276,6 +312,10 @@ def _content_length(headers: Headers) -> int | None:
     values = headers.get_all("content-length")
     if not values:
         return None
+    if len(values) == 1:  # the usual case, without the list handling below
+        value = values[0]
+        if value.isascii() and value.isdigit() and len(value) <= 19:
+            return int(value)
     seen: set[bytes] = set()
     for value in values:
         for raw in value.encode("latin-1").split(b","):
@@ -313,26 +353,31 @@ def request_framing(headers: Headers, version: str) -> BodyFraming:
     return BodyFraming("length", length or 0)
 
 
-def parse_request_head(head: bytes) -> Request:
-    """Parse a request head (request line and fields, ending in CRLF CRLF) into a Request."""
-    lines = _split_head(head)
-    request_line = lines[0]
-    if len(request_line) > MAX_REQUEST_LINE:
-        raise HttpError(414, "request line too long")
+def _request_line_error(request_line: bytes) -> typing.NoReturn:
+    """Say what is wrong with a request line that _REQUEST_LINE refused."""
     parts = request_line.split(b" ")
     if len(parts) != 3:
         raise HttpError(400, "malformed request line")
-    method, target, version = parts
+    method, _target, version = parts
     if not _TOKEN.fullmatch(method):
         raise HttpError(400, "invalid method")
     if not _VERSION.fullmatch(version):
         raise HttpError(400, "invalid HTTP version")
     if version not in (b"HTTP/1.1", b"HTTP/1.0"):
         raise HttpError(505, "HTTP version not supported")
-    if not _TARGET.fullmatch(target):
-        raise HttpError(400, "invalid request target")
+    raise HttpError(400, "invalid request target")
+
+
+def parse_request_head(head: bytes) -> Request:
+    """Parse a request head (request line and fields, ending in CRLF CRLF) into a Request."""
+    request_line, headers = _parse_head(head)
+    if len(request_line) > MAX_REQUEST_LINE:
+        raise HttpError(414, "request line too long")
+    match = _REQUEST_LINE.fullmatch(request_line)
+    if match is None:
+        _request_line_error(request_line)
+    method, target, version = match.groups()
     version_s = version.decode("ascii")
-    headers = parse_header_lines(lines[1:])
     hosts = headers.get_all("host")
     if len(hosts) > 1 or (not hosts and version_s == "HTTP/1.1"):
         raise HttpError(400, "exactly one Host header is required")  # RFC 9112 3.2
@@ -361,14 +406,13 @@ def parse_request_head(head: bytes) -> Request:
 
 def parse_response_head(head: bytes, *, request_method: str = "POST") -> ClientResponseHead:
     """Parse a response head from an upstream server (status line and fields)."""
-    lines = _split_head(head)
-    match = _STATUS_LINE.fullmatch(lines[0])
+    status_line, headers = _parse_head(head)
+    match = _STATUS_LINE.fullmatch(status_line)
     if match is None:
         raise HttpError(502, "malformed status line")
     status = int(match.group(1))
     reason = (match.group(2) or b"").decode("latin-1")
-    headers = parse_header_lines(lines[1:])
-    version = lines[0][:8].decode("ascii")
+    version = status_line[:8].decode("ascii")
     if request_method == "HEAD" or status < 200 or status in (204, 304):
         framing = BodyFraming("length", 0)
     elif headers.get_all("transfer-encoding"):
@@ -424,8 +468,10 @@ def response_head(
     *,
     content_length: int | None,
     keep_alive: bool,
+    chunked: bool = True,
 ) -> bytes:
-    """Serialise a status line and header fields; Content-Length or chunked framing."""
+    """Serialise a status line and header fields, framed by Content-Length, or chunked when
+    content_length is None (or, for an HTTP/1.0 client, by closing the connection)."""
     lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"]
     lines.append(f"Date: {_http_date()}\r\nServer: pyworker\r\n")
     for name, value in headers:
@@ -433,7 +479,8 @@ def response_head(
             raise ValueError(f"CR or LF in header field {name!r}")  # response splitting
         lines.append(f"{name}: {value}\r\n")
     if content_length is None:
-        lines.append("Transfer-Encoding: chunked\r\n")
+        if chunked:
+            lines.append("Transfer-Encoding: chunked\r\n")
     else:
         lines.append(f"Content-Length: {content_length}\r\n")
     if not keep_alive:
@@ -755,9 +802,21 @@ class ClientResponse:
     async def read(self) -> bytes:
         """The whole body (at most the client's max_body bytes)."""
         framing = self._head.framing
-        if framing.kind == "length" and framing.length > self._client.max_body:
-            self.close()
-            raise UpstreamError("upstream body too large")
+        if framing.kind == "length":
+            if framing.length > self._client.max_body:
+                self.close()
+                raise UpstreamError("upstream body too large")
+            if self._conn is not None and not self._started:  # the common case, in one read
+                self._started = True
+                complete = False
+                try:
+                    body = await self._conn.reader.readexactly(framing.length)
+                    complete = True
+                    return body
+                except (asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
+                    raise self._broken(exc) from None
+                finally:
+                    self._finish(complete)
         parts: list[bytes] = []
         size = 0
         async for chunk in self.iter_chunks():
@@ -805,13 +864,16 @@ class ClientResponse:
                     yield data
             complete = True
         except (asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
-            if self._deadline.expired:
-                raise UpstreamTimeout("upstream did not finish in time") from None
-            raise UpstreamError(f"upstream broke off the body: {exc!r}") from None
+            raise self._broken(exc) from None
         except HttpError as exc:
             raise UpstreamError(f"upstream sent a malformed body: {exc.message}") from None
         finally:
             self._finish(complete)
+
+    def _broken(self, exc: BaseException) -> UpstreamError:
+        if self._deadline.expired:
+            return UpstreamTimeout("upstream did not finish in time")
+        return UpstreamError(f"upstream broke off the body: {exc!r}")
 
     def _finish(self, complete: bool) -> None:
         conn, self._conn = self._conn, None
@@ -905,11 +967,16 @@ class _ServerProtocol(asyncio.StreamReaderProtocol):
         self.task: asyncio.Task[None] | None = None
         self.conn_transport: asyncio.BaseTransport | None = None
         self.busy = False
+        # When the connection is dropped unless the client makes progress; the server's
+        # sweeper checks it (one float per connection instead of a timer per phase).
+        self.deadline = math.inf
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.conn_transport = transport
         loop = asyncio.get_running_loop()
+        self.deadline = loop.time() + HEAD_TIMEOUT
+        self._server._protocols.add(self)  # pyright: ignore[reportPrivateUsage]
         writer = asyncio.StreamWriter(
             typing.cast(asyncio.WriteTransport, transport), self, self.reader, loop
         )
@@ -918,8 +985,17 @@ class _ServerProtocol(asyncio.StreamReaderProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
+        self._server._protocols.discard(self)  # pyright: ignore[reportPrivateUsage]
         if self.busy and self.task is not None:
             self.task.cancel()
+
+    def eof_received(self) -> bool | None:
+        # A client that closes its side while its request is being answered has gone away
+        # (HTTP clients do not half-close to wait for an answer): stop working for it.
+        keep_open = super().eof_received()
+        if self.busy and self.task is not None:
+            self.task.cancel()
+        return keep_open
 
 
 class HttpServer:
@@ -932,6 +1008,7 @@ class HttpServer:
         self.max_body = max_body
         self._server: asyncio.Server | None = None
         self._protocols: set[_ServerProtocol] = set()
+        self._sweeper: asyncio.Task[None] | None = None
         self.closing = False
 
     async def start(
@@ -942,6 +1019,7 @@ class HttpServer:
         self._server = await loop.create_server(
             lambda: _ServerProtocol(self), host, port, ssl=ssl_context, backlog=1024
         )
+        self._sweeper = loop.create_task(self._sweep())
         return int(self._server.sockets[0].getsockname()[1])
 
     @property
@@ -951,6 +1029,17 @@ class HttpServer:
     @property
     def busy_connections(self) -> int:
         return sum(1 for p in self._protocols if p.busy)
+
+    async def _sweep(self) -> None:
+        """Drop connections past their deadline: slow-loris heads, stalled bodies, idle
+        keep-alive connections, clients that stopped reading their response."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            now = loop.time()
+            for proto in [p for p in self._protocols if p.deadline < now]:
+                if proto.conn_transport is not None:
+                    _abort(proto.conn_transport)
 
     async def shutdown(self, grace: float = SHUTDOWN_GRACE) -> None:
         """Stop accepting, close idle connections, wait for busy ones up to `grace` seconds."""
@@ -968,44 +1057,43 @@ class HttpServer:
         for proto in list(self._protocols):
             if proto.conn_transport is not None:
                 _abort(proto.conn_transport)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
 
     async def _serve_connection(
         self, proto: _ServerProtocol, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        self._protocols.add(proto)
         transport = writer.transport
         peer = writer.get_extra_info("peername")
         remote = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else ""
         loop = asyncio.get_running_loop()
-        timeout = HEAD_TIMEOUT
         try:
             while not self.closing:
-                # One timer per phase closes the connection if the client stalls (slow-loris).
-                timer = loop.call_later(timeout, _abort, transport)
+                # The sweeper drops the connection if the client stalls (slow-loris).
                 try:
                     head = await read_head(reader, first_line_limit=MAX_REQUEST_LINE)
                     request = parse_request_head(head)
                     request.remote = remote
-                    timer.cancel()
-                    timer = loop.call_later(BODY_TIMEOUT, _abort, transport)
+                    proto.deadline = loop.time() + BODY_TIMEOUT
                     request.body = await self._read_body(request, reader, writer)
                 except HttpError as exc:
                     self._send_error(writer, exc)
                     break
                 except (asyncio.IncompleteReadError, ConnectionError, OSError):
-                    break  # closed by the client or by our timer
-                finally:
-                    timer.cancel()
+                    break  # closed by the client or by the sweeper
                 if self.closing:
                     request.keep_alive = False
                 proto.busy = True
+                proto.deadline = math.inf  # the handler's time is the handler's business
                 try:
-                    ok = await self._respond(request, writer)
+                    ok = await self._respond(request, proto, writer)
+                except (ConnectionError, OSError):
+                    break  # the client went away while we answered
                 finally:
                     proto.busy = False
                 if not (ok and request.keep_alive):
                     break
-                timeout = KEEPALIVE_TIMEOUT
+                proto.deadline = loop.time() + KEEPALIVE_TIMEOUT
         except asyncio.CancelledError:
             pass  # the client went away mid-request; the handler has cleaned up
         except Exception:
@@ -1046,7 +1134,9 @@ class HttpServer:
         with contextlib.suppress(Exception):
             writer.write(head + body)
 
-    async def _respond(self, request: Request, writer: asyncio.StreamWriter) -> bool:
+    async def _respond(
+        self, request: Request, proto: _ServerProtocol, writer: asyncio.StreamWriter
+    ) -> bool:
         """Run the handler and write its response; False when the connection must close."""
         methods = self.routes.get(request.path)
         if methods is None:
@@ -1064,10 +1154,14 @@ class HttpServer:
             except Exception:
                 log.exception("handler for %s %s failed", request.method, request.path)
                 response = error_response(500, "internal error")
-        return await self._write_response(request, response, writer)
+        return await self._write_response(request, response, proto, writer)
 
     async def _write_response(
-        self, request: Request, response: Response, writer: asyncio.StreamWriter
+        self,
+        request: Request,
+        response: Response,
+        proto: _ServerProtocol,
+        writer: asyncio.StreamWriter,
     ) -> bool:
         keep_alive = request.keep_alive and not self.closing
         headers = [("Content-Type", response.content_type), *response.headers]
@@ -1080,16 +1174,25 @@ class HttpServer:
                 )
                 + body
             )
-            await self._drain(writer)
+            await self._drain(proto, writer)
             return keep_alive
+        # An HTTP/1.0 client knows no chunked coding: its stream ends when the connection does.
+        chunked = request.version == "HTTP/1.1"
+        keep_alive = keep_alive and chunked
         try:
             writer.write(
-                response_head(response.status, headers, content_length=None, keep_alive=keep_alive)
+                response_head(
+                    response.status,
+                    headers,
+                    content_length=None,
+                    keep_alive=keep_alive,
+                    chunked=chunked,
+                )
             )
             async for data in stream:
                 if data:
-                    writer.write(encode_chunk(data))
-                    await self._drain(writer)
+                    writer.write(encode_chunk(data) if chunked else data)
+                    await self._drain(proto, writer)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -1101,23 +1204,24 @@ class HttpServer:
             aclose = getattr(stream, "aclose", None)
             if aclose is not None:
                 await aclose()
-        writer.write(LAST_CHUNK)
-        await self._drain(writer)
+        if chunked:
+            writer.write(LAST_CHUNK)
+            await self._drain(proto, writer)
         return keep_alive
 
     @staticmethod
-    async def _drain(writer: asyncio.StreamWriter) -> None:
+    async def _drain(proto: _ServerProtocol, writer: asyncio.StreamWriter) -> None:
         """Wait while the client's socket buffer is full (back-pressure), but not forever."""
         transport = writer.transport
-        if transport.get_write_buffer_size() <= 64 * 1024 and not transport.is_closing():
-            return  # asyncio's drain() would return at once; skip its overhead
         if transport.is_closing():
             raise ConnectionResetError("client connection closed")
-        timer = asyncio.get_running_loop().call_later(WRITE_TIMEOUT, _abort, transport)
+        if transport.get_write_buffer_size() <= 64 * 1024:
+            return  # asyncio's drain() would return at once; skip its overhead
+        proto.deadline = asyncio.get_running_loop().time() + WRITE_TIMEOUT
         try:
             await writer.drain()
         finally:
-            timer.cancel()
+            proto.deadline = math.inf
 
 
 # Payload protocol ################################################################################
@@ -1154,7 +1258,39 @@ class ApiPayload(abc.ABC):
 
 
 _T = TypeVar("_T")
-_hints_cache: dict[type, dict[str, Any]] = {}
+# Per dataclass: (name, required, hint, exact types when the hint is a plain one, else None)
+_FieldPlan = list[tuple[str, bool, Any, "tuple[type, ...] | None"]]
+_plans: dict[type, _FieldPlan] = {}
+_EXACT: dict[Any, tuple[type, ...]] = {str: (str,), int: (int,), bool: (bool,)}
+_EXACT[type(None)] = _EXACT[None] = (type(None),)
+
+
+def _exact_types(hint: Any) -> tuple[type, ...] | None:
+    """For str, int, bool, None and unions of them, the exact types a value may have."""
+    if hint in _EXACT:
+        return _EXACT[hint]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        parts = [_exact_types(a) for a in typing.get_args(hint)]
+        if all(p is not None for p in parts):
+            return tuple(t for p in parts if p is not None for t in p)
+    return None
+
+
+def _field_plan(cls: type) -> _FieldPlan:
+    plan = _plans.get(cls)
+    if plan is None:
+        hints = typing.get_type_hints(cls)
+        plan = _plans[cls] = [
+            (
+                f.name,
+                f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
+                hints.get(f.name, Any),
+                _exact_types(hints.get(f.name, Any)),
+            )
+            for f in dataclasses.fields(cls)
+            if f.init
+        ]
+    return plan
 
 
 def from_json_fields(cls: type[_T], json_msg: Any) -> _T:
@@ -1167,27 +1303,18 @@ def from_json_fields(cls: type[_T], json_msg: Any) -> _T:
     if not isinstance(json_msg, dict):
         raise JsonDataException({"__all__": "expected a JSON object"})
     msg = typing.cast(dict[str, Any], json_msg)
-    hints = _hints_cache.get(cls)
-    if hints is None:
-        hints = _hints_cache[cls] = typing.get_type_hints(cls)
     errors: dict[str, str] = {}
     values: dict[str, Any] = {}
-    for field in dataclasses.fields(cls):
-        if not field.init:
+    for name, required, hint, exact in _field_plan(cls):
+        if name not in msg:
+            if required:
+                errors[name] = "missing parameter"
             continue
-        if field.name not in msg:
-            if (
-                field.default is dataclasses.MISSING
-                and field.default_factory is dataclasses.MISSING
-            ):
-                errors[field.name] = "missing parameter"
+        value = msg[name]
+        if not (type(value) in exact if exact is not None else _matches(value, hint)):
+            errors[name] = f"expected {_describe(hint)}"
             continue
-        value = msg[field.name]
-        hint = hints.get(field.name, Any)
-        if not _matches(value, hint):
-            errors[field.name] = f"expected {_describe(hint)}"
-            continue
-        values[field.name] = float(value) if hint is float and type(value) is int else value
+        values[name] = float(value) if hint is float and type(value) is int else value
     if errors:
         raise JsonDataException(errors)
     return cls(**values)
@@ -1571,12 +1698,7 @@ class Histogram:
         self.total = 0.0
 
     def observe(self, value: float) -> None:
-        for i, bound in enumerate(self.BUCKETS):
-            if value <= bound:
-                self.counts[i] += 1
-                break
-        else:
-            self.counts[-1] += 1
+        self.counts[bisect.bisect_left(self.BUCKETS, value)] += 1  # the first bound >= value
         self.total += value
 
     def render(self, name: str, labels: str) -> list[str]:
