@@ -1,0 +1,537 @@
+"""`python hello_world.py` as a real process: startup, readiness, bad configuration, a stalled
+autoscaler, SIGTERM during streams, TLS.
+
+The fake model and the local autoscaler run in the test's event loop on 127.0.0.1; the worker
+is a child process talking to them over loopback. Every child is killed and reaped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import AsyncGenerator, Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from test_load import FakeModel, LocalAutoscaler, RsaPrivateKey
+
+T = TypeVar("T")
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER_FILE = ROOT / "hello_world.py"
+# Variables a developer's shell may have set that would change the child's behaviour.
+WORKER_VARS = (
+    "WORKER_PORT",
+    "MODEL_LOG",
+    "MODEL_SERVER_URL",
+    "REPORT_ADDR",
+    "PUBKEY_FILE",
+    "UNSECURED",
+    "USE_SSL",
+    "WORKER_SSL_CERT",
+    "WORKER_SSL_KEY",
+    "CONTAINER_ID",
+    "PUBLIC_IPADDR",
+    "LOG_LEVEL",
+    "MAX_BODY_BYTES",
+)
+
+
+@functools.cache
+def signing_key() -> RsaPrivateKey:
+    """One RSA key per module: pure-Python key generation takes about a second."""
+    return RsaPrivateKey.generate()
+
+
+def run(coro: Coroutine[Any, Any, T], timeout: float = 40.0) -> T:
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def child_env(**env: str) -> dict[str, str]:
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in WORKER_VARS and not k.startswith("VAST_TCP_PORT_")
+    }
+    base["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), base.get("PYTHONPATH")]))
+    base["PYTHONUNBUFFERED"] = "1"
+    base.update(env)
+    return base
+
+
+# A raw HTTP/1.1 client ###########################################################################
+
+
+@dataclasses.dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+def encode_request(method: str, path: str, body: Any = None) -> bytes:
+    data = b"" if body is None else json.dumps(body).encode()
+    head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+    if body is not None:
+        head += f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+    return (head + "\r\n").encode() + data
+
+
+async def read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
+    lines = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if line:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+    return int(lines[0].split()[1]), headers
+
+
+async def read_chunk(reader: asyncio.StreamReader) -> bytes | None:
+    """One chunk's data; b"" for the last chunk; None if the stream was cut."""
+    try:
+        size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+        if size == 0:
+            await reader.readuntil(b"\r\n")
+            return b""
+        return (await reader.readexactly(size + 2))[:-2]
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return None
+
+
+async def request(
+    port: int,
+    method: str,
+    path: str,
+    body: Any = None,
+    *,
+    timeout: float = 10.0,
+    ssl_context: ssl.SSLContext | None = None,
+) -> Reply:
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=ssl_context, server_hostname="127.0.0.1" if ssl_context else None
+    )
+    try:
+        writer.write(encode_request(method, path, body))
+
+        async def read() -> Reply:
+            status, headers = await read_head(reader)
+            length = int(headers.get("content-length", "0"))
+            return Reply(status, headers, await reader.readexactly(length))
+
+        return await asyncio.wait_for(read(), timeout)
+    finally:
+        writer.close()
+
+
+def generate(prompt: str = "hello there world") -> dict[str, Any]:
+    return {"payload": {"prompt": prompt, "max_response_tokens": 4}}
+
+
+async def until_true(
+    check: Callable[[], Coroutine[Any, Any, bool]], timeout: float, what: str, proc: Worker
+) -> float:
+    """Poll `check` until it is true; the seconds it took. Fails early if the child died."""
+    start = time.monotonic()
+    while not await check():
+        if proc.proc.returncode is not None:
+            raise AssertionError(f"worker exited ({proc.proc.returncode}):\n{proc.output()}")
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"waited {timeout}s for {what}:\n{proc.output()}")
+        await asyncio.sleep(0.05)
+    return time.monotonic() - start
+
+
+# The worker process ##############################################################################
+
+
+@dataclasses.dataclass
+class Worker:
+    proc: asyncio.subprocess.Process
+    port: int
+    log_file: Path
+
+    def output(self) -> str:
+        return self.log_file.read_text(errors="replace")[-4000:]
+
+    async def ping(self) -> bool:
+        try:
+            reply = await request(self.port, "GET", "/ping", timeout=2.0)
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+            return False
+        return reply.status == 200 and reply.body == b"pong"
+
+    async def is_ready(self) -> bool:
+        reply = await request(self.port, "POST", "/generate", generate())
+        assert reply.status in (200, 503), reply
+        return reply.status == 200
+
+    async def wait_ready(self, timeout: float = 15.0) -> None:
+        await until_true(self.ping, timeout, "/ping", self)
+        await until_true(self.is_ready, timeout, "ready", self)
+
+
+@contextlib.asynccontextmanager
+async def spawn(workdir: Path, **env: str) -> AsyncGenerator[Worker, None]:
+    """`python hello_world.py` in `workdir` with `env` (WORKER_PORT is picked if absent)."""
+    os.makedirs(workdir, exist_ok=True)
+    env.setdefault("WORKER_PORT", str(free_port()))
+    log_file = workdir / "worker.out"
+    with open(log_file, "wb") as out:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(WORKER_FILE),
+            cwd=workdir,
+            env=child_env(**env),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        yield Worker(proc, int(env["WORKER_PORT"]), log_file)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+
+
+@contextlib.asynccontextmanager
+async def model_and_autoscaler(
+    tmp_path: Path, **fake_options: Any
+) -> AsyncGenerator[tuple[FakeModel, LocalAutoscaler], None]:
+    fake = FakeModel(log_path=str(tmp_path / "model.log"), **fake_options)
+    scaler = LocalAutoscaler(signing_key())
+    try:
+        await fake.start()
+        await scaler.start()
+        yield fake, scaler
+    finally:
+        await fake.stop()
+        await scaler.stop()
+
+
+def worker_vars(fake: FakeModel, report_addr: str, **extra: str) -> dict[str, str]:
+    assert fake.log_path is not None
+    return {
+        "MODEL_LOG": fake.log_path,
+        "MODEL_SERVER_URL": fake.url,
+        "REPORT_ADDR": report_addr,
+        "UNSECURED": "true",
+        **extra,
+    }
+
+
+# Tests ###########################################################################################
+
+
+def test_spawn_to_ping_then_ready(tmp_path: Path) -> None:
+    async def main() -> None:
+        log = tmp_path / "model.log"
+        fake = FakeModel()  # the test writes the log itself, when it chooses
+        scaler = LocalAutoscaler(signing_key())
+        try:
+            await fake.start()
+            await scaler.start()
+            env = {
+                "MODEL_LOG": str(log),
+                "MODEL_SERVER_URL": fake.url,
+                "REPORT_ADDR": scaler.url,
+                "CONTAINER_ID": "9",
+            }
+            async with spawn(tmp_path / "w", **env) as worker:
+                await until_true(worker.ping, 10.0, "/ping", worker)
+                # Up, but not ready: the model has not logged its line, no key fetched yet
+                # does not matter either (503 all the same).
+                reply = await request(worker.port, "POST", "/generate", generate())
+                assert reply.status == 503
+                assert fake.requests == []
+                with open(log, "a") as f:
+                    f.write(f"{FakeModel.LOADED_LINE} on port {fake.port}\n")
+                await until_true(
+                    lambda: _has_ready_report(scaler), 15.0, "a ready load report", worker
+                )
+                report = next(r for r in scaler.reports if r["max_perf"] > 0)
+                assert report["id"] == 9 and report["loadtime"] > 0
+                assert report["url"] == f"http://127.0.0.1:{worker.port}"
+                # The key came from /pubkey/: a signed request is served.
+                auth = signing_key().sign_auth(
+                    cost=3, endpoint="local", reqnum=1, url=report["url"]
+                )
+                body = {"auth_data": auth, **generate("a b c")}
+                reply = await request(worker.port, "POST", "/generate", body)
+                assert reply.status == 200, reply
+                worker.proc.send_signal(signal.SIGTERM)
+                assert await asyncio.wait_for(worker.proc.wait(), 15.0) == 0
+        finally:
+            await fake.stop()
+            await scaler.stop()
+
+    run(main())
+
+
+async def _has_ready_report(scaler: LocalAutoscaler) -> bool:
+    return any(r["max_perf"] > 0 for r in scaler.reports)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("WORKER_PORT", "abc"),
+        ("WORKER_PORT", "\u00b3"),  # "³".isdigit() is True, int("³") raises
+        ("USE_SSL", "maybe"),
+        ("REPORT_ADDR", "ftp://x"),
+        ("LOG_LEVEL", "LOUD"),
+        ("PUBKEY_FILE", "/nonexistent/key.pem"),
+        ("CONTAINER_ID", "twelve"),
+    ],
+)
+def test_bad_environment_exits_with_one_line(tmp_path: Path, name: str, value: str) -> None:
+    done = subprocess.run(
+        [sys.executable, str(WORKER_FILE)],
+        cwd=tmp_path,
+        env=child_env(**{name: value}),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    output = (done.stdout + done.stderr).decode(errors="replace")
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert done.returncode != 0, output
+    assert len(lines) == 1, output
+    assert name in lines[0]
+
+
+def test_unusable_pubkey_file_exits_non_zero(tmp_path: Path) -> None:
+    pem = tmp_path / "garbage.pem"
+    pem.write_text("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n")
+    env = {"PUBKEY_FILE": str(pem), "WORKER_PORT": str(free_port())}
+    done = subprocess.run(
+        [sys.executable, str(WORKER_FILE)],
+        cwd=tmp_path,
+        env=child_env(**env),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    output = (done.stdout + done.stderr).decode(errors="replace")
+    assert done.returncode != 0, output
+    assert "Traceback" not in output, output
+
+
+async def _stalled_server() -> tuple[asyncio.Server, list[asyncio.StreamWriter]]:
+    """An 'autoscaler' that accepts connections, reads, and never answers."""
+    writers: list[asyncio.StreamWriter] = []
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        with contextlib.suppress(Exception):
+            while await reader.read(65536):
+                pass
+
+    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    return server, writers
+
+
+def test_stalled_autoscaler_does_not_slow_requests(tmp_path: Path) -> None:
+    """Two workers on one fake model; one reports to a healthy autoscaler, the other to one
+    that never answers. The same requests, interleaved, take about as long on both."""
+
+    async def main() -> None:
+        stalled, stalled_conns = await _stalled_server()
+        stalled_url = f"http://127.0.0.1:{stalled.sockets[0].getsockname()[1]}"
+        try:
+            async with model_and_autoscaler(tmp_path) as (fake, scaler):
+                healthy_vars = worker_vars(fake, scaler.url)
+                hung_vars = worker_vars(fake, stalled_url)
+                async with (
+                    spawn(tmp_path / "a", **healthy_vars) as healthy,
+                    spawn(tmp_path / "b", **hung_vars) as hung,
+                ):
+                    await healthy.wait_ready()
+                    await hung.wait_ready()
+                    await until_true(
+                        lambda: _has_connections(stalled_conns), 5.0, "a report attempt", hung
+                    )
+                    times: dict[int, list[float]] = {healthy.port: [], hung.port: []}
+                    for i in range(40):
+                        for w in (healthy, hung):
+                            start = time.monotonic()
+                            reply = await request(w.port, "POST", "/generate", generate(f"x {i}"))
+                            times[w.port].append(time.monotonic() - start)
+                            assert reply.status == 200
+                        await asyncio.sleep(0.03)  # spread over > 1 s of report checks
+                    base = statistics.median(times[healthy.port])
+                    slow = statistics.median(times[hung.port])
+                    assert slow <= 3 * base + 0.05, (base, slow)
+                    assert max(times[hung.port]) < 1.0, times[hung.port]
+                    assert stalled_conns, "the stalled autoscaler was never contacted"
+        finally:
+            stalled.close()
+            for writer in stalled_conns:
+                writer.close()
+            await stalled.wait_closed()
+
+    run(main(), timeout=60)
+
+
+async def _has_connections(conns: list[asyncio.StreamWriter]) -> bool:
+    return bool(conns)
+
+
+def test_sigterm_lets_twenty_streams_finish(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with (
+            model_and_autoscaler(tmp_path, token_delay=0.08, tokens=16) as (fake, scaler),
+            spawn(tmp_path / "w", **worker_vars(fake, scaler.url)) as worker,
+        ):
+            await worker.wait_ready()
+            conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+            try:
+                for i in range(20):
+                    reader, writer = await asyncio.open_connection("127.0.0.1", worker.port)
+                    conns.append((reader, writer))
+                    body = {"payload": {"prompt": f"tell me {i}", "max_response_tokens": 16}}
+                    writer.write(encode_request("POST", "/generate_stream", body))
+
+                async def first(reader: asyncio.StreamReader) -> bytes | None:
+                    status, headers = await read_head(reader)
+                    assert status == 200 and headers["transfer-encoding"] == "chunked"
+                    return await read_chunk(reader)
+
+                firsts = await asyncio.wait_for(asyncio.gather(*(first(r) for r, _ in conns)), 10.0)
+                assert all(firsts), "every stream started"
+                worker.proc.send_signal(signal.SIGTERM)
+
+                async def rest(reader: asyncio.StreamReader) -> tuple[int, bool]:
+                    count = 1
+                    while (chunk := await read_chunk(reader)) is not None:
+                        if chunk == b"":
+                            return count, True
+                        count += chunk.count(b"data:")
+                    return count, False
+
+                results = await asyncio.wait_for(asyncio.gather(*(rest(r) for r, _ in conns)), 15.0)
+                assert results == [(16, True)] * 20, results
+            finally:
+                for _, writer in conns:
+                    writer.close()
+            code = await asyncio.wait_for(worker.proc.wait(), 15.0)
+            assert code == 0, worker.output()
+            assert fake.cancelled == 0
+
+    run(main())
+
+
+def test_sigterm_stops_accepting_new_connections(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with (
+            model_and_autoscaler(tmp_path, token_delay=0.1, tokens=20) as (fake, scaler),
+            spawn(tmp_path / "w", **worker_vars(fake, scaler.url)) as worker,
+        ):
+            await worker.wait_ready()
+            reader, writer = await asyncio.open_connection("127.0.0.1", worker.port)
+            try:
+                body = {"payload": {"prompt": "a long story", "max_response_tokens": 20}}
+                writer.write(encode_request("POST", "/generate_stream", body))
+                assert (await read_head(reader))[0] == 200
+                worker.proc.send_signal(signal.SIGTERM)
+                await asyncio.sleep(0.5)  # the stream is still going (2 s in all)
+                assert worker.proc.returncode is None
+                with pytest.raises(OSError):
+                    await request(worker.port, "GET", "/ping", timeout=2.0)
+                while (chunk := await asyncio.wait_for(read_chunk(reader), 5.0)) is not None:
+                    if chunk == b"":
+                        break
+                assert chunk == b"", "the stream in flight ended with its last chunk"
+            finally:
+                writer.close()
+            assert await asyncio.wait_for(worker.proc.wait(), 15.0) == 0
+
+    run(main())
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return cert, key
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
+def test_tls_ping(tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+
+    async def main() -> None:
+        context = ssl.create_default_context(cafile=str(cert))
+        async with model_and_autoscaler(tmp_path) as (fake, scaler):
+            env = worker_vars(
+                fake,
+                scaler.url,
+                USE_SSL="true",
+                WORKER_SSL_CERT=str(cert),
+                WORKER_SSL_KEY=str(key),
+            )
+            async with spawn(tmp_path / "w", **env) as worker:
+
+                async def ping() -> bool:
+                    try:
+                        reply = await request(
+                            worker.port, "GET", "/ping", timeout=2.0, ssl_context=context
+                        )
+                    except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+                        return False
+                    return (reply.status, reply.body) == (200, b"pong")
+
+                await until_true(ping, 10.0, "/ping over TLS", worker)
+                # Plain HTTP on the TLS port gets no HTTP answer.
+                with pytest.raises((OSError, asyncio.IncompleteReadError, ValueError)):
+                    await request(worker.port, "GET", "/ping", timeout=3.0)
+                await until_true(
+                    lambda: _has_ready_report(scaler), 15.0, "a ready load report", worker
+                )
+                assert scaler.reports[-1]["url"] == f"https://127.0.0.1:{worker.port}"
+
+    run(main())
