@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import itertools
 import json
 import logging
 import math
@@ -445,6 +446,32 @@ def test_huge_line_without_newline_is_bounded(tmp_path: Path) -> None:
     run(main())
 
 
+def test_huge_line_outcome_does_not_depend_on_write_timing(tmp_path: Path) -> None:
+    """A 100 KB line whose error text sits past the first 64 KiB: written at once or in two
+    pieces, the log holds the same bytes, so the worker must end in the same state. (Guards
+    against the tail treating the rest of an over-long line as a new line.)"""
+    line_start = "y" * 100_000
+
+    async def outcome(workdir: Path, pieces: list[str]) -> State:
+        os.makedirs(workdir)
+        log = model_log(workdir)
+        async with running_worker(workdir, fake=FakeModel()) as rig:
+            for piece in pieces:
+                append(log, piece)
+                await asyncio.sleep(0.3)
+            append(log, "marker line\n")
+            await asyncio.sleep(0.3)
+            return rig.backend.state
+
+    async def main() -> None:
+        tail = f" {ERROR_TEXT}\n"
+        whole = await outcome(tmp_path / "whole", [line_start + tail])
+        pieces = await outcome(tmp_path / "pieces", [line_start, tail])
+        assert whole == pieces, (whole, pieces)
+
+    run(main())
+
+
 # Benchmark #######################################################################################
 
 
@@ -489,6 +516,22 @@ def test_benchmark_one_at_a_time(tmp_path: Path) -> None:
             assert len(rig.fake.requests) == 1 + 2
             assert rig.fake.max_active == 1
             assert rig.backend.max_perf > 0
+
+    run(main())
+
+
+def test_benchmark_counts_only_successful_requests(tmp_path: Path) -> None:
+    """The model takes one request at a time and answers 500 to the others: a round of 10
+    has one success, and only its workload counts."""
+
+    async def main() -> None:
+        fake = FakeModel(log_path=str(model_log(tmp_path)), json_delay=0.05, one_at_a_time=True)
+        async with running_worker(tmp_path, fake=fake) as rig:
+            await rig.ready()
+            assert len(rig.fake.requests) == 21
+            biggest = max(hello_world.count_tokens(r["prompt"]) for r in rig.fake.requests)
+            # One success of at most `biggest` per round of at least json_delay.
+            assert 0 < rig.backend.max_perf <= biggest / 0.05 * 1.2
 
     run(main())
 
@@ -658,6 +701,48 @@ def test_report_cadence(tmp_path: Path) -> None:
     run(main())
 
 
+async def stalled_server() -> tuple[asyncio.Server, list[asyncio.StreamWriter]]:
+    """An 'autoscaler' that accepts connections, reads, and never answers."""
+    writers: list[asyncio.StreamWriter] = []
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        with contextlib.suppress(Exception):
+            while await reader.read(65536):
+                pass
+
+    return await asyncio.start_server(swallow, "127.0.0.1", 0), writers
+
+
+def test_report_cadence_with_one_stalled_autoscaler(tmp_path: Path) -> None:
+    """REPORT_ADDR names two autoscalers and the first never answers: the second still gets
+    its reports on the cadence (at most report_max_interval apart), not only after every
+    timeout and retry towards the first."""
+
+    async def main() -> None:
+        stalled, conns = await stalled_server()
+        stalled_url = f"http://127.0.0.1:{stalled.sockets[0].getsockname()[1]}"
+        scaler = await LocalAutoscaler(signing_key()).start()
+        try:
+            addrs = [stalled_url, scaler.url]
+            async with running_worker(tmp_path, autoscaler=False, report_addrs=addrs) as rig:
+                await rig.ready()
+                await until(lambda: bool(conns), 3, "a report attempt to the stalled one")
+                start = time.monotonic()
+                await asyncio.sleep(4.0)
+                times = [start, *(t for t in scaler.report_times if t > start), time.monotonic()]
+                gaps = [b - a for a, b in itertools.pairwise(times)]
+                assert max(gaps) <= 2.0, gaps
+        finally:
+            await scaler.stop()
+            stalled.close()
+            for writer in conns:
+                writer.close()
+            await stalled.wait_closed()
+
+    run(main())
+
+
 def test_workload_figures_survive_an_autoscaler_outage(tmp_path: Path) -> None:
     """A known sequence while the autoscaler is down: 2 served, 1 errored (model 500), 1
     cancelled (client left mid-stream), 1 still in flight, 1 rejected (422, never received).
@@ -822,6 +907,8 @@ def test_metrics_prometheus_counters_move(tmp_path: Path) -> None:
     [
         ("WORKER_PORT", "abc"),
         ("WORKER_PORT", "70000"),
+        ("WORKER_PORT", "\u00b3"),  # str.isdigit() accepts "³"; int() does not
+        ("WORKER_PORT", "0x10"),
         ("USE_SSL", "maybe"),
         ("UNSECURED", "sure"),
         ("REPORT_ADDR", "ftp://x"),
