@@ -603,6 +603,24 @@ def test_stalled_partial_head_is_cut(monkeypatch: pytest.MonkeyPatch) -> None:
     run(main())
 
 
+def test_slow_second_head_on_keep_alive_connection_is_cut(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Slow-loris after one honest request: once the next head has begun, HEAD_TIMEOUT
+    applies, not the (long) idle keep-alive allowance."""
+    monkeypatch.setattr(pyworker, "HEAD_TIMEOUT", 0.3)
+    monkeypatch.setattr(pyworker, "KEEPALIVE_TIMEOUT", 5.0)
+
+    async def main() -> None:
+        async with serving(echo_routes()) as port, raw_client(port) as client:
+            await client.send(GET)
+            assert (await client.response()).status == 200
+            await client.send(b"GET / HTTP/1.1\r\nHo")
+            started = time.monotonic()
+            assert await client.closed_by_peer(3)
+            assert time.monotonic() - started < 2.0
+
+    run(main())
+
+
 def test_idle_keep_alive_connection_closed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pyworker, "KEEPALIVE_TIMEOUT", 0.3)
 
