@@ -387,6 +387,10 @@ def test_stalled_autoscaler_does_not_slow_requests(tmp_path: Path) -> None:
                     assert slow <= 3 * base + 0.05, (base, slow)
                     assert max(times[hung.port]) < 1.0, times[hung.port]
                     assert stalled_conns, "the stalled autoscaler was never contacted"
+                    # Shutdown's last report to it is bounded too: the worker still exits.
+                    hung.proc.send_signal(signal.SIGTERM)
+                    code = await asyncio.wait_for(hung.proc.wait(), 15.0)
+                    assert code == 0, hung.output()
         finally:
             stalled.close()
             for writer in stalled_conns:
@@ -423,6 +427,7 @@ def test_sigterm_lets_twenty_streams_finish(tmp_path: Path) -> None:
                 firsts = await asyncio.wait_for(asyncio.gather(*(first(r) for r, _ in conns)), 10.0)
                 assert all(firsts), "every stream started"
                 worker.proc.send_signal(signal.SIGTERM)
+                sigterm_at = time.monotonic()
 
                 async def rest(reader: asyncio.StreamReader) -> tuple[int, bool]:
                     count = 1
@@ -440,6 +445,10 @@ def test_sigterm_lets_twenty_streams_finish(tmp_path: Path) -> None:
             code = await asyncio.wait_for(worker.proc.wait(), 15.0)
             assert code == 0, worker.output()
             assert fake.cancelled == 0
+            # The autoscaler heard, before the exit, that nothing is in flight any more.
+            assert scaler.report_times[-1] > sigterm_at
+            assert scaler.reports[-1]["num_requests_working"] == 0
+            assert scaler.reports[-1]["num_requests_recieved"] >= 20
 
     run(main())
 
