@@ -1646,7 +1646,7 @@ class Config:
             raw = env.get(name, "").strip()
             if not raw:
                 return default
-            if not raw.isdigit() or not low <= int(raw) <= high:
+            if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
                 raise ConfigError(f"{name}={raw!r}: expected an integer from {low} to {high}")
             return int(raw)
 
@@ -1743,29 +1743,29 @@ class Metrics:
         self.duration: dict[str, Histogram] = collections.defaultdict(Histogram)
         self.queue_wait = Histogram()
         self.first_byte = Histogram()
-        # The window since the last successful load report (SPEC section 7).
-        self.window_start = time.monotonic()
-        self.window_received = 0.0  # workload received minus cancelled
-        self.window_completed = 0.0  # workload of requests served
-        self.window_finished = 0  # requests finished, whatever their outcome
 
     def start(self, workload: float) -> None:
         self.received.add(workload)
         self.in_flight.add(workload)
-        self.window_received += workload
 
     def finish(self, workload: float, outcome: str) -> None:
         self.in_flight.requests -= 1
         self.in_flight.workload -= workload
         if outcome == "served":
             self.served.add(workload)
-            self.window_completed += workload
         elif outcome == "errored":
             self.errored.add(workload)
         else:
             self.cancelled.add(workload)
-            self.window_received -= workload
-        self.window_finished += 1
+
+    @property
+    def load_total(self) -> float:
+        """Workload received minus cancelled: what the autoscaler calls load."""
+        return self.received.workload - self.cancelled.workload
+
+    @property
+    def finished(self) -> int:
+        return self.served.requests + self.errored.requests + self.cancelled.requests
 
     def consistent(self) -> bool:
         parts = (self.in_flight, self.served, self.errored, self.cancelled)
@@ -1910,12 +1910,10 @@ class Backend:
         self.replay_guard = ReplayGuard()
         self.queue_lock: asyncio.Lock | None = None
         self._client: HttpClient | None = None
-        self._report_clients: list[HttpClient] = []
+        self._report_targets: list[ReportTarget] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._started_at = time.monotonic()
         self._loadtime: float | None = None  # sent once in a load report, then 0
-        self._last_report = 0.0
-        self._disk_base = 0
 
     # Per-request pipeline ---------------------------------------------------------------------
 
@@ -2167,7 +2165,9 @@ class Backend:
         self.config = config
         self._started_at = time.monotonic()
         self._client = HttpClient(config.model_server_url or self.model_server_url)
-        self._report_clients = [HttpClient(a, max_idle=2) for a in config.report_addrs]
+        self._report_targets = [
+            ReportTarget(HttpClient(a, max_idle=2)) for a in config.report_addrs
+        ]
         if not self.allow_parallel_requests:
             self.queue_lock = asyncio.Lock()
         if config.model_log is not None:
@@ -2186,7 +2186,8 @@ class Backend:
             self._spawn(self._tail_log(self.model_log_file))
         else:
             log.error("MODEL_LOG is not set: the worker cannot become ready")
-        self._spawn(self._report_loop())
+        for target in self._report_targets:
+            self._spawn(self._report_loop(target))
         self._spawn(self._healthcheck_loop())
 
     def _spawn(self, coro: typing.Coroutine[Any, Any, None]) -> None:
@@ -2200,7 +2201,7 @@ class Backend:
         self._tasks.clear()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.send_report(), self.config.report_timeout + 1)
-        for client in (self._client, *self._report_clients):
+        for client in (self._client, *(t.client for t in self._report_targets)):
             if client is not None:
                 await client.close()
 
@@ -2212,7 +2213,7 @@ class Backend:
 
     async def _fetch_pubkey(self) -> None:
         """GET {first REPORT_ADDR}/pubkey/ until it works, backing off up to a minute."""
-        client = self._report_clients[0]
+        client = self._report_targets[0].client
         delay = 1.0
         while self.pubkey is None:
             try:
@@ -2246,6 +2247,7 @@ class Backend:
         inode: int | None = None
         pos = 0
         partial = b""
+        skipping = False  # inside the rest of an over-long line, already acted on
         waited = False
         try:
             while True:
@@ -2267,20 +2269,25 @@ class Backend:
                     except OSError:
                         await asyncio.sleep(interval)
                         continue
-                    inode, pos, partial = os.fstat(fd).st_ino, 0, b""
+                    inode, pos, partial, skipping = os.fstat(fd).st_ino, 0, b"", False
                 elif st.st_size < pos:
                     log.info("model log %s was truncated; reading it from the start", path)
-                    pos, partial = 0, b""
+                    pos, partial, skipping = 0, b"", False
                 if fd is None or st.st_size <= pos:
                     await asyncio.sleep(interval)
                     continue
                 data = os.pread(fd, min(st.st_size - pos, 1024 * 1024), pos)
                 pos += len(data)
+                if skipping:
+                    newline = data.find(b"\n")
+                    if newline < 0:
+                        continue
+                    data, skipping = data[newline + 1 :], False
                 lines = (partial + data).split(b"\n")
                 partial = lines.pop()  # a line counts only once it ends
                 if len(partial) > MAX_LOG_LINE:
                     lines.append(partial[:MAX_LOG_LINE])  # act on a huge line's start, once
-                    partial = b""
+                    partial, skipping = b"", True
                 for line in lines:
                     self.handle_log_line(line[:MAX_LOG_LINE].decode("utf-8", "replace").rstrip())
                 await asyncio.sleep(0)  # a big backlog is read in steps, between requests
@@ -2385,75 +2392,81 @@ class Backend:
 
     # Load reports ----------------------------------------------------------------------------
 
-    def report_body(self) -> dict[str, Any]:
-        """The load report (SPEC section 7), every field spelled as the autoscaler expects."""
+    def report_body(self, target: ReportTarget) -> dict[str, Any]:
+        """The load report for one autoscaler (SPEC section 7), fields spelled as it expects.
+
+        Rates are over the time since the last report that autoscaler accepted.
+        """
         m = self.metrics
-        elapsed = max(time.monotonic() - m.window_start, 1e-6)
-        disk = _disk_used()
+        elapsed = max(time.monotonic() - target.since, 1e-6)
+        loadtime = self._loadtime if self._loadtime and not target.loadtime_sent else 0.0
         return {
             "id": self.config.container_id,
-            "loadtime": self._loadtime or 0.0,
-            "cur_load": m.window_received / elapsed,
+            "loadtime": loadtime,
+            "cur_load": (m.load_total - target.load_total) / elapsed,
             "error_msg": self.error_msg,
             "max_perf": self.max_perf,
-            "cur_perf": m.window_completed / elapsed,
+            "cur_perf": (m.served.workload - target.served_total) / elapsed,
             "cur_capacity": 0,
             "max_capacity": 0,
             "num_requests_working": m.in_flight.requests,
             "num_requests_recieved": m.received.requests,  # sic: the wire name
-            "additional_disk_usage": max(disk - self._disk_base, 0) / 1e9,
+            "additional_disk_usage": max(_disk_used() - target.disk_used, 0) / 1e9,
             "url": self.config.public_url,
         }
 
     async def send_report(self) -> bool:
-        """POST the report to every REPORT_ADDR; on a success, start a new window."""
-        m = self.metrics
-        snapshot = (time.monotonic(), m.window_received, m.window_completed, m.window_finished)
-        loadtime = self._loadtime
-        disk = _disk_used()
-        body = json_dumps(self.report_body())
-        results = await asyncio.gather(*(self._post_report(c, body) for c in self._report_clients))
-        if not any(results):
-            return False
-        # Subtract what was reported: requests that ended during the send stay counted.
-        m.window_start = snapshot[0]
-        m.window_received -= snapshot[1]
-        m.window_completed -= snapshot[2]
-        m.window_finished -= snapshot[3]
-        self._disk_base = disk
-        if loadtime is not None and self._loadtime == loadtime:
-            self._loadtime = None  # loadtime goes out non-zero once
-        return True
+        """Report to every REPORT_ADDR at once; whether at least one accepted it."""
+        results = await asyncio.gather(*(self._report_to(t) for t in self._report_targets))
+        return any(results)
 
-    async def _post_report(self, client: HttpClient, body: bytes) -> bool:
+    async def _report_to(self, target: ReportTarget) -> bool:
+        """POST a report with retries; once accepted, this autoscaler's window starts anew
+        (counters move on only after a successful send, so an outage loses nothing)."""
+        m = self.metrics
+        now, load, served, finished = time.monotonic(), m.load_total, m.served.workload, m.finished
+        disk = _disk_used()
+        body_obj = self.report_body(target)
+        body = json_dumps(body_obj)
         delay = 0.5
         why = ""
         for attempt in range(REPORT_ATTEMPTS):
             try:
-                async with await client.request(
+                async with await target.client.request(
                     "POST", "/worker_status/", body, timeout=self.config.report_timeout
                 ) as resp:
                     await resp.read()
                 if 200 <= resp.status < 300:
-                    return True
+                    break
                 why = f"status {resp.status}"
             except UpstreamError as exc:
                 why = str(exc)
             if attempt + 1 < REPORT_ATTEMPTS:
                 await asyncio.sleep(delay)
                 delay *= 2
-        log.warning("load report to %s failed: %s", client.base_url, why)
-        return False
+        else:
+            if not target.failing or time.monotonic() - target.warned > 60:
+                log.warning("load report to %s failed: %s", target.client.base_url, why)
+                target.warned = time.monotonic()
+            target.failing = True
+            return False
+        if target.failing:
+            log.info("load reports to %s work again", target.client.base_url)
+            target.failing = False
+        target.since, target.load_total, target.served_total = now, load, served
+        target.finished, target.disk_used = finished, disk
+        target.loadtime_sent = target.loadtime_sent or bool(body_obj["loadtime"])
+        return True
 
-    async def _report_loop(self) -> None:
-        self._disk_base = _disk_used()
-        last_sent = time.monotonic()
+    async def _report_loop(self, target: ReportTarget) -> None:
+        """One loop per autoscaler, so a slow one never delays the others' reports."""
         while True:
             await asyncio.sleep(self.config.report_check_interval)
-            due = time.monotonic() - last_sent >= self.config.report_max_interval
-            wanted = self.metrics.window_finished or self._loadtime is not None or due
-            if wanted and await self.send_report():
-                last_sent = time.monotonic()
+            due = time.monotonic() - target.since >= self.config.report_max_interval
+            news = self.metrics.finished > target.finished
+            new_loadtime = self._loadtime is not None and not target.loadtime_sent
+            if due or news or new_loadtime:
+                await self._report_to(target)
 
 
 MAX_LOG_LINE = 64 * 1024  # a model-log line is matched on its first 64 KiB (bounded memory)
@@ -2470,6 +2483,21 @@ def _disk_used() -> int:
 
 def _nothing() -> None:
     return None
+
+
+@dataclasses.dataclass
+class ReportTarget:
+    """One autoscaler address and what it was last told (its report window's start)."""
+
+    client: HttpClient
+    since: float = dataclasses.field(default_factory=time.monotonic)
+    load_total: float = 0.0
+    served_total: float = 0.0
+    finished: int = 0
+    disk_used: int = dataclasses.field(default_factory=_disk_used)
+    loadtime_sent: bool = False
+    failing: bool = False
+    warned: float = 0.0
 
 
 # Server and run() ################################################################################
