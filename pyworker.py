@@ -186,7 +186,7 @@ _VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]")
 # _request_line_error, which says why.
 _REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) (/[\x21-\x7e]*) (HTTP/1\.[01])")
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,%d}" % MAX_CHUNK_SIZE_DIGITS)
-_STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([0-9]{3})(?: ([\x09\x20-\x7e\x80-\xff]*))?")
+_STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([1-5][0-9]{2})(?: ([\x09\x20-\x7e\x80-\xff]*))?")
 _DIGITS = re.compile(rb"[0-9]{1,19}")  # len(str(2**63)) == 19; more is no real length
 
 
@@ -970,6 +970,8 @@ class _ServerProtocol(asyncio.StreamReaderProtocol):
         # When the connection is dropped unless the client makes progress; the server's
         # sweeper checks it (one float per connection instead of a timer per phase).
         self.deadline = math.inf
+        self.idle = False  # between requests on a keep-alive connection
+        self._loop = asyncio.get_running_loop()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -988,6 +990,12 @@ class _ServerProtocol(asyncio.StreamReaderProtocol):
         self._server._protocols.discard(self)  # pyright: ignore[reportPrivateUsage]
         if self.busy and self.task is not None:
             self.task.cancel()
+
+    def data_received(self, data: bytes) -> None:
+        if self.idle:  # a new request begins: its head has HEAD_TIMEOUT, not the idle time
+            self.idle = False
+            self.deadline = self._loop.time() + HEAD_TIMEOUT
+        super().data_received(data)
 
     def eof_received(self) -> bool | None:
         # A client that closes its side while its request is being answered has gone away
@@ -1094,6 +1102,7 @@ class HttpServer:
                 if not (ok and request.keep_alive):
                     break
                 proto.deadline = loop.time() + KEEPALIVE_TIMEOUT
+                proto.idle = True
         except asyncio.CancelledError:
             pass  # the client went away mid-request; the handler has cleaned up
         except Exception:
