@@ -1174,6 +1174,8 @@ class HttpServer:
     ) -> bool:
         keep_alive = request.keep_alive and not self.closing
         headers = [("Content-Type", response.content_type), *response.headers]
+        if keep_alive and request.version == "HTTP/1.0" and response.stream is None:
+            headers.append(("Connection", "keep-alive"))  # 1.0 closes unless told otherwise
         stream = response.stream
         if stream is None:
             body = response.body
