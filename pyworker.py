@@ -124,6 +124,7 @@ MAX_HEADERS = 100  # 431: the same count http.client allows
 MAX_BODY = 16 * 1024 * 1024  # 413, checked before reading; MAX_BODY_BYTES overrides
 MAX_CHUNK_SIZE_DIGITS = 16  # 16 hex digits = 2**64 - 1; more is an attack, not a chunk
 MAX_TRAILERS = 100  # trailer fields are read and dropped, but not without end
+MAX_CHUNK_LINE = 4096  # a chunk-size line with extensions; real ones are under 20 bytes
 HEAD_TIMEOUT = 10.0  # seconds to receive a whole request head (slow-loris)
 BODY_TIMEOUT = 60.0  # seconds to receive a whole request body once the head arrived
 KEEPALIVE_TIMEOUT = 60.0  # idle seconds before a keep-alive connection is closed
@@ -524,6 +525,79 @@ async def read_head(reader: asyncio.StreamReader, *, first_line_limit: int) -> b
         raise HttpError(431, "request head too large") from None
 
 
+class ChunkedDecoder:
+    """A sans-IO decoder of a chunked body (RFC 9112 7.1): feed() it bytes as they arrive and
+    get back the chunk data completed so far; trailers are checked and dropped.
+
+    A relay reads whatever the socket has and feeds it here, so the chunks that arrived
+    together go out together, in one write, with one await per read instead of three per
+    chunk. Bytes after the last chunk are kept in `trailing` (a connection that has any is
+    not reused). Errors raise HttpError(400), or 413 past `max_size`.
+    """
+
+    def __init__(self, max_size: int | None = None) -> None:
+        self.max_size = max_size
+        self.total = 0
+        self.done = False
+        self.trailing = b""
+        self._buffer = b""
+        self._remaining = 0  # data bytes of the current chunk still to come
+        self._state = "size"  # size -> data -> crlf -> size ... -> trailer -> done
+        self._trailers = 0
+
+    def feed(self, data: bytes) -> list[bytes]:
+        if self.done:
+            self.trailing += data
+            return []
+        buf = self._buffer + data if self._buffer else data
+        pos = 0
+        out: list[bytes] = []
+        while not self.done:
+            state = self._state
+            if state == "data":
+                take = min(self._remaining, len(buf) - pos)
+                if take:
+                    out.append(buf[pos : pos + take])
+                    pos += take
+                    self._remaining -= take
+                if self._remaining:
+                    break
+                self._state = "crlf"
+            elif state == "crlf":
+                if len(buf) - pos < 2:
+                    break
+                if buf[pos : pos + 2] != b"\r\n":
+                    raise HttpError(400, "chunk data not followed by CRLF")
+                pos += 2
+                self._state = "size"
+            else:
+                end = buf.find(b"\r\n", pos)
+                if end < 0:
+                    if len(buf) - pos > MAX_CHUNK_LINE:
+                        raise HttpError(400, "chunk size or trailer line too long")
+                    break
+                line = buf[pos : end + 2]
+                pos = end + 2
+                if state == "size":
+                    size = parse_chunk_size(line)
+                    self.total += size
+                    if self.max_size is not None and self.total > self.max_size:
+                        raise HttpError(413, "body too large")
+                    self._remaining = size
+                    self._state = "data" if size else "trailer"
+                elif line == b"\r\n":  # the empty line that ends the trailer section
+                    self.done = True
+                    self.trailing = buf[pos:]
+                    pos = len(buf)
+                else:
+                    self._trailers += 1
+                    if self._trailers > MAX_TRAILERS:
+                        raise HttpError(431, "too many trailer fields")
+                    parse_header_lines([line[:-2]])  # validated, then dropped
+        self._buffer = buf[pos:]
+        return out
+
+
 async def read_chunked(
     reader: asyncio.StreamReader, *, max_size: int | None, piece: int = UPSTREAM_READ_SIZE
 ) -> AsyncIterator[bytes]:
@@ -857,8 +931,16 @@ class ClientResponse:
                     remaining -= len(data)
                     yield data
             elif framing.kind == "chunked":
-                async for data in read_chunked(reader, max_size=None):
-                    yield data
+                decoder = ChunkedDecoder()
+                while not decoder.done:
+                    data = await reader.read(UPSTREAM_READ_SIZE)
+                    if not data:
+                        raise asyncio.IncompleteReadError(b"", None)
+                    pieces = decoder.feed(data)
+                    if pieces:  # what arrived together leaves together
+                        yield pieces[0] if len(pieces) == 1 else b"".join(pieces)
+                if decoder.trailing:
+                    self._head.keep_alive = False  # bytes after the end: do not reuse
             else:
                 while data := await reader.read(UPSTREAM_READ_SIZE):
                     yield data

@@ -581,6 +581,69 @@ async def _collect(chunks: AsyncIterator[bytes]) -> list[bytes]:
     return [d async for d in chunks]
 
 
+# ChunkedDecoder: the same grammar, sans-IO, as the client's relay uses it.
+
+BAD_CHUNKED = [
+    b"0x3\r\nabc\r\n0\r\n\r\n",
+    b"+3\r\nabc\r\n0\r\n\r\n",
+    b"-1\r\n",
+    b"1_0\r\n",
+    b"3\r\nabcX\r\n0\r\n\r\n",  # data not followed by CRLF
+    b"3\nabc\r\n0\r\n\r\n",  # bare LF after the size
+    b"1" * 17 + b"\r\n",  # more than 16 hex digits
+    b"\r\n",  # no size at all
+    b"0\r\nBad Trailer: x\r\n\r\n",
+    b"3\r\nabc\r\n0\r\n" + b"T: 1\r\n" * 101 + b"\r\n",
+    b"1" * (pyworker.MAX_CHUNK_LINE + 10),  # a size line that never ends
+]
+
+
+def _decode(raw: bytes, step: int) -> tuple[list[bytes], pyworker.ChunkedDecoder]:
+    decoder = pyworker.ChunkedDecoder()
+    out: list[bytes] = []
+    for i in range(0, len(raw), step):
+        out += decoder.feed(raw[i : i + step])
+    return out, decoder
+
+
+@pytest.mark.parametrize("step", [1, 2, 7, 1 << 20])
+@pytest.mark.parametrize(("raw", "chunks"), CHUNKED_BODIES)
+def test_chunked_decoder(raw: bytes, chunks: list[bytes], step: int) -> None:
+    got, decoder = _decode(raw + b"NEXT", step)
+    assert b"".join(got) == b"".join(chunks)
+    assert decoder.done
+    assert decoder.trailing == b"NEXT"
+    assert all(got), "no empty pieces"
+
+
+def test_chunked_decoder_keeps_bytes_after_the_end() -> None:
+    got, decoder = _decode(b"3\r\nabc\r\n0\r\n\r\nextra", 1 << 20)
+    assert got == [b"abc"] and decoder.done and decoder.trailing == b"extra"
+
+
+def test_chunked_decoder_coalesces_nothing_it_has_not_seen() -> None:
+    """Data is handed out as soon as it is fed: a relay never waits for a chunk's end."""
+    decoder = pyworker.ChunkedDecoder()
+    assert decoder.feed(b"a\r\n01234") == [b"01234"]
+    assert decoder.feed(b"56789\r\n3\r\nabc") == [b"56789", b"abc"]
+    assert not decoder.done
+
+
+@pytest.mark.parametrize("step", [1, 5, 1 << 20])
+@pytest.mark.parametrize("raw", BAD_CHUNKED)
+def test_chunked_decoder_rejects(raw: bytes, step: int) -> None:
+    with pytest.raises(HttpError) as info:
+        _decode(raw, step)
+    assert info.value.status in (400, 431)
+
+
+def test_chunked_decoder_max_size() -> None:
+    decoder = pyworker.ChunkedDecoder(max_size=5)
+    with pytest.raises(HttpError) as info:
+        decoder.feed(b"3\r\nabc\r\n3\r\n")
+    assert info.value.status == 413
+
+
 # Responses (the client's side) ###################################################################
 
 
