@@ -540,18 +540,33 @@ class ChunkedDecoder:
         self.total = 0
         self.done = False
         self.trailing = b""
+        self.error: HttpError | None = None
         self._buffer = b""
         self._remaining = 0  # data bytes of the current chunk still to come
         self._state = "size"  # size -> data -> crlf -> size ... -> trailer -> done
         self._trailers = 0
 
     def feed(self, data: bytes) -> list[bytes]:
+        """The chunk data completed by `data`. When `data` also holds an error, the data
+        before it is returned first and the error is kept in `error` (raised by the next
+        feed), so a relay forwards what was good before it cuts the stream."""
+        if self.error is not None:
+            raise self.error
         if self.done:
             self.trailing += data
             return []
+        out: list[bytes] = []
+        try:
+            self._decode(data, out)
+        except HttpError as exc:
+            if not out:
+                raise
+            self.error = exc
+        return out
+
+    def _decode(self, data: bytes, out: list[bytes]) -> None:
         buf = self._buffer + data if self._buffer else data
         pos = 0
-        out: list[bytes] = []
         while not self.done:
             state = self._state
             if state == "data":
@@ -595,7 +610,6 @@ class ChunkedDecoder:
                         raise HttpError(431, "too many trailer fields")
                     parse_header_lines([line[:-2]])  # validated, then dropped
         self._buffer = buf[pos:]
-        return out
 
 
 async def read_chunked(
@@ -939,6 +953,8 @@ class ClientResponse:
                     pieces = decoder.feed(data)
                     if pieces:  # what arrived together leaves together
                         yield pieces[0] if len(pieces) == 1 else b"".join(pieces)
+                    if decoder.error is not None:
+                        raise decoder.error
                 if decoder.trailing:
                     self._head.keep_alive = False  # bytes after the end: do not reuse
             else:
@@ -1272,23 +1288,27 @@ class HttpServer:
         # An HTTP/1.0 client knows no chunked coding: its stream ends when the connection does.
         chunked = request.version == "HTTP/1.1"
         keep_alive = keep_alive and chunked
+        # The head waits for the first chunk: they leave in one write, and a model that fails
+        # before its first byte still gets the client a proper error answer instead of a cut.
+        head = response_head(
+            response.status, headers, content_length=None, keep_alive=keep_alive, chunked=chunked
+        )
         try:
-            writer.write(
-                response_head(
-                    response.status,
-                    headers,
-                    content_length=None,
-                    keep_alive=keep_alive,
-                    chunked=chunked,
-                )
-            )
             async for data in stream:
                 if data:
-                    writer.write(encode_chunk(data) if chunked else data)
+                    framed = encode_chunk(data) if chunked else data
+                    if head:
+                        framed, head = head + framed, b""
+                    writer.write(framed)
                     await self._drain(proto, writer)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            if head:  # nothing sent yet
+                status = exc.status if isinstance(exc, UpstreamError) else 500
+                log.warning("stream for %s failed before its first byte: %s", request.path, exc)
+                failed = error_response(status, f"model server error: {exc}")
+                return await self._write_response(request, failed, proto, writer)
             # The model broke off: cut the client's stream (no last chunk) so it sees an error.
             log.warning("stream for %s cut: %s", request.path, exc)
             _abort(writer.transport)
@@ -1297,9 +1317,8 @@ class HttpServer:
             aclose = getattr(stream, "aclose", None)
             if aclose is not None:
                 await aclose()
-        if chunked:
-            writer.write(LAST_CHUNK)
-            await self._drain(proto, writer)
+        writer.write(head + LAST_CHUNK if chunked else head)
+        await self._drain(proto, writer)
         return keep_alive
 
     @staticmethod

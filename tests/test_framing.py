@@ -603,6 +603,7 @@ def _decode(raw: bytes, step: int) -> tuple[list[bytes], pyworker.ChunkedDecoder
     out: list[bytes] = []
     for i in range(0, len(raw), step):
         out += decoder.feed(raw[i : i + step])
+    out += decoder.feed(b"")  # raises an error kept back behind good data
     return out, decoder
 
 
@@ -639,8 +640,10 @@ def test_chunked_decoder_rejects(raw: bytes, step: int) -> None:
 
 def test_chunked_decoder_max_size() -> None:
     decoder = pyworker.ChunkedDecoder(max_size=5)
+    assert decoder.feed(b"3\r\nabc\r\n3\r\n") == [b"abc"]  # the good data first
+    assert decoder.error is not None and decoder.error.status == 413
     with pytest.raises(HttpError) as info:
-        decoder.feed(b"3\r\nabc\r\n3\r\n")
+        decoder.feed(b"def\r\n")
     assert info.value.status == 413
 
 

@@ -718,6 +718,30 @@ def test_relay_cuts_client_stream_on_malformed_upstream_chunk() -> None:
     run(main())
 
 
+def test_relay_answers_502_when_upstream_breaks_before_its_first_chunk() -> None:
+    """Nothing was sent to the client yet: it gets a proper 502, not a cut stream."""
+
+    async def main() -> None:
+        async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await upstream.read_request(reader)
+            writer.write(STREAM_HEAD + b"+5\r\nworld\r\n0\r\n\r\n")
+            await writer.drain()
+            await reader.read()
+
+        upstream = Upstream(script)
+        async with upstream, relay(upstream) as port:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                writer.write(RELAY_REQUEST)
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+                assert head.startswith(b"HTTP/1.1 502 "), head
+                assert b"content-length:" in head.lower()
+            finally:
+                writer.close()
+
+    run(main())
+
+
 async def _disconnect_mid_stream(*, reset: bool, upstream_pace: float | None) -> float:
     """The final client goes away after the first chunk; returns how long the upstream
     connection stayed open after that (the upstream sees EOF or a reset)."""
