@@ -1780,6 +1780,12 @@ class Config:
         config.use_ssl = flag("USE_SSL")
         config.ssl_cert = env.get("WORKER_SSL_CERT") or config.ssl_cert
         config.ssl_key = env.get("WORKER_SSL_KEY") or config.ssl_key
+        for name, path in (
+            ("WORKER_SSL_CERT", config.ssl_cert),
+            ("WORKER_SSL_KEY", config.ssl_key),
+        ):
+            if config.use_ssl and not os.path.isfile(path):
+                raise ConfigError(f"USE_SSL=true but {path!r} does not exist (set {name})")
         config.unsecured = flag("UNSECURED")
         config.pubkey_file = env.get("PUBKEY_FILE") or None
         if config.pubkey_file and not os.path.isfile(config.pubkey_file):
@@ -2515,7 +2521,8 @@ class Backend:
         return {
             "id": self.config.container_id,
             "loadtime": loadtime,
-            "cur_load": (m.load_total - target.load_total) / elapsed,
+            # A request cancelled after the last report lowers this window: never below 0.
+            "cur_load": max(m.load_total - target.load_total, 0.0) / elapsed,
             "error_msg": self.error_msg,
             "max_perf": self.max_perf,
             "cur_perf": (m.served.workload - target.served_total) / elapsed,
