@@ -2056,28 +2056,21 @@ class Backend:
         route = request.path
         refusal = self._not_ready()
         if refusal is not None:
-            self.record(route, 503, 0.0)
-            return refusal
+            return self._refuse(route, refusal)
         try:
             payload = self._parse_request(payload_cls, request.body)
         except HttpError as exc:
-            self.record(route, exc.status, 0.0)
-            return error_response(exc.status, exc.message)
+            return self._refuse(route, error_response(exc.status, exc.message))
         except JsonDataException as exc:
-            self.record(route, 422, 0.0)
-            return json_response(exc.message, 422)
+            return self._refuse(route, json_response(exc.message, 422))
         workload = float(payload.count_workload())
         if self.max_queue_time is not None and self.max_perf > 0:
             wait = self.metrics.in_flight.workload / self.max_perf
             if wait > self.max_queue_time:
                 self.metrics.rejected += 1
-                self.record(route, 429, 0.0)
                 retry = str(max(1, math.ceil(wait - self.max_queue_time)))
-                return json_response(
-                    {"error": "queue too long", "estimated_wait": round(wait, 3)},
-                    429,
-                    [("Retry-After", retry)],
-                )
+                body = {"error": "queue too long", "estimated_wait": round(wait, 3)}
+                return self._refuse(route, json_response(body, 429, [("Retry-After", retry)]))
         job = _Job(self, route, workload)
         lock = self.queue_lock
         holding = False
@@ -2171,6 +2164,12 @@ class Backend:
             return payload_cls.from_json_msg(typing.cast(dict[str, Any], raw_payload))
         except JsonDataException as exc:
             raise JsonDataException({"payload": exc.message}) from None
+
+    def _refuse(self, route: str, response: Response) -> Response:
+        """Count and log a request answered without reaching the model (401, 422, 429, 503)."""
+        self.record(route, response.status, 0.0)
+        access_log.info("%s %d (refused)", route, response.status)
+        return response
 
     def record(self, route: str, status: int, duration: float) -> None:
         self.metrics.by_route_status[(route, status)] += 1
