@@ -1054,52 +1054,69 @@ def get(path: str, handler: Handler) -> Route:
     return Route("GET", path, handler)
 
 
+class _Phase(enum.Enum):
+    """Where a server connection is; each phase has its own time limit (the deadline)."""
+
+    IDLE = "idle"  # no byte of a next request yet: HEAD_TIMEOUT when new, then KEEPALIVE_TIMEOUT
+    HEAD = "head"  # a head is arriving: HEAD_TIMEOUT from its first byte (slow-loris)
+    BODY = "body"  # head parsed, body arriving: BODY_TIMEOUT
+    HANDLING = "handling"  # the handler works, nothing sent yet: no limit (the model's time)
+    RESPONDING = "responding"  # the answer is being written: WRITE_TIMEOUT per blocked write
+
+
 class _ServerProtocol(asyncio.StreamReaderProtocol):
-    """asyncio's stream protocol, plus: the connection's task is cancelled when the client
-    goes away while a handler is working for it, so the model request is abandoned at once."""
+    """asyncio's stream protocol, plus the connection's phase and deadline, and: the
+    connection's task is cancelled when the client goes away while its request is being
+    answered, so the model request is abandoned at once."""
 
     def __init__(self, server: HttpServer) -> None:
         self.reader = asyncio.StreamReader(limit=MAX_HEAD)
         super().__init__(self.reader)
         self._server = server
+        self._loop = asyncio.get_running_loop()
         self.task: asyncio.Task[None] | None = None
         self.conn_transport: asyncio.BaseTransport | None = None
-        self.busy = False
+        self.phase = _Phase.IDLE
         # When the connection is dropped unless the client makes progress; the server's
         # sweeper checks it (one float per connection instead of a timer per phase).
-        self.deadline = math.inf
-        self.idle = False  # between requests on a keep-alive connection
-        self._loop = asyncio.get_running_loop()
+        self.deadline = self._loop.time() + HEAD_TIMEOUT
+
+    @property
+    def busy(self) -> bool:
+        """A request is being answered (or, from BODY on, received)."""
+        return self.phase in (_Phase.BODY, _Phase.HANDLING, _Phase.RESPONDING)
+
+    def enter(self, phase: _Phase, timeout: float = math.inf) -> None:
+        self.phase = phase
+        self.deadline = self._loop.time() + timeout
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.conn_transport = transport
-        loop = asyncio.get_running_loop()
-        self.deadline = loop.time() + HEAD_TIMEOUT
         self._server._protocols.add(self)  # pyright: ignore[reportPrivateUsage]
         writer = asyncio.StreamWriter(
-            typing.cast(asyncio.WriteTransport, transport), self, self.reader, loop
+            typing.cast(asyncio.WriteTransport, transport), self, self.reader, self._loop
         )
         serve = self._server._serve_connection  # pyright: ignore[reportPrivateUsage]
-        self.task = loop.create_task(serve(self, self.reader, writer))
+        self.task = self._loop.create_task(serve(self, self.reader, writer))
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         self._server._protocols.discard(self)  # pyright: ignore[reportPrivateUsage]
-        if self.busy and self.task is not None:
+        if self.phase in (_Phase.HANDLING, _Phase.RESPONDING) and self.task is not None:
             self.task.cancel()
 
     def data_received(self, data: bytes) -> None:
-        if self.idle:  # a new request begins: its head has HEAD_TIMEOUT, not the idle time
-            self.idle = False
-            self.deadline = self._loop.time() + HEAD_TIMEOUT
+        if self.phase is _Phase.IDLE:  # a request begins: its head has HEAD_TIMEOUT
+            self.enter(_Phase.HEAD, HEAD_TIMEOUT)
         super().data_received(data)
 
     def eof_received(self) -> bool | None:
-        # A client that closes its side while its request is being answered has gone away
-        # (HTTP clients do not half-close to wait for an answer): stop working for it.
+        # A client that closes its side while its request is being answered has gone away:
+        # stop working for it. (A client that half-closes to wait for its answer is cut too;
+        # HTTP clients do not do that, and a GPU working for nobody costs more.)
         keep_open = super().eof_received()
-        if self.busy and self.task is not None:
+        if self.phase in (_Phase.HANDLING, _Phase.RESPONDING) and self.task is not None:
             self.task.cancel()
         return keep_open
 
@@ -1155,14 +1172,19 @@ class HttpServer:
         deadline = time.monotonic() + grace
         while True:
             for proto in list(self._protocols):
-                if not proto.busy and proto.conn_transport is not None:
-                    proto.conn_transport.close()  # idle keep-alive connection
+                # Only connections between requests: a head or a body on its way is a
+                # request in flight, and it is answered (with Connection: close).
+                if proto.phase is _Phase.IDLE and proto.conn_transport is not None:
+                    proto.conn_transport.close()
             if not self._protocols or time.monotonic() >= deadline:
                 break
             await asyncio.sleep(0.05)
+        tasks = [p.task for p in self._protocols if p.task is not None]
         for proto in list(self._protocols):
             if proto.conn_transport is not None:
                 _abort(proto.conn_transport)
+        if tasks:  # let the aborted requests settle their bookkeeping before the last report
+            await asyncio.wait(tasks, timeout=1.0)
         if self._sweeper is not None:
             self._sweeper.cancel()
 
@@ -1172,15 +1194,14 @@ class HttpServer:
         transport = writer.transport
         peer = writer.get_extra_info("peername")
         remote = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else ""
-        loop = asyncio.get_running_loop()
         try:
-            while not self.closing:
+            while True:
                 # The sweeper drops the connection if the client stalls (slow-loris).
                 try:
                     head = await read_head(reader, first_line_limit=MAX_REQUEST_LINE)
+                    proto.enter(_Phase.BODY, BODY_TIMEOUT)
                     request = parse_request_head(head)
                     request.remote = remote
-                    proto.deadline = loop.time() + BODY_TIMEOUT
                     request.body = await self._read_body(request, reader, writer)
                 except HttpError as exc:
                     self._send_error(writer, exc)
@@ -1189,18 +1210,14 @@ class HttpServer:
                     break  # closed by the client or by the sweeper
                 if self.closing:
                     request.keep_alive = False
-                proto.busy = True
-                proto.deadline = math.inf  # the handler's time is the handler's business
+                proto.enter(_Phase.HANDLING)
                 try:
                     ok = await self._respond(request, proto, writer)
                 except (ConnectionError, OSError):
                     break  # the client went away while we answered
-                finally:
-                    proto.busy = False
-                if not (ok and request.keep_alive):
+                if not (ok and request.keep_alive) or self.closing:
                     break
-                proto.deadline = loop.time() + KEEPALIVE_TIMEOUT
-                proto.idle = True
+                proto.enter(_Phase.IDLE, KEEPALIVE_TIMEOUT)
         except asyncio.CancelledError:
             pass  # the client went away mid-request; the handler has cleaned up
         except Exception:
@@ -1277,6 +1294,7 @@ class HttpServer:
         stream = response.stream
         if stream is None:
             body = response.body
+            proto.phase = _Phase.RESPONDING
             writer.write(
                 response_head(
                     response.status, headers, content_length=len(body), keep_alive=keep_alive
@@ -1299,6 +1317,7 @@ class HttpServer:
                     framed = encode_chunk(data) if chunked else data
                     if head:
                         framed, head = head + framed, b""
+                        proto.phase = _Phase.RESPONDING
                     writer.write(framed)
                     await self._drain(proto, writer)
         except asyncio.CancelledError:
