@@ -124,6 +124,7 @@ MAX_HEADERS = 100  # 431: the same count http.client allows
 MAX_BODY = 16 * 1024 * 1024  # 413, checked before reading; MAX_BODY_BYTES overrides
 MAX_CHUNK_SIZE_DIGITS = 16  # 16 hex digits = 2**64 - 1; more is an attack, not a chunk
 MAX_TRAILERS = 100  # trailer fields are read and dropped, but not without end
+MAX_BODY_CHUNKS = 4096  # chunks in one request body: a JSON body needs a handful, not millions
 MAX_CHUNK_LINE = 4096  # a chunk-size line with extensions; real ones are under 20 bytes
 HEAD_TIMEOUT = 10.0  # seconds to receive a whole request head (slow-loris)
 BODY_TIMEOUT = 60.0  # seconds to receive a whole request body once the head arrived
@@ -383,17 +384,15 @@ def parse_request_head(head: bytes) -> Request:
     if len(hosts) > 1 or (not hosts and version_s == "HTTP/1.1"):
         raise HttpError(400, "exactly one Host header is required")  # RFC 9112 3.2
     framing = request_framing(headers, version_s)
-    connection = _tokens(headers.get("connection") or "")
+    connection = _tokens(",".join(headers.get_all("connection")))
     if version_s == "HTTP/1.1":
         keep_alive = "close" not in connection
     else:
         keep_alive = "keep-alive" in connection and "close" not in connection
-    expect = headers.get("expect")
-    expect_continue = False
-    if expect is not None:
-        if expect.lower() != "100-continue":
-            raise HttpError(417, "unsupported expectation")
-        expect_continue = version_s == "HTTP/1.1"
+    expectations = _tokens(",".join(headers.get_all("expect")))
+    if any(e != "100-continue" for e in expectations):
+        raise HttpError(417, "unsupported expectation")
+    expect_continue = bool(expectations) and version_s == "HTTP/1.1"
     return Request(
         method=method.decode("ascii"),
         target=target.decode("ascii"),
@@ -425,7 +424,7 @@ def parse_response_head(head: bytes, *, request_method: str = "POST") -> ClientR
     else:
         length = _content_length(headers)
         framing = BodyFraming("close") if length is None else BodyFraming("length", length)
-    connection = _tokens(headers.get("connection") or "")
+    connection = _tokens(",".join(headers.get_all("connection")))
     if version == "HTTP/1.1":
         keep_alive = "close" not in connection
     else:
@@ -705,6 +704,13 @@ def _abort(transport: asyncio.BaseTransport) -> None:
         transport.close()
 
 
+def _buffered(reader: asyncio.StreamReader) -> int:
+    """Bytes received but not read yet. asyncio has no public way to ask, so this reads the
+    reader's buffer (a bytearray in every CPython version and in uvloop's stream use)."""
+    buffer = getattr(reader, "_buffer", b"")
+    return len(typing.cast(bytes, buffer))
+
+
 class _Connection:
     __slots__ = ("reader", "writer")
 
@@ -713,8 +719,16 @@ class _Connection:
         self.writer = writer
 
     def usable(self) -> bool:
-        # A pooled connection the server closed while idle shows EOF (or leftover bytes).
-        return not (self.writer.is_closing() or self.reader.at_eof() or self.reader.exception())
+        """Whether the connection can carry a new request: not closed, no EOF, and nothing
+        unread (bytes an idle server sent on its own, such as a 408, would otherwise be
+        taken for the next answer)."""
+        reader = self.reader
+        return not (
+            self.writer.is_closing()
+            or reader.at_eof()
+            or reader.exception()
+            or _buffered(reader)
+        )
 
     def abort(self) -> None:
         _abort(self.writer.transport)
@@ -1241,10 +1255,14 @@ class HttpServer:
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         if framing.kind == "length":
             return await reader.readexactly(framing.length)
-        parts: list[bytes] = []
+        body = bytearray()
+        chunks = 0
         async for data in read_chunked(reader, max_size=self.max_body):
-            parts.append(data)
-        return b"".join(parts)
+            body += data
+            chunks += 1
+            if chunks > MAX_BODY_CHUNKS:  # tiny chunks cost far more than their bytes
+                raise HttpError(413, "too many chunks in the body")
+        return bytes(body)
 
     def _send_error(self, writer: asyncio.StreamWriter, exc: HttpError) -> None:
         """A framing error: answer it and close, since where the next request starts is unknown."""
