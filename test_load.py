@@ -1,25 +1,85 @@
 """test_load: load-test a PyWorker endpoint, or a whole PyWorker setup on loopback.
 
-This module also holds the stand-ins that a local setup needs and that the test suite
-uses: an RSA signer, a fake LLM server with the hello_world model API, and a local
-autoscaler (/pubkey/, /route/, /worker_status/).
+    python test_load.py --local                         # fake models, workers, autoscaler: all here
+    python test_load.py --local --workers 3 --route /generate_stream -n 300 -rps 30
+    python test_load.py -k $API_KEY -e my-endpoint -n 200 -rps 5     # the Vast.ai autoscaler
+    python test_load.py -l -k local-key -e local        # `test_load.py autoscaler` on :8081
+    python test_load.py --worker http://127.0.0.1:3000  # one worker, UNSECURED=true, unsigned
+    python test_load.py fake-model --port 5001 --log /tmp/model.log   # a fake LLM server
+
+Each request is two calls, as a real client makes them:
+
+    POST {server}/route/ {"endpoint", "api_key", "cost": workload}
+        -> {"url", "signature", "cost", "endpoint", "reqnum", ...}
+    POST {url}{route} {"auth_data": {signature, cost, endpoint, reqnum, url}, "payload": ...}
+
+Requests leave on an open-loop schedule (request i at start + i / rps, however slow the
+answers are), with a bound on those in flight; all of it on one asyncio loop with pyworker's
+own HttpClient, one keep-alive pool per worker URL. Payloads come from the worker file's
+ApiPayload.for_test() (hello_world.py by default, --worker-module for another). While it runs a
+progress line is redrawn (a plain line every few seconds in a log); at the end a report gives
+the outcomes, latency percentiles, achieved rate, stream timings and the workers seen
+(LoadResult.report() documents the --json schema). The exit status is 1 when any request
+failed.
+
+--local starts everything on loopback: a LocalAutoscaler (serves /pubkey/, signs /route/
+answers, records /worker_status/), and per worker a FakeModel in this process plus the worker
+itself as a real `python hello_world.py` subprocess with its own working directory, secured by
+the autoscaler's key. It waits until every worker reported itself ready, runs the load through
+the autoscaler, prints the report and each worker's last load report, and stops it all
+(SIGTERM, then SIGKILL) also on Ctrl-C.
+
+This module also holds the stand-ins that the local setup and the test suite use: an RSA
+signer, a fake LLM server with the hello_world model API, and a local autoscaler. Importing it
+starts nothing.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import collections
 import contextlib
 import dataclasses
+import importlib
+import importlib.util
+import inspect
+import json
+import math
 import os
 import random
 import secrets
+import shutil
+import signal
+import socket
+import ssl
+import sys
+import tempfile
 import time
 import typing
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Sequence
 from typing import Any
 
 import pyworker
-from pyworker import AuthData, HttpServer, Request, Response, get, json_response, post
+from pyworker import (
+    ApiPayload,
+    AuthData,
+    ClientResponse,
+    EndpointHandler,
+    HttpClient,
+    HttpServer,
+    Request,
+    Response,
+    UpstreamError,
+    UpstreamTimeout,
+    get,
+    json_dumps,
+    json_loads,
+    json_response,
+    post,
+)
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
 
 # RSA signing (the autoscaler's side) #############################################################
 # pyworker only verifies; a local autoscaler must sign. Pure Python: key generation takes about
@@ -150,9 +210,14 @@ class FakeModel:
     GET /health answers 200 (503 once `healthy` is False). It writes its log like a real model
     server: a download line, then "infer server has started" after `load_time` seconds.
 
-    Fault modes: `json_delay` / `token_delay` pace the answers; `crash_after` tokens, a stream
-    is cut (connection aborted mid-stream); `one_at_a_time` answers 500 when a second request
-    arrives while one is in progress; `fail_status` answers every request with that status.
+    Pacing: `json_delay` delays a JSON answer; `token_delay` paces a stream's tokens, after
+    `first_token_delay` (the prompt's prefill). `paced_json` makes /generate take as long as the
+    stream would (first token + every token), as a real LLM does; `jitter` varies each delay
+    by up to that fraction either way. `FakeModel.realistic()` sets all of them.
+
+    Fault modes: `crash_after` tokens, a stream is cut (connection aborted mid-stream);
+    `one_at_a_time` answers 500 when a second request arrives while one is in progress;
+    `fail_status` answers every request with that status.
     """
 
     LOADED_LINE = "infer server has started"
@@ -168,6 +233,9 @@ class FakeModel:
         crash_after: int | None = None,
         one_at_a_time: bool = False,
         fail_status: int | None = None,
+        first_token_delay: float = 0.0,
+        paced_json: bool = False,
+        jitter: float = 0.0,
     ) -> None:
         self.log_path = log_path
         self.load_time = load_time
@@ -177,6 +245,9 @@ class FakeModel:
         self.crash_after = crash_after
         self.one_at_a_time = one_at_a_time
         self.fail_status = fail_status
+        self.first_token_delay = first_token_delay
+        self.paced_json = paced_json
+        self.jitter = jitter
         self.healthy = True
         self.requests: list[dict[str, Any]] = []  # every payload received, in order
         self.active = 0
@@ -191,6 +262,32 @@ class FakeModel:
             ]
         )
         self._log_task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def realistic(
+        cls,
+        *,
+        log_path: str | None = None,
+        load_time: float = 1.0,
+        tokens: int = 16,
+        first_token_delay: float = 0.05,
+        token_delay: float = 0.015,
+        jitter: float = 0.25,
+    ) -> FakeModel:
+        """A model paced like a small LLM on a GPU: 50 ms prefill, then about 65 tokens/s.
+
+        Answers are short (`tokens`) so that a worker's benchmark (9 rounds of requests)
+        takes seconds, not minutes.
+        """
+        return cls(
+            log_path=log_path,
+            load_time=load_time,
+            tokens=tokens,
+            first_token_delay=first_token_delay,
+            token_delay=token_delay,
+            paced_json=True,
+            jitter=jitter,
+        )
 
     @property
     def url(self) -> str:
@@ -238,6 +335,11 @@ class FakeModel:
         limit = payload.get("max_response_tokens")
         return min(self.tokens, limit) if isinstance(limit, int) and limit > 0 else self.tokens
 
+    def _jittered(self, seconds: float) -> float:
+        if not self.jitter or seconds <= 0:
+            return seconds
+        return seconds * random.uniform(1 - self.jitter, 1 + self.jitter)
+
     async def _generate(self, request: Request) -> Response:
         payload, refusal = self._accept(request)
         if refusal is not None:
@@ -245,11 +347,13 @@ class FakeModel:
         self.active += 1
         self.max_active = max(self.max_active, self.active)
         try:
-            if self.json_delay:
-                await asyncio.sleep(self.json_delay)
-            words = random.choices(
-                ("cats", "dogs", "and", "the", "sun", "runs"), k=self._count(payload)
-            )
+            count = self._count(payload)
+            delay = self.json_delay
+            if self.paced_json:
+                delay += self.first_token_delay + count * self.token_delay
+            if delay:
+                await asyncio.sleep(self._jittered(delay))
+            words = random.choices(("cats", "dogs", "and", "the", "sun", "runs"), k=count)
             return json_response({"response": " ".join(words), "tokens": len(words)})
         finally:
             self.active -= 1
@@ -260,28 +364,64 @@ class FakeModel:
             return refusal
         self.active += 1
         self.max_active = max(self.max_active, self.active)
-        return Response(content_type="text/event-stream", stream=self._tokens(payload))
+        stream = _ModelStream(self, self._tokens(payload))
+        return Response(content_type="text/event-stream", stream=stream)
 
     async def _tokens(self, payload: dict[str, Any]) -> AsyncIterator[bytes]:
-        finished = False
-        try:
-            for i in range(self._count(payload)):
-                if self.crash_after is not None and i == self.crash_after:
-                    raise ConnectionResetError("fake model crashed mid-stream")
-                if self.token_delay:
-                    await asyncio.sleep(self.token_delay)
-                sent = time.time()
-                yield b'data: {"token": "tok%d", "sent": %.6f}\n\n' % (i, sent)
-            finished = True
-        finally:
-            self.active -= 1
-            if not finished:
-                self.cancelled += 1
+        for i in range(self._count(payload)):
+            if self.crash_after is not None and i == self.crash_after:
+                raise ConnectionResetError("fake model crashed mid-stream")
+            delay = self.token_delay + (self.first_token_delay if i == 0 else 0.0)
+            if delay:
+                await asyncio.sleep(self._jittered(delay))
+            sent = time.time()
+            yield b'data: {"token": "tok%d", "sent": %.6f}\n\n' % (i, sent)
 
     async def _health(self, request: Request) -> Response:
         if not self.healthy:
             return pyworker.error_response(503, "unhealthy")
         return pyworker.text_response("ok")
+
+
+class _ModelStream:
+    """A fake model's token stream that settles the model's `active` count exactly once.
+
+    An async generator's `finally` never runs when the generator is closed before its first
+    step (a client that left before the first token): counting there leaked `active`, and
+    with `one_at_a_time` every later request was refused.
+    """
+
+    def __init__(self, model: FakeModel, tokens: AsyncIterator[bytes]) -> None:
+        self._model = model
+        self._tokens = tokens
+        self._settled = False
+
+    def __aiter__(self) -> _ModelStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await self._tokens.__anext__()
+        except StopAsyncIteration:
+            self._settle(finished=True)
+            raise
+        except BaseException:
+            self._settle(finished=False)
+            raise
+
+    async def aclose(self) -> None:
+        self._settle(finished=False)
+        aclose = getattr(self._tokens, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+    def _settle(self, *, finished: bool) -> None:
+        if self._settled:
+            return
+        self._settled = True
+        self._model.active -= 1
+        if not finished:
+            self._model.cancelled += 1
 
 
 # A local autoscaler ##############################################################################
@@ -294,7 +434,8 @@ class WorkerView:
     url: str
     report: dict[str, Any]
     reports: int = 0
-    routed: int = 0
+    routed: int = 0  # requests routed here since the last report
+    routed_workload: float = 0.0  # and their workload
 
     @property
     def ready(self) -> bool:
@@ -302,9 +443,27 @@ class WorkerView:
 
     @property
     def load(self) -> float:
-        """Reported load relative to capacity, plus what was routed since."""
+        """Reported load relative to capacity, plus what was routed since that report.
+
+        The routed workload counts as one second's worth (reports come about every second
+        under load). Without it a worker that reported a little less load than the others
+        got every request until its next report (the herd), since a routed request added
+        only a tie-breaking 1e-3.
+        """
         max_perf = float(self.report.get("max_perf", 0)) or 1.0
-        return float(self.report.get("cur_load", 0)) / max_perf + self.routed * 1e-3
+        reported = float(self.report.get("cur_load", 0))
+        return (reported + self.routed_workload) / max_perf + self.routed * 1e-3
+
+
+def _workload(cost: Any) -> float:
+    """A route call's cost as a number (it is signed as sent, string or number)."""
+    if isinstance(cost, bool) or not isinstance(cost, (str, int, float)):
+        return 0.0
+    try:
+        value = float(cost)
+    except ValueError:
+        return 0.0
+    return value if math.isfinite(value) and value > 0 else 0.0
 
 
 class LocalAutoscaler:
@@ -364,6 +523,7 @@ class LocalAutoscaler:
         view.report = body
         view.reports += 1
         view.routed = 0
+        view.routed_workload = 0.0
         return json_response({"ok": True})
 
     async def _route(self, request: Request) -> Response:
@@ -378,15 +538,1523 @@ class LocalAutoscaler:
         ready = [w for w in self.workers.values() if w.ready]
         if not ready:
             return json_response({"error": "no worker ready yet", "status": "loading"})
+        cost = route.get("cost", 0)
         worker = min(ready, key=lambda w: w.load)
         worker.routed += 1
+        worker.routed_workload += _workload(cost)
         self.reqnum += 1
         auth = self.key.sign_auth(
-            cost=route.get("cost", 0), endpoint=self.endpoint, reqnum=self.reqnum, url=worker.url
+            cost=cost, endpoint=self.endpoint, reqnum=self.reqnum, url=worker.url
         )
         auth["__request_id"] = secrets.token_hex(8)
         return json_response(auth)
 
 
-if __name__ == "__main__":  # pragma: no cover - the load tester's CLI comes here
-    raise SystemExit(f"{os.path.basename(__file__)}: the load tester is not written yet")
+# The load tester ################################################################################
+# Open loop: request i is due at start + i / rps whatever happened to the ones before it, so a
+# slow worker shows up as latency and in-flight requests, not as a quietly lower rate (the
+# "coordinated omission" of closed-loop testers). Only the in-flight cap holds the sender back,
+# and the report says how often it did.
+
+DEFAULT_SERVER = "https://run.vast.ai"
+LOCAL_SERVER = "http://localhost:8081"  # -l: an autoscaler run on this machine
+DEFAULT_TOTAL = 120  # with DEFAULT_RPS, 6 seconds of load: --local takes about 15 s in all
+DEFAULT_RPS = 20.0
+DEFAULT_TIMEOUT = 60.0  # seconds for one request, route call and worker call together
+DEFAULT_MAX_IN_FLIGHT = 256  # each in-flight request holds a socket (ulimit -n is often 1024)
+PROGRESS_TTY_INTERVAL = 0.25  # seconds between redraws of the progress line on a terminal
+PROGRESS_PLAIN_INTERVAL = 5.0  # seconds between progress lines in a log or a pipe
+ERROR_SAMPLES = 10  # failed requests described in the report, the first ones
+ERROR_KINDS = 20  # distinct failures (outcome, stage, message) counted in the report
+MAX_ERROR_BODY = 200  # characters of a failed answer kept in its description
+
+# Outcomes every report lists, even at 0; HTTP statuses add "http_<status>" keys.
+OUTCOMES = ("ok", "route_error", "connect_error", "timeout", "broken", "cancelled")
+_OUTCOME_LABELS = {
+    "ok": "ok",
+    "route_error": "route error",
+    "connect_error": "connect error",
+    "timeout": "timeout",
+    "broken": "broken off",
+    "cancelled": "cancelled",
+}
+_AUTH_FIELDS = ("signature", "cost", "endpoint", "reqnum", "url")
+
+
+def outcome_label(outcome: str) -> str:
+    if outcome.startswith("http_"):
+        return "HTTP " + outcome[5:]
+    return _OUTCOME_LABELS.get(outcome, outcome)
+
+
+@dataclasses.dataclass
+class LoadOptions:
+    """What to load and how hard. Exactly one of `server` (an autoscaler) and `worker`."""
+
+    total: int = DEFAULT_TOTAL
+    rps: float = DEFAULT_RPS
+    route: str = "/generate"
+    server: str | None = DEFAULT_SERVER
+    worker: str | None = None  # call this worker directly, unsigned (it must run UNSECURED)
+    api_key: str = ""
+    endpoint: str = ""
+    timeout: float = DEFAULT_TIMEOUT
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    progress: bool = True
+    progress_interval: float | None = None  # None: by whether the output is a terminal
+    ssl_context: ssl.SSLContext | None = None  # for https workers and autoscalers
+
+
+@dataclasses.dataclass
+class RequestRecord:
+    """One request's story. Times are time.monotonic() values; durations are seconds."""
+
+    index: int
+    due: float  # when the schedule wanted it sent
+    started: float = 0.0
+    finished: float = 0.0
+    outcome: str = ""  # one of OUTCOMES or "http_<status>"
+    stage: str = ""  # where a failure happened: "route" or "worker"
+    message: str = ""
+    status: int | None = None  # the worker's HTTP status, when it answered
+    worker: str | None = None
+    route_time: float | None = None  # the route call, answer read
+    worker_time: float | None = None  # the worker call, whole answer read
+    total_time: float | None = None  # both
+    stream: bool = False  # the worker answered a stream (chunked or SSE)
+    ttft: float | None = None  # worker call sent -> first token
+    first_token: float | None = None
+    tokens: int = 0
+    gaps: list[float] = dataclasses.field(default_factory=list[float])  # between token chunks
+    last_token: float | None = None
+
+
+class _TokenCounter:
+    """Counts the tokens of a stream: SSE events (`data:` lines), else one per chunk."""
+
+    def __init__(self, sse: bool) -> None:
+        self.sse = sse
+        self._partial = b""
+
+    def feed(self, data: bytes) -> int:
+        if not self.sse:
+            return 1 if data else 0
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        if len(self._partial) > 64 * 1024:
+            self._partial = self._partial[:8]  # only a line's start matters; memory stays bounded
+        return sum(1 for line in lines if line.startswith(b"data:"))
+
+
+def percentile(ordered: Sequence[float], q: float) -> float:
+    """The q-th percentile of sorted values, interpolated between ranks (numpy's default)."""
+    if not ordered:
+        raise ValueError("no values")
+    pos = (len(ordered) - 1) * q / 100.0
+    low = math.floor(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def summarize(values: Iterable[float]) -> dict[str, float] | None:
+    """{count, mean, min, p50, p90, p99, max} of the values; None when there are none."""
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    return {
+        "count": len(ordered),
+        "mean": sum(ordered) / len(ordered),
+        "min": ordered[0],
+        "p50": percentile(ordered, 50),
+        "p90": percentile(ordered, 90),
+        "p99": percentile(ordered, 99),
+        "max": ordered[-1],
+    }
+
+
+def payload_json(payload: ApiPayload) -> dict[str, Any]:
+    """A payload as a client sends it: its fields, which the worker's from_json_msg reads.
+
+    Not generate_payload_json(): that is what the worker sends the model, which may differ.
+    """
+    if dataclasses.is_dataclass(payload):
+        return dataclasses.asdict(payload)
+    return payload.generate_payload_json()
+
+
+class LoadTester:
+    """Sends `options.total` requests at `options.rps`, each through the autoscaler's /route/
+    (or straight to one worker), and records what happened to each.
+
+    Usage: `result = await LoadTester(options, make_payload).run()`. `interrupt()` stops it
+    early (Ctrl-C): no new requests, the ones in flight are cancelled, the result is partial.
+    """
+
+    def __init__(
+        self,
+        options: LoadOptions,
+        make_payload: Callable[[], ApiPayload],
+        out: typing.TextIO | None = None,
+    ) -> None:
+        if (options.server is None) == (options.worker is None):
+            raise ValueError("give exactly one of server and worker")
+        if options.total < 1 or not options.rps > 0 or not options.timeout > 0:
+            raise ValueError("total, rps and timeout must be positive")
+        self.options = options
+        self.make_payload = make_payload
+        self.out = out if out is not None else sys.stdout
+        self.records: list[RequestRecord] = []
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.held_back = 0  # times the sender waited for a free slot (--max-in-flight)
+        self.started = 0.0
+        self.send_ended: float | None = None
+        self.interrupted = False
+        self._route_client: HttpClient | None = None
+        self._clients: dict[str, HttpClient] = {}  # one pool per worker URL
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(options.max_in_flight)
+        self._sender: asyncio.Task[None] | None = None
+        self._tty = bool(getattr(self.out, "isatty", lambda: False)())
+
+    # Running ----------------------------------------------------------------------------------
+
+    async def run(self) -> LoadResult:
+        loop = asyncio.get_running_loop()
+        if self.options.server is not None:
+            self._route_client = self._new_client(self.options.server)
+        progress = loop.create_task(self._progress()) if self.options.progress else None
+        self.started = time.monotonic()
+        self._sender = loop.create_task(self._send_all())
+        try:
+            await asyncio.wait({self._sender})  # returns when it is done or cancelled
+            if self.send_ended is None:
+                self.send_ended = time.monotonic()
+            while self._tasks:  # the stragglers (the cap keeps their number bounded)
+                await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        finally:
+            self._sender.cancel()
+            for task in list(self._tasks):
+                task.cancel()
+            if self._tasks:
+                await asyncio.gather(*list(self._tasks), return_exceptions=True)
+            if progress is not None:
+                progress.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await progress
+                self._write_progress(final=True)
+            for client in [self._route_client, *self._clients.values()]:
+                if client is not None:
+                    await client.close()
+        return LoadResult(self)
+
+    def interrupt(self) -> None:
+        """Stop sending and cancel the requests in flight; run() then returns what it has."""
+        self.interrupted = True
+        if self._sender is not None:
+            self._sender.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+
+    async def _send_all(self) -> None:
+        loop = asyncio.get_running_loop()
+        interval = 1.0 / self.options.rps
+        for i in range(self.options.total):
+            due = self.started + i * interval  # absolute: a late send does not delay the next
+            delay = due - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            else:
+                await asyncio.sleep(0)  # behind schedule: still let answers be read
+            if self._slots.locked():
+                self.held_back += 1
+            await self._slots.acquire()
+            record = RequestRecord(index=i, due=due)
+            self.records.append(record)
+            task = loop.create_task(self._one(record))
+            self._tasks.add(task)
+            task.add_done_callback(self._task_done)
+        self.send_ended = time.monotonic()
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slots.release()
+
+    def _new_client(self, base_url: str) -> HttpClient:
+        return HttpClient(base_url, ssl_context=self.options.ssl_context)
+
+    def _client_for(self, url: str) -> HttpClient:
+        client = self._clients.get(url)
+        if client is None:
+            client = self._clients[url] = self._new_client(url)  # ValueError: a bad URL
+        return client
+
+    async def _one(self, record: RequestRecord) -> None:
+        record.started = time.monotonic()
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await self._request(record, record.started + self.options.timeout)
+        except asyncio.CancelledError:
+            self._fail(record, "cancelled", record.stage or "route", "interrupted")
+        except Exception as exc:  # a bug here must not hang the run: count it and go on
+            self._fail(record, "broken", record.stage or "route", f"load tester error: {exc!r}")
+        finally:
+            record.finished = time.monotonic()
+            self.in_flight -= 1
+            self.counts[record.outcome] += 1
+
+    @staticmethod
+    def _fail(record: RequestRecord, outcome: str, stage: str, message: str) -> None:
+        if not record.outcome:  # the first failure is the one that counts
+            record.outcome, record.stage, record.message = outcome, stage, message
+
+    async def _request(self, record: RequestRecord, deadline: float) -> None:
+        options = self.options
+        payload = self.make_payload()
+        cost = payload.count_workload()
+        if options.worker is not None:
+            url = options.worker
+            # A complete but unsigned auth_data: a worker running UNSECURED ignores it, and
+            # PyWorkers that parse it even then (the 2024 public one) find every field.
+            auth: dict[str, Any] = {
+                "signature": "",
+                "cost": cost,
+                "endpoint": options.endpoint or "direct",
+                "reqnum": record.index + 1,
+                "url": url,
+            }
+        else:
+            answer = await self._route(record, cost, deadline)
+            if answer is None:
+                return
+            auth = {name: answer[name] for name in _AUTH_FIELDS}
+            url = typing.cast(str, answer["url"])
+        record.stage = "worker"
+        record.worker = url
+        try:
+            client = self._client_for(url)
+        except ValueError as exc:
+            self._fail(record, "route_error", "route", f"unusable worker url: {exc}")
+            return
+        body = json_dumps({"auth_data": auth, "payload": payload_json(payload)})
+        sent = time.monotonic()
+        if deadline - sent <= 0:
+            self._fail(record, "timeout", "worker", "no time left after the route call")
+            return
+        try:
+            response = await client.request("POST", options.route, body, timeout=deadline - sent)
+        except UpstreamTimeout as exc:
+            self._fail(record, "timeout", "worker", str(exc))
+            return
+        except UpstreamError as exc:
+            self._fail(record, "connect_error", "worker", str(exc))
+            return
+        record.status = response.status
+        try:
+            if not 200 <= response.status < 300:
+                self._fail(record, f"http_{response.status}", "worker", "")
+                body = await response.read()  # keeps the connection usable, and says why
+                record.message = body.decode("utf-8", "replace")[:MAX_ERROR_BODY]
+                return
+            if self._is_stream(response):
+                await self._read_stream(record, response, sent)
+            else:
+                await response.read()
+        except UpstreamTimeout as exc:
+            self._fail(record, "timeout", "worker", str(exc))
+            return
+        except UpstreamError as exc:
+            self._fail(record, "broken", "worker", str(exc))
+            return
+        finally:
+            response.close()
+        now = time.monotonic()
+        record.worker_time = now - sent
+        record.total_time = now - record.started
+        record.outcome = "ok"
+
+    async def _route(
+        self, record: RequestRecord, cost: float, deadline: float
+    ) -> dict[str, Any] | None:
+        """POST /route/: the signed auth_data and the worker's url, or None (record failed)."""
+        record.stage = "route"
+        options = self.options
+        assert self._route_client is not None
+        message = {"endpoint": options.endpoint, "api_key": options.api_key, "cost": cost}
+        try:
+            response = await self._route_client.request(
+                "POST", "/route/", json_dumps(message), timeout=deadline - time.monotonic()
+            )
+            async with response:
+                body = await response.read()
+        except UpstreamTimeout as exc:
+            self._fail(record, "timeout", "route", str(exc))
+            return None
+        except UpstreamError as exc:
+            self._fail(record, "connect_error", "route", str(exc))
+            return None
+        record.route_time = time.monotonic() - record.started
+        text = body[:MAX_ERROR_BODY].decode("utf-8", "replace")
+        if not 200 <= response.status < 300:
+            self._fail(record, "route_error", "route", f"HTTP {response.status}: {text}")
+            return None
+        try:
+            answer: Any = json_loads(body)
+        except (ValueError, RecursionError):  # orjson's JSONDecodeError is a ValueError
+            answer = None
+        if not isinstance(answer, dict):
+            self._fail(record, "route_error", "route", f"not a JSON object: {text}")
+            return None
+        fields = typing.cast(dict[str, Any], answer)
+        if not fields.get("url"):  # the autoscaler has no worker ready (yet)
+            self._fail(record, "route_error", "route", f"no worker url: {text}")
+            return None
+        missing = [name for name in _AUTH_FIELDS if name not in fields]
+        if missing or not isinstance(fields["url"], str):
+            self._fail(record, "route_error", "route", f"answer lacks {missing}: {text}")
+            return None
+        return fields
+
+    @staticmethod
+    def _is_stream(response: ClientResponse) -> bool:
+        coding = (response.headers.get("transfer-encoding") or "").lower()
+        return "chunked" in coding or response.content_type.startswith("text/event-stream")
+
+    @staticmethod
+    async def _read_stream(record: RequestRecord, response: ClientResponse, sent: float) -> None:
+        record.stream = True
+        counter = _TokenCounter(response.content_type.startswith("text/event-stream"))
+        async for data in response.iter_chunks():
+            tokens = counter.feed(data)
+            if not tokens:
+                continue
+            now = time.monotonic()
+            if record.first_token is None:
+                record.first_token = now
+                record.ttft = now - sent
+            elif record.last_token is not None:
+                record.gaps.append(now - record.last_token)
+            record.last_token = now
+            record.tokens += tokens
+
+    # Progress ---------------------------------------------------------------------------------
+
+    def progress_line(self) -> str:
+        """sent, done, in flight, errors by kind, achieved rate, elapsed."""
+        now = time.monotonic()
+        elapsed = now - self.started if self.started else 0.0
+        sent = len(self.records)
+        done = sent - self.in_flight
+        failures = [(k, v) for k, v in sorted(self.counts.items()) if k != "ok" and v]
+        errors = ", ".join(f"{outcome_label(k)} {v}" for k, v in failures) or "none"
+        span = (self.send_ended or now) - self.started
+        rate = (sent - 1) / span if sent > 1 and span > 0 else 0.0
+        return (
+            f"sent {sent}/{self.options.total}  done {done}  in flight {self.in_flight}  "
+            f"errors: {errors}  rate {rate:.1f}/s (asked {self.options.rps:g})  "
+            f"elapsed {elapsed:.1f}s"
+        )
+
+    async def _progress(self) -> None:
+        interval = self.options.progress_interval
+        if interval is None:
+            interval = PROGRESS_TTY_INTERVAL if self._tty else PROGRESS_PLAIN_INTERVAL
+        while True:
+            await asyncio.sleep(interval)
+            self._write_progress(final=False)
+
+    def _write_progress(self, *, final: bool) -> None:
+        if self._tty:  # one line, redrawn in place; cleared to its end for shorter redraws
+            self.out.write("\r" + self.progress_line() + "\x1b[K" + ("\n" if final else ""))
+        elif not final:
+            self.out.write(self.progress_line() + "\n")
+        self.out.flush()
+
+
+class LoadResult:
+    """A finished (or interrupted) load test: `report()` as JSON-ready data, `render()` text."""
+
+    def __init__(self, tester: LoadTester) -> None:
+        self.options = tester.options
+        self.records = list(tester.records)
+        self.started = tester.started
+        self.send_ended = tester.send_ended or time.monotonic()
+        self.max_in_flight = tester.max_in_flight
+        self.held_back = tester.held_back
+        self.interrupted = tester.interrupted
+        self.extra: dict[str, Any] = {}  # more top-level keys for report(), e.g. "local"
+
+    @property
+    def failed(self) -> int:
+        return sum(1 for r in self.records if r.outcome != "ok")
+
+    @property
+    def ok(self) -> bool:
+        """Every asked request was sent and succeeded: the exit status is 0."""
+        return not self.failed and len(self.records) == self.options.total
+
+    def report(self) -> dict[str, Any]:
+        """The report as JSON-ready data; `--json FILE` writes exactly this.
+
+        Schema (durations in seconds, rates per second; a summary is
+        {"count", "mean", "min", "p50", "p90", "p99", "max"}, or null when nothing was measured):
+
+            schema         "pyworker-load-test/1"
+            target         {"mode": "autoscaler" | "worker" | "local", "server": URL | null,
+                            "worker": URL | null, "route": str, "endpoint": str}
+            requests       {"asked": int, "sent": int, "finished": int, "failed": int,
+                            "interrupted": bool}
+            outcomes       {"ok", "route_error", "connect_error", "timeout", "broken",
+                            "cancelled": int, always present; "http_<status>": int for each
+                            non-2xx status a worker answered}
+            http_status    {"<status>": int}: every answer a worker gave, by status
+            rate           {"asked": float, "sent": float | null (between the first and the
+                            last send), "completed": float | null (finished requests over
+                            elapsed)}
+            elapsed        float: first send to last finish
+            in_flight      {"limit": int, "max": int, "held_back": int (sends delayed by the
+                            limit), "max_send_lag": float (latest send behind schedule)}
+            latency        {"route": summary (route calls answered), "worker": summary
+                            (ok requests: worker call sent -> answer read), "total": summary
+                            (ok requests: route call sent -> answer read)}
+            stream         null, or for ok requests answered as a stream:
+                           {"requests": int, "tokens": int, "tokens_per_s": float (all tokens
+                            over elapsed), "ttft": summary (worker call sent -> first token),
+                            "itl": summary (inter-token latency: between successive chunks
+                            carrying tokens), "stream_tokens_per_s": summary (per request,
+                            after its first token)}
+            workers        {"<url>": {"requests": int, "ok": int}}: the workers seen
+            errors         [{"index": int, "outcome": str, "stage": "route" | "worker",
+                             "worker": URL | null, "message": str}]: the first failures
+            error_kinds    [{"outcome": str, "stage": str, "message": str, "count": int}]:
+                           failures grouped by the three, most frequent first (20 at most)
+            local          only with --local: {"directory": str, "autoscaler": URL,
+                            "workers": [{"index", "url", "pid", "log", "model_log",
+                            "reports": int, "loadtime": float | null,
+                            "under_load_report": {...} | null (the last one received
+                            before the test stopped sending), "last_report": {...} | null}]}
+                           where a report is the worker's /worker_status/ body (SPEC 7)
+        """
+        options = self.options
+        records = self.records
+        ok = [r for r in records if r.outcome == "ok"]
+        outcomes: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
+        statuses: collections.Counter[str] = collections.Counter()
+        for r in records:
+            outcomes[r.outcome] = outcomes.get(r.outcome, 0) + 1
+            if r.status is not None:
+                statuses[str(r.status)] += 1
+        starts = sorted(r.started for r in records)
+        finishes = [r.finished for r in records if r.finished]
+        end = max(finishes, default=self.send_ended)
+        elapsed = max(end - starts[0], 0.0) if starts else 0.0
+        send_span = starts[-1] - starts[0] if len(starts) > 1 else 0.0
+        workers: dict[str, dict[str, int]] = {}
+        for r in records:
+            if r.worker is not None:
+                seen = workers.setdefault(r.worker, {"requests": 0, "ok": 0})
+                seen["requests"] += 1
+                seen["ok"] += r.outcome == "ok"
+        streams = [r for r in ok if r.stream]
+        stream: dict[str, Any] | None = None
+        if streams:
+            tokens = sum(r.tokens for r in streams)
+            rates = [
+                (r.tokens - 1) / (r.last_token - r.first_token)
+                for r in streams
+                if r.first_token is not None
+                and r.last_token is not None
+                and r.last_token > r.first_token
+            ]
+            stream = {
+                "requests": len(streams),
+                "tokens": tokens,
+                "tokens_per_s": tokens / elapsed if elapsed > 0 else None,
+                "ttft": summarize(r.ttft for r in streams if r.ttft is not None),
+                "itl": summarize(g for r in streams for g in r.gaps),
+                "stream_tokens_per_s": summarize(rates),
+            }
+        if options.worker is not None:
+            mode = "worker"
+        else:
+            mode = "local" if "local" in self.extra else "autoscaler"
+        failed = [r for r in records if r.outcome != "ok"]
+        kinds = collections.Counter((r.outcome, r.stage, r.message) for r in failed)
+        return {
+            "schema": "pyworker-load-test/1",
+            "target": {
+                "mode": mode,
+                "server": options.server,
+                "worker": options.worker,
+                "route": options.route,
+                "endpoint": options.endpoint,
+            },
+            "requests": {
+                "asked": options.total,
+                "sent": len(records),
+                "finished": len(finishes),
+                "failed": len(failed),
+                "interrupted": self.interrupted,
+            },
+            "outcomes": outcomes,
+            "http_status": dict(sorted(statuses.items())),
+            "rate": {
+                "asked": options.rps,
+                "sent": (len(starts) - 1) / send_span if send_span > 0 else None,
+                "completed": len(finishes) / elapsed if elapsed > 0 else None,
+            },
+            "elapsed": elapsed,
+            "in_flight": {
+                "limit": options.max_in_flight,
+                "max": self.max_in_flight,
+                "held_back": self.held_back,
+                "max_send_lag": max((r.started - r.due for r in records), default=0.0),
+            },
+            "latency": {
+                "route": summarize(r.route_time for r in records if r.route_time is not None),
+                "worker": summarize(r.worker_time for r in ok if r.worker_time is not None),
+                "total": summarize(r.total_time for r in ok if r.total_time is not None),
+            },
+            "stream": stream,
+            "workers": dict(sorted(workers.items())),
+            "errors": [
+                {
+                    "index": r.index,
+                    "outcome": r.outcome,
+                    "stage": r.stage,
+                    "worker": r.worker,
+                    "message": r.message,
+                }
+                for r in failed[:ERROR_SAMPLES]
+            ],
+            "error_kinds": [
+                {"outcome": outcome, "stage": stage, "message": message, "count": count}
+                for (outcome, stage, message), count in kinds.most_common(ERROR_KINDS)
+            ],
+            **self.extra,
+        }
+
+    def render(self) -> str:
+        """The report for people: a few aligned lines, latencies in milliseconds."""
+        report = self.report()
+        target = report["target"]
+        requests = report["requests"]
+        if target["mode"] == "worker":
+            via = f"worker {target['worker']} directly (unsigned)"
+        elif target["mode"] == "local":
+            via = f"the local autoscaler {target['server']}"
+        else:
+            via = f"autoscaler {target['server']}"
+        lines = [
+            f"== load test: POST {target['route']} via {via}"
+            + (" (interrupted)" if requests["interrupted"] else ""),
+        ]
+        counts = [(k, v) for k, v in report["outcomes"].items() if v or k == "ok"]
+        counts.sort(key=lambda kv: (kv[0] != "ok", -kv[1], kv[0]))
+        lines.append(
+            f"requests    {requests['sent']} sent of {requests['asked']}, "
+            f"{requests['failed']} failed: "
+            + ", ".join(f"{outcome_label(k)} {v}" for k, v in counts)
+        )
+        rate = report["rate"]
+        flight = report["in_flight"]
+        sent_rate = "-" if rate["sent"] is None else f"{rate['sent']:.2f}/s"
+        completed = "-" if rate["completed"] is None else f"{rate['completed']:.2f}/s"
+        lines.append(
+            f"rate        asked {rate['asked']:g}/s, sent {sent_rate}, completed {completed}"
+            f" over {report['elapsed']:.2f}s"
+        )
+        held = f", held back {flight['held_back']} times" if flight["held_back"] else ""
+        lines.append(
+            f"in flight   max {flight['max']} (limit {flight['limit']}{held}), "
+            f"latest send {flight['max_send_lag'] * 1000:.1f} ms behind schedule"
+        )
+        table = [("route", report["latency"]["route"]), ("worker", report["latency"]["worker"])]
+        table.append(("total", report["latency"]["total"]))
+        stream = report["stream"]
+        if stream is not None:
+            table += [("first token", stream["ttft"]), ("inter-token", stream["itl"])]
+        lines.append(f"{'latency ms':<16}{'count':>7}{'p50':>9}{'p90':>9}{'p99':>9}{'max':>9}")
+        for name, summary in table:
+            if summary is None:
+                lines.append(f"  {name:<14}{0:>7}{'-':>9}{'-':>9}{'-':>9}{'-':>9}")
+                continue
+            cells = "".join(f"{summary[k] * 1000:>9.1f}" for k in ("p50", "p90", "p99", "max"))
+            lines.append(f"  {name:<14}{summary['count']:>7}{cells}")
+        if stream is not None:
+            per = stream["stream_tokens_per_s"]
+            per_text = "" if per is None else f", {per['p50']:.1f}/s per stream (p50)"
+            total_rate = stream["tokens_per_s"] or 0.0
+            lines.append(
+                f"tokens      {stream['tokens']} in {stream['requests']} streams: "
+                f"{total_rate:.1f}/s in all{per_text}"
+            )
+        workers = report["workers"]
+        lines.append(f"workers     {len(workers)} seen")
+        for url, seen in workers.items():
+            lines.append(f"  {url:<32} {seen['requests']:>6} requests, {seen['ok']} ok")
+        if report["error_kinds"]:
+            lines.append(f"errors      {requests['failed']}, by kind:")
+            for kind in report["error_kinds"]:
+                where = "route call" if kind["stage"] == "route" else "worker call"
+                message = " ".join(str(kind["message"]).split())[:160]
+                lines.append(
+                    f"  {kind['count']:>6} x {outcome_label(kind['outcome'])} ({where}): {message}"
+                )
+        return "\n".join(lines)
+
+
+# Payloads from a worker file ######################################################################
+
+
+def load_payload_class(spec: str | None = None) -> type[ApiPayload]:
+    """The ApiPayload subclass of a worker: `FILE.py`, `FILE.py:Class` or a module name.
+
+    Default: hello_world.py beside this file. When the file defines several payload classes,
+    the one its backend benchmarks with is taken, unless `:Class` names one.
+    """
+    spec = spec or os.path.join(_HERE, "hello_world.py")
+    path, class_name = spec, ""
+    if not os.path.exists(spec) and ":" in spec:
+        path, _, class_name = spec.rpartition(":")
+    if path.endswith(".py") or os.sep in path:
+        if not os.path.isfile(path):
+            raise ValueError(f"no worker file {path!r}")
+        name = os.path.splitext(os.path.basename(path))[0]
+        module = sys.modules.get(name)
+        origin = getattr(module, "__file__", None)
+        if module is None or origin is None or not os.path.samefile(origin, path):
+            directory = os.path.dirname(os.path.abspath(path))
+            if directory not in sys.path:
+                sys.path.append(directory)  # the worker's own imports, beside it
+            loader_spec = importlib.util.spec_from_file_location(name, path)
+            if loader_spec is None or loader_spec.loader is None:
+                raise ValueError(f"cannot import {path!r}")
+            module = importlib.util.module_from_spec(loader_spec)
+            sys.modules[name] = module
+            loader_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(path)
+    found = [
+        obj
+        for obj in vars(module).values()
+        if isinstance(obj, type)
+        and issubclass(obj, ApiPayload)
+        and obj.__module__ == module.__name__
+        and not inspect.isabstract(obj)
+    ]
+    classes: list[type[ApiPayload]] = found
+    if class_name:
+        for cls in classes:
+            if cls.__name__ == class_name:
+                return cls
+        raise ValueError(f"{path}: no ApiPayload subclass named {class_name!r}")
+    if len(classes) == 1:
+        return classes[0]
+    backend = getattr(module, "backend", None)
+    handler = getattr(backend, "benchmark_handler", None)
+    if isinstance(handler, EndpointHandler):  # the class the worker benchmarks with
+        chosen = typing.cast(EndpointHandler[Any], handler).payload_cls()
+        if chosen in classes or not classes:  # not classes: it imports its payload
+            return chosen
+    if not classes:
+        raise ValueError(f"{path}: no ApiPayload subclass")
+    names = ", ".join(c.__name__ for c in classes)
+    raise ValueError(f"{path}: several ApiPayload subclasses ({names}); pick one: {path}:Class")
+
+
+# Local mode: a whole setup on loopback ###########################################################
+# The fake models run in this process (asyncio); each worker is a real `python hello_world.py`
+# subprocess, and a secured one: no UNSECURED, it fetches /pubkey/ from the local autoscaler
+# and checks the signature of every request, as on a GPU box.
+
+READY_TIMEOUT = 60.0  # seconds for a worker to load and benchmark before the setup gives up
+STOP_GRACE = 10.0  # seconds a worker gets after SIGTERM before SIGKILL
+LAST_REPORT_WAIT = 2.5  # seconds to wait after the test for each worker's next load report
+LOG_TAIL_LINES = 15  # lines of a failed worker's log shown in the error
+# The environment a local worker gets is the user's minus these, so that a shell exporting
+# UNSECURED or another worker's settings cannot change what the local setup tests.
+_WORKER_VARIABLES = (
+    "WORKER_PORT",
+    "MODEL_LOG",
+    "MODEL_SERVER_URL",
+    "REPORT_ADDR",
+    "CONTAINER_ID",
+    "PUBLIC_IPADDR",
+    "USE_SSL",
+    "WORKER_SSL_CERT",
+    "WORKER_SSL_KEY",
+    "UNSECURED",
+    "PUBKEY_FILE",
+    "MAX_BODY_BYTES",
+)
+
+
+class SetupError(Exception):
+    """The local setup could not start; the message names the worker and its log file."""
+
+
+def _free_port() -> int:
+    """A port free on every interface now (the worker listens on 0.0.0.0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return int(sock.getsockname()[1])
+
+
+def _worker_failed(worker: LocalWorker, what: str, lines: int = LOG_TAIL_LINES) -> SetupError:
+    """A SetupError naming the worker and its log file, with the log's last lines."""
+    try:
+        with open(worker.log_path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(f.tell() - 16 * 1024, 0))
+            text = f.read().decode("utf-8", "replace")
+    except OSError as exc:
+        text = f"(cannot read it: {exc})"
+    tail = text.splitlines()[-lines:] or ["(empty)"]
+    return SetupError(
+        f"worker {worker.index} {what}; its log is {worker.log_path}:\n"
+        + "\n".join("    | " + line for line in tail)
+    )
+
+
+@dataclasses.dataclass
+class LocalWorker:
+    """One worker of the local setup: its fake model, its process and its files."""
+
+    index: int
+    directory: str  # its working directory: its own .has_benchmark
+    port: int
+    model: FakeModel
+    process: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.process is None else self.process.pid
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.directory, "worker.log")
+
+    @property
+    def model_log(self) -> str:
+        return os.path.join(self.directory, "model.log")
+
+
+def _realistic_model(log_path: str) -> FakeModel:
+    return FakeModel.realistic(log_path=log_path)
+
+
+class LocalSetup:
+    """N fake models, N worker subprocesses and one LocalAutoscaler, all on loopback.
+
+    `await start()`, `await wait_ready()`, run load against `autoscaler.url`, then always
+    `await stop()`: SIGTERM to the workers, a wait, SIGKILL for any still running.
+    """
+
+    def __init__(
+        self,
+        workers: int = 1,
+        *,
+        directory: str,
+        worker_file: str | None = None,
+        model_factory: Callable[[str], FakeModel] | None = None,
+        api_key: str = "local-key",
+        endpoint: str = "local",
+        key_bits: int = 1024,
+        out: typing.TextIO | None = None,
+    ) -> None:
+        self.count = workers
+        self.key_bits = key_bits
+        self.directory = directory
+        self.worker_file = os.path.abspath(worker_file or os.path.join(_HERE, "hello_world.py"))
+        self.model_factory = model_factory or _realistic_model
+        self.api_key = api_key
+        self.endpoint = endpoint
+        self.out = out if out is not None else sys.stdout
+        self.autoscaler: LocalAutoscaler | None = None
+        self.workers: list[LocalWorker] = []
+        self._started = 0.0
+
+    def _say(self, text: str) -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    async def start(self) -> None:
+        """Start the autoscaler, then each fake model and worker process (not yet ready)."""
+        self._started = time.monotonic()
+        # The autoscaler signs in this process, on the loop that times the requests: a
+        # 2048-bit pure-Python signature blocks it about 9 ms per route call, which showed up
+        # as inter-token jitter; 1024 bits take about 1 ms. The worker verifies either (it
+        # takes 1024-8192 bits), the same way. A local, throwaway key.
+        key = RsaPrivateKey.generate(self.key_bits)
+        self.autoscaler = await LocalAutoscaler(
+            key, api_key=self.api_key, endpoint=self.endpoint
+        ).start()
+        self._say(
+            f"local setup in {self.directory}: autoscaler {self.autoscaler.url}, "
+            f"{self.count} worker(s) running {os.path.basename(self.worker_file)}"
+        )
+        for index in range(1, self.count + 1):
+            directory = os.path.join(self.directory, f"worker-{index}")
+            os.makedirs(directory, exist_ok=True)
+            model = self.model_factory(os.path.join(directory, "model.log"))
+            worker = LocalWorker(index, directory, _free_port(), model)
+            self.workers.append(worker)
+            await model.start()
+            worker.process = await self._spawn(worker)
+            self._say(
+                f"  worker {index}: pid {worker.pid}, {worker.url}, "
+                f"fake model {model.url}, log {worker.log_path}"
+            )
+
+    async def _spawn(self, worker: LocalWorker) -> asyncio.subprocess.Process:
+        assert self.autoscaler is not None
+        env = {
+            name: value
+            for name, value in os.environ.items()
+            if name not in _WORKER_VARIABLES and not name.startswith("VAST_TCP_PORT_")
+        }
+        env.update(
+            WORKER_PORT=str(worker.port),
+            MODEL_LOG=worker.model_log,
+            MODEL_SERVER_URL=worker.model.url,
+            REPORT_ADDR=self.autoscaler.url,
+            CONTAINER_ID=str(worker.index),
+            PYTHONUNBUFFERED="1",
+        )
+        # pyworker.py beside this file, for a worker file kept elsewhere.
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), _HERE]))
+        # A bare interpreter (-S, no site-packages) runs its workers bare too.
+        flags = ["-S"] if sys.flags.no_site else []
+        with open(worker.log_path, "ab") as log_file:
+            return await asyncio.create_subprocess_exec(
+                sys.executable,
+                *flags,
+                self.worker_file,
+                cwd=worker.directory,
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+
+    async def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
+        """Until every worker reported itself ready (benchmark done); SetupError otherwise."""
+        assert self.autoscaler is not None
+        self._say("waiting for the workers: model load, public key, benchmark ...")
+        deadline = time.monotonic() + timeout
+        pending = list(self.workers)
+        while pending:
+            for worker in list(pending):
+                view = self.autoscaler.workers.get(worker.url)
+                process = worker.process
+                if view is not None and view.report.get("error_msg"):
+                    raise _worker_failed(worker, f"reported an error: {view.report['error_msg']}")
+                if view is not None and view.ready:
+                    pending.remove(worker)
+                    self._say(
+                        f"  worker {worker.index} ready after "
+                        f"{time.monotonic() - self._started:.1f}s "
+                        f"(max_perf {float(view.report.get('max_perf', 0)):.0f} workload/s)"
+                    )
+                elif process is not None and process.returncode is not None:
+                    status = process.returncode
+                    raise _worker_failed(worker, f"exited with status {status} before it was ready")
+            if pending and time.monotonic() > deadline:
+                raise _worker_failed(pending[0], f"was not ready after {timeout:g}s")
+            if pending:
+                await asyncio.sleep(0.1)
+
+    async def settle_reports(self, timeout: float = LAST_REPORT_WAIT) -> None:
+        """Wait (bounded) for one more load report from each worker: the one about the end."""
+        assert self.autoscaler is not None
+        views = self.autoscaler.workers
+        before = {w.url: views[w.url].reports for w in self.workers if w.url in views}
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(views[url].reports > count for url, count in before.items()):
+                return
+            await asyncio.sleep(0.1)
+
+    def describe(self, under_load_until: float | None = None) -> dict[str, Any]:
+        """The "local" part of the JSON report. `under_load_until` (a time.monotonic() value,
+        when the test stopped sending) picks each worker's last report sent under load."""
+        assert self.autoscaler is not None
+        reports = list(zip(self.autoscaler.report_times, self.autoscaler.reports))
+        workers: list[dict[str, Any]] = []
+        for worker in self.workers:
+            view = self.autoscaler.workers.get(worker.url)
+            mine = [(t, r) for t, r in reports if r.get("url") == worker.url]
+            loadtimes = [float(r["loadtime"]) for _, r in mine if float(r.get("loadtime") or 0)]
+            under_load = [
+                r for t, r in mine if under_load_until is not None and t <= under_load_until
+            ]
+            workers.append(
+                {
+                    "index": worker.index,
+                    "url": worker.url,
+                    "pid": worker.pid,
+                    "log": worker.log_path,
+                    "model_log": worker.model_log,
+                    "reports": 0 if view is None else view.reports,
+                    "loadtime": loadtimes[0] if loadtimes else None,
+                    "under_load_report": under_load[-1] if under_load else None,
+                    "last_report": None if view is None else dict(view.report),
+                }
+            )
+        return {"directory": self.directory, "autoscaler": self.autoscaler.url, "workers": workers}
+
+    @staticmethod
+    def render_reports(local: dict[str, Any]) -> str:
+        """Each worker's load reports (POST /worker_status/) from describe(), as a table:
+        the last one sent while the load was on, and the very last one."""
+        head = ("received", "working", "cur_load", "cur_perf", "max_perf")
+        lines = [
+            "load reports of each worker (POST /worker_status/; workload per second):",
+            f"  {'worker':<8}{'report':<12}"
+            + "".join(f"{h:>10}" for h in head)
+            + f"{'loadtime':>10}  error",
+        ]
+        for worker in local["workers"]:
+            rows: list[tuple[str, dict[str, Any]]] = []
+            under_load, last = worker["under_load_report"], worker["last_report"]
+            if under_load is not None and under_load != last:
+                rows.append(("under load", under_load))
+            rows.append(("last", last or {}))
+            loadtime = "-" if worker["loadtime"] is None else f"{worker['loadtime']:.1f}s"
+            for label, report in rows:
+                cells: list[Any] = [
+                    report.get("num_requests_recieved", "-"),
+                    report.get("num_requests_working", "-"),
+                ]
+                cells += [
+                    f"{float(report[k]):.0f}" if k in report else "-"
+                    for k in ("cur_load", "cur_perf", "max_perf")
+                ]
+                error = str(report.get("error_msg") or "-")
+                lines.append(
+                    f"  {worker['index']!s:<8}{label:<12}"
+                    + "".join(f"{c!s:>10}" for c in cells)
+                    + f"{loadtime:>10}  {error}"
+                )
+        return "\n".join(lines)
+
+    def kill(self) -> None:
+        """SIGKILL every worker still running (a second Ctrl-C)."""
+        for worker in self.workers:
+            process = worker.process
+            if process is not None and process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+
+    async def stop(self, grace: float = STOP_GRACE) -> None:
+        """SIGTERM the workers (each sends a last load report as it stops), wait up to
+        `grace` seconds, SIGKILL what is left; then stop the fake models and the autoscaler."""
+        processes = [w.process for w in self.workers if w.process is not None]
+        for process in processes:
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.terminate()
+        if processes:
+            try:
+                await asyncio.wait_for(asyncio.gather(*(p.wait() for p in processes)), grace)
+            except asyncio.TimeoutError:
+                for worker in self.workers:
+                    if worker.process is not None and worker.process.returncode is None:
+                        self._say(f"worker {worker.index} ignored SIGTERM for {grace:g}s: killed")
+                self.kill()
+                await asyncio.gather(*(p.wait() for p in processes))
+        for worker in self.workers:
+            await worker.model.stop()
+        if self.autoscaler is not None:
+            await self.autoscaler.stop()
+
+
+# Command line #####################################################################################
+
+
+class _Interrupts:
+    """SIGINT / SIGTERM while running: the first stops the current phase gently (the report
+    of what finished is still printed), a second one hurries (SIGKILL to local workers)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.gentle: Callable[[], object] | None = None
+        self.hurry: Callable[[], object] | None = None
+
+    def __call__(self) -> None:
+        self.count += 1
+        action = self.gentle if self.count == 1 else self.hurry
+        if action is not None:
+            action()
+
+    @contextlib.contextmanager
+    def installed(self, enabled: bool) -> Generator[None, None, None]:
+        loop = asyncio.get_running_loop()
+        signals: list[signal.Signals] = []
+        if enabled:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    loop.add_signal_handler(sig, self)
+                    signals.append(sig)
+                except (NotImplementedError, RuntimeError):  # pragma: no cover - Windows
+                    pass
+        try:
+            yield
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+
+
+def _positive(kind: Callable[[str], float]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not value > 0 or not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be above 0: {text!r}")
+        return value
+
+    return parse
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be 0 or more: {text!r}")
+    return value
+
+
+def _url(text: str) -> str:
+    try:
+        pyworker.split_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text.rstrip("/")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="test_load.py",
+        description="Load-test a PyWorker endpoint, or a whole PyWorker setup on loopback "
+        "(--local). Subcommands: `fake-model` (a fake LLM server), `autoscaler` (a local "
+        "autoscaler on port 8081 for -l); see `test_load.py fake-model -h`.",
+        epilog="Exit status: 0 every request succeeded; 1 some failed; 2 bad usage; "
+        "3 the local setup did not start; 130 interrupted.",
+        allow_abbrev=False,
+    )
+    load = parser.add_argument_group("load")
+    load.add_argument(
+        "-n",
+        type=_positive(int),
+        default=DEFAULT_TOTAL,
+        metavar="N",
+        help=f"total requests (default {DEFAULT_TOTAL})",
+    )
+    load.add_argument(
+        "-rps",
+        type=_positive(float),
+        default=DEFAULT_RPS,
+        metavar="RATE",
+        help=f"requests sent per second, open loop (default {DEFAULT_RPS:g})",
+    )
+    load.add_argument(
+        "--route",
+        default="/generate",
+        help="the worker route to call: /generate (default) or /generate_stream",
+    )
+    load.add_argument(
+        "--timeout",
+        type=_positive(float),
+        default=DEFAULT_TIMEOUT,
+        metavar="S",
+        help=f"seconds one request may take, route and answer (default {DEFAULT_TIMEOUT:g})",
+    )
+    load.add_argument(
+        "--max-in-flight",
+        type=_positive(int),
+        default=DEFAULT_MAX_IN_FLIGHT,
+        metavar="N",
+        help="requests in flight at most; the sender waits beyond "
+        f"(default {DEFAULT_MAX_IN_FLIGHT})",
+    )
+    load.add_argument(
+        "--worker-module",
+        metavar="FILE[:CLASS]",
+        help="the worker file whose ApiPayload.for_test() makes the payloads "
+        "(default hello_world.py)",
+    )
+    load.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    load.add_argument("-q", "--quiet", action="store_true", help="no progress line")
+    target = parser.add_argument_group("target (one of; default the Vast.ai autoscaler)")
+    where = target.add_mutually_exclusive_group()
+    where.add_argument(
+        "--server",
+        type=_url,
+        metavar="URL",
+        help=f"the autoscaler's base URL (default {DEFAULT_SERVER})",
+    )
+    where.add_argument(
+        "-l",
+        "--local-autoscaler",
+        action="store_true",
+        help=f"an autoscaler at {LOCAL_SERVER} (see `test_load.py autoscaler`)",
+    )
+    where.add_argument(
+        "--worker",
+        type=_url,
+        metavar="URL",
+        help="call this one worker directly, unsigned (it must run UNSECURED)",
+    )
+    where.add_argument(
+        "--local",
+        action="store_true",
+        help="start fake models, workers and an autoscaler on loopback and load them",
+    )
+    target.add_argument(
+        "-k",
+        "--api-key",
+        default=os.environ.get("API_KEY", ""),
+        help="API key for /route/ (default $API_KEY)",
+    )
+    target.add_argument(
+        "-e",
+        "--endpoint",
+        default=os.environ.get("ENDPOINT_NAME", ""),
+        help="endpoint name (default $ENDPOINT_NAME)",
+    )
+    target.add_argument("--cafile", metavar="PEM", help="also trust this CA (https workers)")
+    target.add_argument("--insecure", action="store_true", help="do not verify TLS certificates")
+    local = parser.add_argument_group("--local")
+    local.add_argument(
+        "--workers",
+        type=_positive(int),
+        default=1,
+        metavar="N",
+        help="worker processes, each with its own fake model (default 1)",
+    )
+    local.add_argument(
+        "--ready-timeout",
+        type=_positive(float),
+        default=READY_TIMEOUT,
+        metavar="S",
+        help=f"seconds for the workers to get ready (default {READY_TIMEOUT:g})",
+    )
+    local.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the working directory (logs) even when all went well",
+    )
+    local.add_argument(
+        "--model-load-time",
+        type=_non_negative,
+        default=1.0,
+        metavar="S",
+        help="seconds before a fake model logs that it is loaded (default 1)",
+    )
+    local.add_argument(
+        "--model-tokens",
+        type=_positive(int),
+        default=16,
+        metavar="N",
+        help="tokens in each fake answer (default 16)",
+    )
+    local.add_argument(
+        "--model-token-delay",
+        type=_non_negative,
+        default=0.015,
+        metavar="S",
+        help="seconds per token (default 0.015)",
+    )
+    local.add_argument(
+        "--model-first-token-delay",
+        type=_non_negative,
+        default=0.05,
+        metavar="S",
+        help="seconds before the first token (default 0.05)",
+    )
+    return parser
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """The load tester's arguments; exits with status 2 and a message on bad ones."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.route.startswith("/"):
+        parser.error(f"--route must start with /: {args.route!r}")
+    if args.workers > 64:
+        parser.error("--workers: 64 at most")
+    if not (args.local or args.worker):
+        if not args.api_key:
+            parser.error("no API key: give -k KEY or set API_KEY")
+        if not args.endpoint:
+            parser.error("no endpoint name: give -e NAME or set ENDPOINT_NAME")
+    return args
+
+
+def _ssl_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    if not (args.cafile or args.insecure):
+        return None
+    context = ssl.create_default_context(cafile=args.cafile)
+    if args.insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _write_json(path: str, report: dict[str, Any]) -> None:
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
+        f.write("\n")
+
+
+async def run_cli(
+    args: argparse.Namespace, *, out: typing.TextIO | None = None, handle_signals: bool = False
+) -> int:
+    """Run the load tester as the command line asked; returns the exit status."""
+    stream: typing.TextIO = out if out is not None else sys.stdout
+    try:
+        payload_cls = load_payload_class(args.worker_module)
+    except Exception as exc:  # the worker file's own import errors included
+        stream.write(f"test_load.py: --worker-module: {exc}\n")
+        return 2
+    server = args.server or (LOCAL_SERVER if args.local_autoscaler else DEFAULT_SERVER)
+    options = LoadOptions(
+        total=args.n,
+        rps=args.rps,
+        route=args.route,
+        server=None if args.worker else server,
+        worker=args.worker,
+        api_key=args.api_key,
+        endpoint=args.endpoint,
+        timeout=args.timeout,
+        max_in_flight=args.max_in_flight,
+        progress=not args.quiet,
+        ssl_context=_ssl_context(args),
+    )
+    interrupts = _Interrupts()
+    with interrupts.installed(handle_signals):
+        if args.local:
+            return await _run_local(args, options, payload_cls, interrupts, stream)
+        tester = LoadTester(options, payload_cls.for_test, stream)
+        interrupts.gentle = interrupts.hurry = tester.interrupt
+        result = await tester.run()
+        return _finish(args, result, stream)
+
+
+def _finish(args: argparse.Namespace, result: LoadResult, out: typing.TextIO) -> int:
+    out.write(result.render() + "\n")
+    if args.json:
+        _write_json(args.json, result.report())
+    out.flush()
+    if result.interrupted:
+        return 130
+    return 0 if result.ok else 1
+
+
+async def _run_local(
+    args: argparse.Namespace,
+    options: LoadOptions,
+    payload_cls: type[ApiPayload],
+    interrupts: _Interrupts,
+    out: typing.TextIO,
+) -> int:
+    directory = tempfile.mkdtemp(prefix="pyworker-local-")
+
+    def model(log_path: str) -> FakeModel:
+        return FakeModel.realistic(
+            log_path=log_path,
+            load_time=args.model_load_time,
+            tokens=args.model_tokens,
+            token_delay=args.model_token_delay,
+            first_token_delay=args.model_first_token_delay,
+        )
+
+    setup = LocalSetup(
+        args.workers,
+        directory=directory,
+        worker_file=args.worker_module,
+        model_factory=model,
+        api_key=args.api_key or "local-key",
+        endpoint=args.endpoint or "local",
+        out=out,
+    )
+    options.server = None  # known once the autoscaler listens
+    options.api_key, options.endpoint = setup.api_key, setup.endpoint
+    status = 3
+    interrupts.hurry = setup.kill
+    try:
+        starting = asyncio.get_running_loop().create_task(_start_local(setup, args.ready_timeout))
+        interrupts.gentle = starting.cancel
+        try:
+            await starting
+        except asyncio.CancelledError:
+            if not interrupts.count:
+                raise
+            out.write("interrupted while starting: shutting down\n")
+            status = 130
+            return status
+        except SetupError as exc:
+            out.write(f"test_load.py --local: {exc}\n")
+            return status
+        assert setup.autoscaler is not None
+        options.server = setup.autoscaler.url
+        tester = LoadTester(options, payload_cls.for_test, out)
+        interrupts.gentle = tester.interrupt
+        result = await tester.run()
+        if not result.interrupted:
+            await setup.settle_reports()
+        local = result.extra["local"] = setup.describe(under_load_until=result.send_ended)
+        status = _finish(args, result, out)
+        out.write(setup.render_reports(local) + "\n")
+        return status
+    finally:
+        interrupts.gentle = setup.kill  # Ctrl-C while stopping: do not wait for them
+        out.write(f"stopping {len(setup.workers)} worker(s) ...\n")
+        out.flush()
+        await setup.stop()
+        if status in (0, 130) and not args.keep:  # logs are kept when something failed
+            shutil.rmtree(directory, ignore_errors=True)
+            out.write("stopped\n")
+        else:
+            out.write(f"stopped; logs kept in {directory}\n")
+        out.flush()
+
+
+async def _start_local(setup: LocalSetup, ready_timeout: float) -> None:
+    try:
+        await setup.start()
+    except OSError as exc:  # a port, a directory, the interpreter
+        raise SetupError(f"cannot start: {exc}") from None
+    await setup.wait_ready(ready_timeout)
+
+
+async def amain(argv: Sequence[str], *, out: typing.TextIO | None = None) -> int:
+    """The command line inside a running event loop (the tests use it): the exit status."""
+    return await run_cli(parse_args(argv), out=out)
+
+
+# Subcommands: the stand-ins on their own ##########################################################
+
+
+def _serve_until_signalled(start: Callable[[], Awaitable[Callable[[], Awaitable[None]]]]) -> int:
+    async def main() -> None:
+        stop = await start()
+        done = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, done.set)
+        try:
+            await done.wait()
+        finally:
+            await stop()
+
+    asyncio.run(main())
+    return 0
+
+
+def fake_model_main(argv: Sequence[str]) -> int:
+    """`test_load.py fake-model`: a fake LLM server with the hello_world API, until Ctrl-C."""
+    parser = argparse.ArgumentParser(
+        prog="test_load.py fake-model",
+        description="A fake LLM server with the hello_world model API (POST /generate, "
+        "POST /generate_stream, GET /health), paced like a small LLM. It writes its log "
+        "like a real model server: the loaded line comes after --load-time seconds.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--port", type=int, default=5001, help="port (default 5001)")
+    parser.add_argument("--log", metavar="FILE", help="the log to write (the worker's MODEL_LOG)")
+    parser.add_argument("--load-time", type=_non_negative, default=1.0, metavar="S")
+    parser.add_argument("--tokens", type=_positive(int), default=16, metavar="N")
+    parser.add_argument("--token-delay", type=_non_negative, default=0.015, metavar="S")
+    parser.add_argument("--first-token-delay", type=_non_negative, default=0.05, metavar="S")
+    args = parser.parse_args(argv)
+
+    async def start() -> Callable[[], Awaitable[None]]:
+        model = FakeModel.realistic(
+            log_path=args.log,
+            load_time=args.load_time,
+            tokens=args.tokens,
+            token_delay=args.token_delay,
+            first_token_delay=args.first_token_delay,
+        )
+        await model.start(args.port)
+        print(f"fake model on {model.url}" + (f", log {args.log}" if args.log else ""), flush=True)
+        return model.stop
+
+    return _serve_until_signalled(start)
+
+
+def autoscaler_main(argv: Sequence[str]) -> int:
+    """`test_load.py autoscaler`: a local autoscaler for `-l`, until Ctrl-C."""
+    parser = argparse.ArgumentParser(
+        prog="test_load.py autoscaler",
+        description="A local autoscaler: GET /pubkey/, POST /route/ (signed auth_data), "
+        "POST /worker_status/. Point a worker's REPORT_ADDR at it and load it with -l.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--port", type=int, default=8081, help="port (default 8081)")
+    parser.add_argument("-k", "--api-key", default="local-key")
+    parser.add_argument("-e", "--endpoint", default="local")
+    args = parser.parse_args(argv)
+
+    async def start() -> Callable[[], Awaitable[None]]:
+        autoscaler = LocalAutoscaler(api_key=args.api_key, endpoint=args.endpoint)
+        await autoscaler.start(args.port)
+        print(
+            f"local autoscaler on {autoscaler.url}\n"
+            f"  a worker:  REPORT_ADDR={autoscaler.url} MODEL_LOG=... python hello_world.py\n"
+            f"  load it:   python test_load.py -l -k {args.api_key} -e {args.endpoint}",
+            flush=True,
+        )
+        loop = asyncio.get_running_loop()
+        watch = loop.create_task(_print_reports(autoscaler))
+
+        async def stop() -> None:
+            watch.cancel()
+            await autoscaler.stop()
+
+        return stop
+
+    return _serve_until_signalled(start)
+
+
+async def _print_reports(autoscaler: LocalAutoscaler) -> None:
+    seen = 0
+    while True:
+        await asyncio.sleep(1.0)
+        for report in autoscaler.reports[seen:]:
+            print(
+                f"report from {report.get('url')}: cur_load {report.get('cur_load', 0):.1f} "
+                f"max_perf {report.get('max_perf', 0):.1f} "
+                f"working {report.get('num_requests_working')} "
+                f"error {report.get('error_msg') or '-'}",
+                flush=True,
+            )
+        seen = len(autoscaler.reports)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "fake-model":
+        return fake_model_main(argv[1:])
+    if argv and argv[0] == "autoscaler":
+        return autoscaler_main(argv[1:])
+    args = parse_args(argv)
+    pyworker.install_uvloop()
+    return asyncio.run(run_cli(args, handle_signals=True))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
