@@ -78,6 +78,11 @@ from typing import Any, ClassVar, Generic, TypeVar
 try:  # orjson parses and serialises JSON about 5x faster than the json module.
     import orjson
 
+    # Before 3.9.15, orjson crashed the process (SIGSEGV) on deeply nested input, which any
+    # client can send: such a version is not used.
+    if tuple(int(p) for p in re.findall(r"\d+", orjson.__version__)[:3]) < (3, 9, 15):
+        raise ImportError("orjson older than 3.9.15")
+
     def json_loads(data: bytes) -> Any:
         return orjson.loads(data)
 
@@ -724,10 +729,7 @@ class _Connection:
         taken for the next answer)."""
         reader = self.reader
         return not (
-            self.writer.is_closing()
-            or reader.at_eof()
-            or reader.exception()
-            or _buffered(reader)
+            self.writer.is_closing() or reader.at_eof() or reader.exception() or _buffered(reader)
         )
 
     def abort(self) -> None:
@@ -1817,12 +1819,6 @@ class Config:
         config.use_ssl = flag("USE_SSL")
         config.ssl_cert = env.get("WORKER_SSL_CERT") or config.ssl_cert
         config.ssl_key = env.get("WORKER_SSL_KEY") or config.ssl_key
-        for name, path in (
-            ("WORKER_SSL_CERT", config.ssl_cert),
-            ("WORKER_SSL_KEY", config.ssl_key),
-        ):
-            if config.use_ssl and not os.path.isfile(path):
-                raise ConfigError(f"USE_SSL=true but {path!r} does not exist (set {name})")
         config.unsecured = flag("UNSECURED")
         config.pubkey_file = env.get("PUBKEY_FILE") or None
         if config.pubkey_file and not os.path.isfile(config.pubkey_file):
@@ -2345,7 +2341,17 @@ class Backend:
         self._spawn(self._healthcheck_loop())
 
     def _spawn(self, coro: typing.Coroutine[Any, Any, None]) -> None:
-        self._tasks.append(asyncio.get_running_loop().create_task(coro))
+        task = asyncio.get_running_loop().create_task(coro)
+        task.add_done_callback(self._background_done)
+        self._tasks.append(task)
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        """A background task must never die silently: say so, and stop claiming health."""
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        log.error("background task %s failed", task.get_coro(), exc_info=exc)
+        self.set_errored(f"internal error: {exc!r}")
 
     async def stop(self) -> None:
         """Cancel background work, send a last load report, close connections."""
@@ -2393,61 +2399,56 @@ class Backend:
     async def _tail_log(self, path: str) -> None:
         """Follow the model's log from its start: appends, truncation, rotation, partial lines.
 
-        Polls with os.stat and reads with os.pread in small steps, so the event loop never
-        blocks (the 2024 public PyWorker slept inside it and served ~100 requests a second).
+        Polls with os.stat and reads with os.pread in steps of at most 1 MiB, so the event
+        loop never blocks (the 2024 public PyWorker slept inside it and served ~100 requests a
+        second). Errors reading the file are logged and retried, never fatal.
         """
-        interval = self.config.log_poll_interval
         fd: int | None = None
         inode: int | None = None
         pos = 0
-        partial = b""
-        skipping = False  # inside the rest of an over-long line, already acted on
-        waited = False
+        lines = LineSplitter()
+        problem = ""
         try:
             while True:
                 try:
                     st = os.stat(path)
-                except FileNotFoundError:
-                    if fd is None and not waited:
-                        log.info("waiting for the model log %s", path)
-                        waited = True
-                    await asyncio.sleep(interval)
-                    continue
-                if st.st_ino != inode:
-                    if fd is not None:
-                        log.info("model log %s was replaced; reading the new file", path)
-                        os.close(fd)
-                        fd = None
-                    try:
+                    if st.st_ino != inode:
+                        if fd is not None:  # rotated: finish the old file, then the new one
+                            while data := os.pread(fd, 1024 * 1024, pos):
+                                pos += len(data)
+                                self._handle_log_lines(lines.feed(data))
+                            os.close(fd)
+                            fd = None
+                            log.info("model log %s was replaced; reading the new file", path)
                         fd = os.open(path, os.O_RDONLY)
-                    except OSError:
-                        await asyncio.sleep(interval)
+                        inode, pos = os.fstat(fd).st_ino, 0
+                        lines = LineSplitter()
+                    elif st.st_size < pos:
+                        log.info("model log %s was truncated; reading it from the start", path)
+                        pos, lines = 0, LineSplitter()
+                    if fd is not None and st.st_size > pos:
+                        data = os.pread(fd, min(st.st_size - pos, 1024 * 1024), pos)
+                        pos += len(data)
+                        self._handle_log_lines(lines.feed(data))
+                        await asyncio.sleep(0)  # a big backlog is read in steps
                         continue
-                    inode, pos, partial, skipping = os.fstat(fd).st_ino, 0, b"", False
-                elif st.st_size < pos:
-                    log.info("model log %s was truncated; reading it from the start", path)
-                    pos, partial, skipping = 0, b"", False
-                if fd is None or st.st_size <= pos:
-                    await asyncio.sleep(interval)
-                    continue
-                data = os.pread(fd, min(st.st_size - pos, 1024 * 1024), pos)
-                pos += len(data)
-                if skipping:
-                    newline = data.find(b"\n")
-                    if newline < 0:
-                        continue
-                    data, skipping = data[newline + 1 :], False
-                lines = (partial + data).split(b"\n")
-                partial = lines.pop()  # a line counts only once it ends
-                if len(partial) > MAX_LOG_LINE:
-                    lines.append(partial[:MAX_LOG_LINE])  # act on a huge line's start, once
-                    partial, skipping = b"", True
-                for line in lines:
-                    self.handle_log_line(line[:MAX_LOG_LINE].decode("utf-8", "replace").rstrip())
-                await asyncio.sleep(0)  # a big backlog is read in steps, between requests
+                    problem = ""
+                except FileNotFoundError:
+                    if not problem:
+                        log.info("waiting for the model log %s", path)
+                        problem = "missing"
+                except OSError as exc:
+                    if problem != str(exc):  # say it once, keep trying
+                        log.warning("cannot read the model log %s: %s", path, exc)
+                        problem = str(exc)
+                await asyncio.sleep(self.config.log_poll_interval)
         finally:
             if fd is not None:
                 os.close(fd)
+
+    def _handle_log_lines(self, lines: list[bytes]) -> None:
+        for line in lines:
+            self.handle_log_line(line.decode("utf-8", "replace").rstrip())
 
     def handle_log_line(self, line: str) -> None:
         for action, text in self.log_actions:
@@ -2625,6 +2626,31 @@ class Backend:
 
 
 MAX_LOG_LINE = 64 * 1024  # a model-log line is matched on its first 64 KiB (bounded memory)
+
+
+class LineSplitter:
+    """Bytes in, complete lines out (without their newline). A line only counts once it ends;
+    an over-long one is handed out once, cut to MAX_LOG_LINE, and the rest of it is skipped,
+    so memory stays bounded whatever the log holds."""
+
+    def __init__(self) -> None:
+        self._partial = b""
+        self._skipping = False  # inside the rest of an over-long line, already handed out
+
+    def feed(self, data: bytes) -> list[bytes]:
+        if self._skipping:
+            newline = data.find(b"\n")
+            if newline < 0:
+                return []
+            data, self._skipping = data[newline + 1 :], False
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        if len(self._partial) > MAX_LOG_LINE:
+            lines.append(self._partial)
+            self._partial, self._skipping = b"", True
+        return [line[:MAX_LOG_LINE] for line in lines]
+
+
 BENCHMARK_TIMEOUT = 600.0  # seconds one benchmark request may take
 REPORT_ATTEMPTS = 3  # tries per load report and address, with backoff 0.5 s, 1 s
 
@@ -2672,6 +2698,15 @@ class Worker:
         await self.backend.stop()
 
 
+def _server_tls_context(config: Config) -> ssl.SSLContext:
+    for name, path in (("WORKER_SSL_CERT", config.ssl_cert), ("WORKER_SSL_KEY", config.ssl_key)):
+        if not os.path.isfile(path):
+            raise ConfigError(f"USE_SSL=true but {path!r} does not exist (set {name})")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(config.ssl_cert, config.ssl_key)
+    return context
+
+
 async def start_server(
     backend: Backend,
     routes: Iterable[Route],
@@ -2690,8 +2725,7 @@ async def start_server(
     server = HttpServer([*builtin, *routes], max_body=config.max_body)
     ssl_context = None
     if config.use_ssl:
-        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ssl_context.load_cert_chain(config.ssl_cert, config.ssl_key)
+        ssl_context = _server_tls_context(config)
     bound = await server.start(
         config.host if host is None else host,
         config.worker_port if port is None else port,
@@ -2720,7 +2754,7 @@ def run(backend: Backend, routes: Iterable[Route]) -> None:
     async def main() -> None:
         try:
             worker = await start_server(backend, routes, config)
-        except (OSError, KeyFormatError, ssl.SSLError) as exc:
+        except (OSError, KeyFormatError, ssl.SSLError, ConfigError) as exc:
             log.error("cannot start: %s", exc)
             raise SystemExit(1) from None
         stop = asyncio.Event()
