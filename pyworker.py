@@ -30,6 +30,7 @@ Environment (validated at start by Config.from_env; a bad value stops the worker
 line naming the variable):
 
     WORKER_PORT       port to listen on (3000)
+    WORKER_HOST       address to listen on (0.0.0.0; 127.0.0.1 keeps it off the network)
     MODEL_LOG         the model server's log file (required to become ready)
     MODEL_SERVER_URL  overrides the worker file's model URL
     REPORT_ADDR       autoscaler base URL(s), comma-separated (https://run.vast.ai)
@@ -1268,6 +1269,7 @@ class HttpServer:
 
     def _send_error(self, writer: asyncio.StreamWriter, exc: HttpError) -> None:
         """A framing error: answer it and close, since where the next request starts is unknown."""
+        access_log.info("- %d (%s)", exc.status, exc.message)
         body = json_dumps({"error": exc.message})
         head = response_head(
             exc.status,
@@ -1285,10 +1287,12 @@ class HttpServer:
         methods = self.routes.get(request.path)
         if methods is None:
             response = error_response(404, "not found")
+            access_log.info("%s 404 (not found)", request.path)
         elif request.method not in methods:
             allow = ", ".join(sorted(methods))
             response = error_response(405, "method not allowed")
             response.headers = [("Allow", allow)]
+            access_log.info("%s 405 (%s not allowed)", request.path, request.method)
         else:
             try:
                 response = await methods[request.method](request)
@@ -1308,6 +1312,8 @@ class HttpServer:
         writer: asyncio.StreamWriter,
     ) -> bool:
         keep_alive = request.keep_alive and not self.closing
+        if response.status in (204, 304):  # RFC 9110 15.3.5, 15.4.5: never a body
+            return await self._write_bodiless(request, response, proto, writer, keep_alive)
         headers = [("Content-Type", response.content_type), *response.headers]
         if keep_alive and request.version == "HTTP/1.0" and response.stream is None:
             headers.append(("Connection", "keep-alive"))  # 1.0 closes unless told otherwise
@@ -1346,7 +1352,7 @@ class HttpServer:
             if head:  # nothing sent yet
                 status = exc.status if isinstance(exc, UpstreamError) else 500
                 log.warning("stream for %s failed before its first byte: %s", request.path, exc)
-                failed = error_response(status, f"model server error: {exc}")
+                failed = error_response(status, _upstream_message(exc))
                 return await self._write_response(request, failed, proto, writer)
             # The model broke off: cut the client's stream (no last chunk) so it sees an error.
             log.warning("stream for %s cut: %s", request.path, exc)
@@ -1357,6 +1363,29 @@ class HttpServer:
             if aclose is not None:
                 await aclose()
         writer.write(head + LAST_CHUNK if chunked else head)
+        await self._drain(proto, writer)
+        return keep_alive
+
+    async def _write_bodiless(
+        self,
+        request: Request,
+        response: Response,
+        proto: _ServerProtocol,
+        writer: asyncio.StreamWriter,
+        keep_alive: bool,
+    ) -> bool:
+        if response.stream is not None:  # a relayed 204 or 304: its (empty) body ends at once
+            async for _ in response.stream:
+                pass
+        head = response_head(
+            response.status,
+            response.headers,
+            content_length=None,
+            keep_alive=keep_alive,
+            chunked=False,
+        )
+        proto.phase = _Phase.RESPONDING
+        writer.write(head)
         await self._drain(proto, writer)
         return keep_alive
 
@@ -1670,8 +1699,14 @@ class ReplayGuard:
             self._recent.popitem(last=False)
 
 
-def verify_auth(key: RsaPublicKey, auth: AuthData, guard: ReplayGuard) -> str | None:
-    """Check one request's signature and freshness; the reason it fails, or None."""
+def verify_auth(
+    key: RsaPublicKey, auth: AuthData, guard: ReplayGuard, *, record: bool = True
+) -> str | None:
+    """Check one request's signature and freshness; the reason it fails, or None.
+
+    With record=False the caller records the ticket in `guard` itself once the request is
+    accepted, so a request refused for another reason (429) can be retried with it.
+    """
     if len(auth.signature) > MAX_SIGNATURE_B64:
         return "signature too long"
     try:
@@ -1684,7 +1719,8 @@ def verify_auth(key: RsaPublicKey, auth: AuthData, guard: ReplayGuard) -> str | 
         return reason
     if not key.verify(message, signature):
         return "bad signature"
-    guard.record(auth.reqnum, message)
+    if record:
+        guard.record(auth.reqnum, message)
     return None
 
 
@@ -1809,6 +1845,7 @@ class Config:
             return raw.rstrip("/")
 
         config.worker_port = integer("WORKER_PORT", 3000, 1, 65535)
+        config.host = env.get("WORKER_HOST", "").strip() or config.host
         config.model_log = env.get("MODEL_LOG") or None
         if env.get("MODEL_SERVER_URL"):
             config.model_server_url = url("MODEL_SERVER_URL", env["MODEL_SERVER_URL"])
@@ -2091,7 +2128,7 @@ class Backend:
         if refusal is not None:
             return self._refuse(route, refusal)
         try:
-            payload = self._parse_request(payload_cls, request.body)
+            payload, auth = self._parse_request(payload_cls, request.body)
         except HttpError as exc:
             return self._refuse(route, error_response(exc.status, exc.message))
         except JsonDataException as exc:
@@ -2104,6 +2141,8 @@ class Backend:
                 retry = str(max(1, math.ceil(wait - self.max_queue_time)))
                 body = {"error": "queue too long", "estimated_wait": round(wait, 3)}
                 return self._refuse(route, json_response(body, 429, [("Retry-After", retry)]))
+        if auth is not None:  # accepted: from now on this ticket is spent
+            self.replay_guard.record(auth.reqnum, auth.message())
         job = _Job(self, route, workload)
         lock = self.queue_lock
         holding = False
@@ -2138,7 +2177,10 @@ class Backend:
         except UpstreamError as exc:
             job.finish("errored", exc.status)
             log.warning("%s: model request failed: %s", route, exc)
-            return error_response(exc.status, "model server error: " + str(exc))
+            return error_response(exc.status, _upstream_message(exc))
+        except HttpError as exc:  # raised by the worker's own handler code
+            job.finish("errored", exc.status)
+            raise
         except asyncio.CancelledError:
             job.finish("cancelled", 499)
             raise
@@ -2157,7 +2199,9 @@ class Backend:
             return error_response(503, "no public key yet", state="no_pubkey")
         return None
 
-    def _parse_request(self, payload_cls: type[ApiPayload], body: bytes) -> ApiPayload:
+    def _parse_request(
+        self, payload_cls: type[ApiPayload], body: bytes
+    ) -> tuple[ApiPayload, AuthData | None]:
         """Parse, validate auth_data, verify it, and only then parse the payload."""
         try:
             data = json_loads(body)
@@ -2190,11 +2234,11 @@ class Backend:
             raise JsonDataException(errors)
         if auth is not None:
             assert self.pubkey is not None
-            reason = verify_auth(self.pubkey, auth, self.replay_guard)
+            reason = verify_auth(self.pubkey, auth, self.replay_guard, record=False)
             if reason is not None:
                 raise HttpError(401, reason)
         try:
-            return payload_cls.from_json_msg(typing.cast(dict[str, Any], raw_payload))
+            return payload_cls.from_json_msg(typing.cast(dict[str, Any], raw_payload)), auth
         except JsonDataException as exc:
             raise JsonDataException({"payload": exc.message}) from None
 
@@ -2664,6 +2708,15 @@ def _disk_used() -> int:
 
 def _nothing() -> None:
     return None
+
+
+def _upstream_message(exc: BaseException) -> str:
+    """What a client is told when the model fails; the details (addresses) go to the log."""
+    if isinstance(exc, UpstreamTimeout):
+        return "the model server did not answer in time"
+    if isinstance(exc, UpstreamError):
+        return "the model server failed"
+    return "internal error"
 
 
 @dataclasses.dataclass

@@ -704,3 +704,41 @@ def test_many_sequential_connections_leave_no_connection_behind() -> None:
             await server.shutdown(grace=0)
 
     run(main())
+
+
+def test_no_content_answers_carry_no_framing_and_keep_the_connection() -> None:
+    """Guards framing: a 204 with Transfer-Encoding or a body would desynchronise the next
+    answer on a keep-alive connection (RFC 9110 15.3.5)."""
+
+    async def empty_stream() -> AsyncIterator[bytes]:
+        for part in (b"",):
+            yield part
+
+    async def no_content(request: pyworker.Request) -> pyworker.Response:
+        return pyworker.Response(204, stream=empty_stream())
+
+    async def main() -> None:
+        routes = [pyworker.get("/nothing", no_content), *echo_routes("/")]
+        async with serving(routes) as port, raw_client(port) as client:
+            await client.send(b"GET /nothing HTTP/1.1\r\nHost: x\r\n\r\n" + GET)
+            status, headers = await client.head()
+            names = {k.lower() for k, _ in headers}
+            assert status == 204
+            assert "transfer-encoding" not in names and "content-length" not in names
+            assert (await client.response()).status == 200  # the next answer is intact
+
+    run(main())
+
+
+def test_every_connection_header_line_counts() -> None:
+    """`Connection: close` on a second line must not be overlooked."""
+
+    async def main() -> None:
+        async with serving(echo_routes()) as port, raw_client(port) as client:
+            await client.send(
+                b"GET / HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\nConnection: close\r\n\r\n"
+            )
+            assert (await client.response()).status == 200
+            assert await client.closed_by_peer(3)
+
+    run(main())

@@ -606,6 +606,43 @@ def test_429_with_retry_after_when_the_queue_is_too_long(tmp_path: Path) -> None
     run(main())
 
 
+def test_a_ticket_refused_with_429_can_be_retried(tmp_path: Path) -> None:
+    """Guards against spending the autoscaler's ticket on a request that was never accepted:
+    the client is told to retry (Retry-After), so the same auth_data must work then."""
+
+    async def main() -> None:
+        async with worker_setup(tmp_path, max_queue_time=0.5, cached_max_perf=10.0) as w:
+            w.fake.json_delay = 1.0
+            prompt = "one two three four five"
+            busy = [asyncio.ensure_future(w.post("/generate", w.body(prompt))) for _ in range(3)]
+            await wait_for(lambda: w.backend.metrics.in_flight.requests >= 2, what="a queue")
+            retried = w.body(prompt)
+            first = await w.post("/generate", retried)
+            assert first.status == 429, first.body
+            await gather_tasks(*busy)
+            w.fake.json_delay = 0.0
+            again = await w.post("/generate", retried)
+            assert again.status == 200, again.body
+            replay = await w.post("/generate", retried)  # accepted once: now it is spent
+            assert replay.status == 401, replay.body
+
+    run(main())
+
+
+def test_model_failure_details_stay_in_the_log(tmp_path: Path) -> None:
+    """The model's internal address is the worker's business, not the client's."""
+
+    async def main() -> None:
+        async with worker_setup(tmp_path) as w:
+            model_port = str(w.fake.port)
+            await w.fake.stop()
+            reply = await w.post("/generate", w.body())
+            assert reply.status == 502
+            assert model_port not in reply.body.decode() and "127.0.0.1" not in reply.body.decode()
+
+    run(main())
+
+
 def test_502_when_the_model_is_unreachable(tmp_path: Path) -> None:
     async def main() -> None:
         async with worker_setup(tmp_path) as w:
