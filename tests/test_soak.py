@@ -1,0 +1,229 @@
+"""A CI-sized soak: a few thousand mixed JSON and streaming requests against a live worker,
+some of them abandoned by their client at a random moment, checking that nothing grows
+without bound: open descriptors, asyncio tasks, pooled and server connections, traced
+memory; and that the bookkeeping balances at the end. tests/soak.py is the long version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import time
+import tracemalloc
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import hello_world
+import pyworker
+from pyworker import Backend, State
+from test_load import FakeModel
+
+T = TypeVar("T")
+WARMUP = 400  # requests before the baseline is taken (pools and caches fill up)
+SOAK = int(os.environ.get("PYWORKER_SOAK_REQUESTS", "2600"))
+CONCURRENCY = 24
+DISCONNECT_RATE = 0.12  # share of requests whose client goes away at a random moment
+SEED = 7
+
+
+class FastGenerateHandler(hello_world.GenerateHandler):
+    benchmark_runs = 1
+
+
+def run(coro: Awaitable[T], timeout: float = 100.0) -> T:
+    async def main() -> T:
+        return await asyncio.wait_for(coro, timeout)
+
+    return asyncio.run(main())
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+class Load:
+    """Closed-loop load: CONCURRENCY clients, mixed routes, random disconnects."""
+
+    def __init__(self, port: int, rng: random.Random) -> None:
+        self.port = port
+        self.rng = rng
+        self.client = pyworker.HttpClient(f"http://127.0.0.1:{port}", max_idle=CONCURRENCY)
+        self.outcomes: dict[str, int] = {}
+
+    def _count(self, outcome: str) -> None:
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+
+    @staticmethod
+    def body(i: int) -> bytes:
+        payload = {"prompt": f"soak {i} " * 5, "max_response_tokens": 6}
+        return json.dumps({"payload": payload}).encode()
+
+    async def one(self, i: int) -> None:
+        route = "/generate_stream" if i % 2 else "/generate"
+        if self.rng.random() < DISCONNECT_RATE:
+            await self.abandon(route, i)
+            return
+        async with await self.client.request("POST", route, self.body(i), timeout=10) as r:
+            data = await r.read()
+        ok = r.status == 200 and (data.count(b"data:") == 6 or b'"tokens":6' in data)
+        self._count("ok" if ok else f"bad {r.status}")
+
+    async def abandon(self, route: str, i: int) -> None:
+        """Send a request on a raw connection and go away: before, or after part of, the answer."""
+        body = self.body(i)
+        head = f"POST {route} HTTP/1.1\r\nHost: w\r\nContent-Length: {len(body)}\r\n\r\n"
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        try:
+            writer.write(head.encode() + body)
+            moment = self.rng.choice(["at once", "after a moment", "after some bytes"])
+            if moment == "after a moment":
+                await asyncio.sleep(self.rng.uniform(0, 0.01))
+            elif moment == "after some bytes":
+                await asyncio.wait_for(reader.read(self.rng.randint(1, 200)), 5)
+        finally:
+            if self.rng.random() < 0.5:
+                writer.transport.abort()  # reset
+            else:
+                writer.close()  # FIN
+        self._count("abandoned")
+
+    async def run(self, start: int, count: int) -> None:
+        queue = iter(range(start, start + count))
+
+        async def client() -> None:
+            for i in queue:
+                await self.one(i)
+
+        await asyncio.gather(*(client() for _ in range(CONCURRENCY)))
+
+
+def test_soak_has_bounded_growth(tmp_path: Path) -> None:
+    """Guards against leaks under long mixed load with disconnects: descriptors, tasks,
+    connections and traced memory after SOAK requests stay within a small bound of what they
+    were after the warm-up; the bookkeeping balances; the worker still answers."""
+
+    async def main() -> dict[str, Any]:
+        fake = await FakeModel(tokens=6, token_delay=0.001).start()
+        log_path = tmp_path / "model.log"
+        log_path.write_text(FakeModel.LOADED_LINE + "\n")
+        backend = Backend(
+            model_server_url=fake.url,
+            model_log_file=None,
+            allow_parallel_requests=True,
+            benchmark_handler=FastGenerateHandler(),
+            log_actions=[(pyworker.LogAction.ModelLoaded, FakeModel.LOADED_LINE)],
+        )
+        routes = [
+            pyworker.post("/generate", backend.create_handler(FastGenerateHandler())),
+            pyworker.post(
+                "/generate_stream", backend.create_handler(hello_world.GenerateStreamHandler())
+            ),
+        ]
+        config = pyworker.Config(
+            host="127.0.0.1",
+            model_server_url=fake.url,
+            model_log=str(log_path),
+            benchmark_cache=str(tmp_path / ".has_benchmark"),
+            report_addrs=["http://127.0.0.1:9"],  # nothing listens: reports fail, quietly
+            unsecured=True,
+            report_check_interval=60.0,
+            report_max_interval=60.0,
+            log_poll_interval=0.05,
+        )
+        worker = await pyworker.start_server(backend, routes, config, port=0)
+        tracemalloc.start()
+        try:
+            for _ in range(400):
+                if backend.state is State.READY:
+                    break
+                await asyncio.sleep(0.025)
+            assert backend.state is State.READY
+            rng = random.Random(SEED)
+
+            async def phase(start: int, count: int) -> dict[str, float]:
+                load = Load(worker.port, rng)
+                try:
+                    await load.run(start, count)
+                finally:
+                    await load.client.close()
+                outcomes.update({k: outcomes.get(k, 0) + v for k, v in load.outcomes.items()})
+                # Let the worker notice the closed connections and settle.
+                for _ in range(200):
+                    if worker.server.connections == 0 and backend.metrics.in_flight.requests == 0:
+                        break
+                    await asyncio.sleep(0.02)
+                fake.requests.clear()  # the fake model's own record, not the worker's memory
+                return {
+                    "fds": open_fds(),
+                    "tasks": len(asyncio.all_tasks()),
+                    "pooled": backend.client.idle_connections,
+                    "server_connections": worker.server.connections,
+                    "traced_bytes": tracemalloc.get_traced_memory()[0],
+                    "in_flight": backend.metrics.in_flight.requests,
+                }
+
+            outcomes: dict[str, int] = {}
+            started = time.monotonic()
+            base = await phase(0, WARMUP)
+            after = await phase(WARMUP, SOAK)
+            elapsed = time.monotonic() - started
+            status, body = await _ping(worker.port)
+            metrics = backend.metrics
+            return {
+                "base": base,
+                "after": after,
+                "outcomes": outcomes,
+                "elapsed": elapsed,
+                "ping": (status, body),
+                "consistent": metrics.consistent(),
+                "received": metrics.received.requests,
+                "served": metrics.served.requests,
+                "cancelled": metrics.cancelled.requests,
+                "errored": metrics.errored.requests,
+            }
+        finally:
+            tracemalloc.stop()
+            await worker.stop(grace=1)
+            await fake.stop()
+
+    r = run(main())
+    base, after, outcomes = r["base"], r["after"], r["outcomes"]
+    total = WARMUP + SOAK
+    assert sum(outcomes.values()) == total, outcomes
+    assert outcomes.get("ok", 0) + outcomes.get("abandoned", 0) == total, outcomes
+    assert outcomes["abandoned"] > total * DISCONNECT_RATE / 2, outcomes
+    assert r["ping"] == (200, b"pong")
+    # Bookkeeping: every request that reached the handler is in exactly one outcome.
+    assert r["consistent"], r
+    assert after["in_flight"] == 0, after
+    assert r["received"] == r["served"] + r["cancelled"] + r["errored"], r
+    assert r["served"] >= outcomes["ok"], r
+    assert r["errored"] == 0, r
+    # Bounded growth between the warm-up and the end of the soak.
+    assert after["server_connections"] == 0, after
+    # Each pooled model connection holds two descriptors here (the worker's end and the fake
+    # model's) and one fake-model task; the pool may still be filling up toward CONCURRENCY.
+    assert after["fds"] - 2 * after["pooled"] <= base["fds"] - 2 * base["pooled"] + 4, (base, after)
+    assert after["tasks"] - after["pooled"] <= base["tasks"] - base["pooled"] + 2, (base, after)
+    assert after["pooled"] <= pyworker.MAX_IDLE_UPSTREAM, after
+    assert after["pooled"] <= 2 * CONCURRENCY, after
+    growth = after["traced_bytes"] - base["traced_bytes"]
+    assert growth < 1024 * 1024, (growth, base, after)  # < 1 MiB over thousands of requests
+    print(
+        f"soak: {total} requests in {r['elapsed']:.1f}s, {outcomes}; fds {base['fds']}->"
+        f"{after['fds']}, tasks {base['tasks']}->{after['tasks']}, pooled {base['pooled']}->"
+        f"{after['pooled']}, traced memory growth {growth / 1024:.0f} KiB; received "
+        f"{r['received']} = served {r['served']} + cancelled {r['cancelled']}"
+    )
+
+
+async def _ping(port: int) -> tuple[int, bytes]:
+    client = pyworker.HttpClient(f"http://127.0.0.1:{port}")
+    try:
+        async with await client.request("GET", "/ping", timeout=5) as resp:
+            return resp.status, await resp.read()
+    finally:
+        await client.close()
