@@ -194,6 +194,11 @@ _VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]")
 # _request_line_error, which says why.
 _REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) (/[\x21-\x7e]*) (HTTP/1\.[01])")
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,%d}" % MAX_CHUNK_SIZE_DIGITS)
+# A well-formed chunk-size line (RFC 9112 7.1.1), for the decoder's fast path; any other line
+# goes through parse_chunk_size, which says what is wrong.
+_WHOLE_CHUNK_SIZE = re.compile(
+    rb"([0-9A-Fa-f]{1,%d})[ \t]*(?:;[\t\x20-\x7e\x80-\xff]*)?\r\n" % MAX_CHUNK_SIZE_DIGITS
+)
 _STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([1-5][0-9]{2})(?: ([\x09\x20-\x7e\x80-\xff]*))?")
 _DIGITS = re.compile(rb"[0-9]{1,19}")  # len(str(2**63)) == 19; more is no real length
 
@@ -574,6 +579,17 @@ class ChunkedDecoder:
         pos = 0
         while not self.done:
             state = self._state
+            if state == "size":  # the usual case: a whole chunk is here, take it in one step
+                match = _WHOLE_CHUNK_SIZE.match(buf, pos)
+                if match is not None:
+                    size = int(match.group(1), 16)
+                    end = match.end() + size
+                    if size and len(buf) >= end + 2 and self._fits(size):
+                        if buf[end : end + 2] != b"\r\n":
+                            raise HttpError(400, "chunk data not followed by CRLF")
+                        out.append(buf[match.end() : end])
+                        pos = end + 2
+                        continue
             if state == "data":
                 take = min(self._remaining, len(buf) - pos)
                 if take:
@@ -600,8 +616,7 @@ class ChunkedDecoder:
                 pos = end + 2
                 if state == "size":
                     size = parse_chunk_size(line)
-                    self.total += size
-                    if self.max_size is not None and self.total > self.max_size:
+                    if not self._fits(size):
                         raise HttpError(413, "body too large")
                     self._remaining = size
                     self._state = "data" if size else "trailer"
@@ -615,6 +630,10 @@ class ChunkedDecoder:
                         raise HttpError(431, "too many trailer fields")
                     parse_header_lines([line[:-2]])  # validated, then dropped
         self._buffer = buf[pos:]
+
+    def _fits(self, size: int) -> bool:
+        self.total += size
+        return self.max_size is None or self.total <= self.max_size
 
 
 async def read_chunked(
@@ -1546,6 +1565,9 @@ def _describe(hint: Any) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
+_SIGNED_LAYOUT = '{\n    "cost": %s,\n    "endpoint": %s,\n    "reqnum": %s,\n    "url": %s\n}'
+
+
 @dataclasses.dataclass
 class AuthData:
     """The autoscaler's signed ticket that comes with each client request (SPEC section 3)."""
@@ -1561,13 +1583,21 @@ class AuthData:
         return from_json_fields(cls, json_msg)
 
     def message(self) -> bytes:
-        """The signed bytes: Python's json.dumps(indent=4) of the four fields in this order.
+        """The signed bytes: Python's json.dumps(indent=4) of the four fields in this order,
+        each value as received (a cost sent as "20" and one sent as 20 sign different bytes).
 
-        orjson cannot produce this layout; the stdlib must, byte for byte.
+        orjson cannot produce this layout. The values are scalars, so the layout is spelled
+        out here around the stdlib's own encoding of each value: the same bytes as
+        json.dumps({"cost": ..., "endpoint": ..., "reqnum": ..., "url": ...}, indent=4), in a
+        third of the time.
         """
-        fields = {"cost": self.cost, "endpoint": self.endpoint, "reqnum": self.reqnum}
-        fields["url"] = self.url
-        return json.dumps(fields, indent=4).encode("utf-8")
+        text = _SIGNED_LAYOUT % (
+            json.dumps(self.cost),
+            json.dumps(self.endpoint),
+            json.dumps(self.reqnum),
+            json.dumps(self.url),
+        )
+        return text.encode("ascii")  # json.dumps escapes all non-ASCII
 
 
 # Signatures ######################################################################################
