@@ -2819,17 +2819,55 @@ async def start_server(
     return Worker(backend, server, bound)
 
 
+if typing.TYPE_CHECKING:  # subscriptable at run time only from Python 3.11 on
+    _StreamHandler = logging.StreamHandler[typing.TextIO]
+else:
+    _StreamHandler = logging.StreamHandler
+
+
+class _LogHandler(_StreamHandler):
+    """Log lines to stdout. Warnings and errors are flushed at once; other lines at most
+    every LOG_FLUSH_INTERVAL, since a flush per access-log line is a system call per request."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stdout)
+        self._last_flush = 0.0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        super().emit(record)
+        if record.levelno >= logging.WARNING:
+            self._flush_now()
+
+    def flush(self) -> None:  # called by emit() after every record
+        if time.monotonic() - self._last_flush >= LOG_FLUSH_INTERVAL:
+            self._flush_now()
+
+    def _flush_now(self) -> None:
+        self._last_flush = time.monotonic()
+        super().flush()
+
+    def close(self) -> None:
+        self._flush_now()
+        super().close()
+
+    async def flush_periodically(self) -> None:
+        while True:  # so that a quiet worker's last lines do not wait in the buffer
+            await asyncio.sleep(LOG_FLUSH_INTERVAL)
+            self._flush_now()
+
+
+LOG_FLUSH_INTERVAL = 0.5  # seconds an INFO line may wait in stdout's buffer
+
+
 def run(backend: Backend, routes: Iterable[Route]) -> None:
     """Run a worker until SIGTERM or SIGINT: the entry point of a worker file."""
     try:
         config = Config.from_env()
     except ConfigError as exc:
         sys.exit(f"pyworker: bad configuration: {exc}")
-    logging.basicConfig(
-        level=config.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stdout,
-    )
+    handler = _LogHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=config.log_level, handlers=[handler])
     if install_uvloop():
         log.debug("using uvloop")
     routes = list(routes)
@@ -2842,11 +2880,13 @@ def run(backend: Backend, routes: Iterable[Route]) -> None:
             raise SystemExit(1) from None
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        flusher = loop.create_task(handler.flush_periodically())
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         log.info("shutting down: finishing %d requests in flight", worker.server.busy_connections)
         await worker.stop()
         log.info("stopped")
+        flusher.cancel()
 
     asyncio.run(main())
