@@ -736,6 +736,19 @@ def _buffered(reader: asyncio.StreamReader) -> int:
     return len(typing.cast(bytes, buffer))
 
 
+def _abandon_connect(
+    connecting: asyncio.Task[tuple[asyncio.StreamReader, asyncio.StreamWriter]],
+) -> None:
+    """Cancel a connect nobody waits for; close the connection if it completed anyway."""
+
+    def close(task: asyncio.Task[tuple[asyncio.StreamReader, asyncio.StreamWriter]]) -> None:
+        if not task.cancelled() and task.exception() is None:
+            task.result()[1].close()
+
+    connecting.cancel()
+    connecting.add_done_callback(close)
+
+
 class _Connection:
     __slots__ = ("reader", "writer")
 
@@ -794,13 +807,21 @@ class HttpClient:
 
     async def _connect(self, deadline: _Deadline, timeout: float | None) -> _Connection:
         limit = self.connect_timeout if timeout is None else min(timeout, self.connect_timeout)
+        # Not wait_for: up to Python 3.11 it drops a cancellation that arrives as the connect
+        # completes, and a cancelled request (or worker shutdown) would carry on.
+        connecting = asyncio.get_running_loop().create_task(
+            asyncio.open_connection(self.host, self.port, ssl=self._ssl, limit=MAX_HEAD)
+        )
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(self.host, self.port, ssl=self._ssl, limit=MAX_HEAD),
-                limit,
-            )
-        except asyncio.TimeoutError:
-            raise UpstreamTimeout(f"connect to {self.base_url} timed out") from None
+            done, _ = await asyncio.wait({connecting}, timeout=limit)
+        except asyncio.CancelledError:
+            _abandon_connect(connecting)
+            raise
+        if not done:
+            _abandon_connect(connecting)
+            raise UpstreamTimeout(f"connect to {self.base_url} timed out")
+        try:
+            reader, writer = connecting.result()
         except OSError as exc:
             raise UpstreamError(f"cannot connect to {self.base_url}: {exc}") from None
         self.connections_opened += 1
@@ -2431,7 +2452,10 @@ class Backend:
         """Cancel background work, send a last load report, close connections."""
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:  # bounded: a task that ignores its cancellation must not hang the exit
+            _, stuck = await asyncio.wait(self._tasks, timeout=5.0)
+            for task in stuck:
+                log.error("background task %s did not stop", task.get_coro())
         self._tasks.clear()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.send_report(), self.config.report_timeout + 1)
