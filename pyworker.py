@@ -142,6 +142,10 @@ UPSTREAM_READ_SIZE = 64 * 1024  # streamed model chunks are relayed in pieces of
 MAX_IDLE_UPSTREAM = 128  # pooled keep-alive connections to the model kept open at most
 CONNECT_TIMEOUT = 10.0  # seconds to open a connection to the model or the autoscaler
 SHUTDOWN_GRACE = 30.0  # seconds in-flight requests get to finish after SIGTERM
+MAX_LOG_LINE = 64 * 1024  # a model-log line is matched on its first 64 KiB (bounded memory)
+BENCHMARK_TIMEOUT = 600.0  # seconds one benchmark request may take
+REPORT_ATTEMPTS = 3  # tries per load report and address, with backoff 0.5 s, 1 s
+LOG_FLUSH_INTERVAL = 0.5  # seconds an INFO line may wait in stdout's buffer
 
 # Errors ##########################################################################################
 
@@ -2723,9 +2727,6 @@ class Backend:
                 await self._report_to(target)
 
 
-MAX_LOG_LINE = 64 * 1024  # a model-log line is matched on its first 64 KiB (bounded memory)
-
-
 class LineSplitter:
     """Bytes in, complete lines out (without their newline). A line only counts once it ends;
     an over-long one is handed out once, cut to MAX_LOG_LINE, and the rest of it is skipped,
@@ -2747,10 +2748,6 @@ class LineSplitter:
             lines.append(self._partial)
             self._partial, self._skipping = b"", True
         return [line[:MAX_LOG_LINE] for line in lines]
-
-
-BENCHMARK_TIMEOUT = 600.0  # seconds one benchmark request may take
-REPORT_ATTEMPTS = 3  # tries per load report and address, with backoff 0.5 s, 1 s
 
 
 def _disk_used() -> int:
@@ -2878,9 +2875,6 @@ class _LogHandler(_StreamHandler):
         while True:  # so that a quiet worker's last lines do not wait in the buffer
             await asyncio.sleep(LOG_FLUSH_INTERVAL)
             self._flush_now()
-
-
-LOG_FLUSH_INTERVAL = 0.5  # seconds an INFO line may wait in stdout's buffer
 
 
 class _LogFormatter(logging.Formatter):
