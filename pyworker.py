@@ -20,11 +20,13 @@ Beside the requests, the Backend tails the model's log file (ready / errored), r
 throughput benchmark once the model is loaded, health-checks the model, and reports load
 to the autoscaler every few seconds (POST {REPORT_ADDR}/worker_status/).
 
-The server's connection, one task per connection:
+A server connection is one task moving through phases (_Phase); each phase has a deadline
+that one sweeper task enforces, and a client going away in the last two cancels the task:
 
-    idle --head within HEAD_TIMEOUT--> request --body--> handler --> response
-      ^                                                               |
-      +------------- keep-alive (HTTP/1.1 default) -------------------+--> close
+    IDLE ---byte---> HEAD ---CRLF CRLF---> BODY ---read---> HANDLING ---head sent---> RESPONDING
+    keep-alive       HEAD_TIMEOUT          BODY_TIMEOUT     (the model's time)        WRITE_TIMEOUT
+     ^                                                                                   |
+     +------------------------- keep-alive (HTTP/1.1 default) ---------------------------+--> close
 
 Environment (validated at start by Config.from_env; a bad value stops the worker with one
 line naming the variable):
