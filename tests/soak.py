@@ -20,7 +20,6 @@ import json
 import os
 import random
 import re
-import socket
 import sys
 import tempfile
 import time
@@ -29,14 +28,16 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(HERE))
 
+from support import (  # noqa: E402
+    fetch,
+    free_port,
+    launch_hello_world,
+    loaded_model_log,
+    unsecured_env,
+)
+
 import pyworker  # noqa: E402
 from test_load import FakeModel  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _socket_inodes(pid: int) -> set[str]:
@@ -175,14 +176,11 @@ class Soak:
 
 
 async def fetch_metrics(port: int) -> dict[str, float]:
-    client = pyworker.HttpClient(f"http://127.0.0.1:{port}")
     try:
-        async with await client.request("GET", "/metrics", timeout=5) as resp:
-            return parse_metrics((await resp.read()).decode())
+        _status, body = await fetch(f"http://127.0.0.1:{port}", "GET", "/metrics", timeout=5)
     except pyworker.UpstreamError:
         return {}
-    finally:
-        await client.close()
+    return parse_metrics(body.decode())
 
 
 def line(minute: float, figures: dict[str, float], soak: Soak) -> str:
@@ -200,27 +198,11 @@ async def amain(args: argparse.Namespace) -> int:
     fake = await FakeModel(
         tokens=24, first_token_delay=0.01, token_delay=args.token_delay, json_delay=0.01
     ).start()
-    model_log = workdir / "model.log"
-    model_log.write_text(FakeModel.LOADED_LINE + "\n")
-    port = _free_port()
-    env = {
-        **os.environ,
-        "WORKER_PORT": str(port),
-        "MODEL_LOG": str(model_log),
-        "MODEL_SERVER_URL": fake.url,
-        "UNSECURED": "true",
-        "REPORT_ADDR": "http://127.0.0.1:9",  # nothing listens; reports fail quietly
-        "LOG_LEVEL": "WARNING",
-        "PYTHONPATH": str(HERE),
-    }
+    port = free_port()
+    env = unsecured_env(port, loaded_model_log(workdir), fake.url, LOG_LEVEL="WARNING")
     worker_log = open(workdir / "worker.log", "wb")  # noqa: SIM115 - closed in finally
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(HERE / "hello_world.py"),
-        cwd=str(workdir),
-        env=env,
-        stdout=worker_log,
-        stderr=asyncio.subprocess.STDOUT,
+    proc = await launch_hello_world(
+        workdir, env, stdout=worker_log, stderr=asyncio.subprocess.STDOUT
     )
     samples: list[dict[str, float]] = []
     soak = Soak(port, args.concurrency, args.disconnect_rate, args.seed)
@@ -283,16 +265,12 @@ async def amain(args: argparse.Namespace) -> int:
 
 
 async def _ready(port: int) -> bool:
-    client = pyworker.HttpClient(f"http://127.0.0.1:{port}")
     body = json.dumps({"payload": {"prompt": "ready?", "max_response_tokens": 1}}).encode()
     try:
-        async with await client.request("POST", "/generate", body, timeout=5) as resp:
-            await resp.read()
-            return resp.status == 200
+        status, _ = await fetch(f"http://127.0.0.1:{port}", "POST", "/generate", body, timeout=5)
     except pyworker.UpstreamError:
         return False
-    finally:
-        await client.close()
+    return status == 200
 
 
 def main(argv: list[str] | None = None) -> int:

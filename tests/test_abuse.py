@@ -14,79 +14,59 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
-import functools
-import io
 import json
 import os
 import resource
-import socket
-import sys
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
+from support import (
+    FastGenerateHandler,
+    Runner,
+    WorkerAddress,
+    fetch,
+    free_port,
+    generated_key,
+    hello_world_routes,
+    launch_hello_world,
+    loaded_model_log,
+    make_backend,
+    signed_auth,
+    started_worker,
+    unsecured_env,
+    worker_config,
+)
 
-import hello_world
 import pyworker
-from pyworker import Backend, State
+from pyworker import Backend
 from test_load import FakeModel, LocalAutoscaler, RsaPrivateKey
 
-T = TypeVar("T")
 MARK = "SMUGGLED"  # in the prompt of every hostile request: the model must never see it
 MAX_BODY = 256 * 1024  # the worker's body limit in these tests (the default is 16 MiB)
 PROMPT_SERVE = 2.0  # seconds a valid request may take while the worker is under abuse
 READ_TIMEOUT = 5.0  # seconds to wait for an answer or a close
 
-
-@functools.cache
-def key(name: str) -> RsaPrivateKey:
-    """One RSA key per name per module run (pure-Python key generation takes about a second)."""
-    del name
-    return RsaPrivateKey.generate(2048)
-
-
-class FastGenerateHandler(hello_world.GenerateHandler):
-    benchmark_runs = 1  # the benchmark is not what these tests measure
-
-
-def run(coro: Awaitable[T], timeout: float = 60.0) -> T:
-    async def main() -> T:
-        return await asyncio.wait_for(coro, timeout)
-
-    return asyncio.run(main())
+key = generated_key  # one RSA key per name
+run = Runner(timeout=60.0)
 
 
 # The live worker #################################################################################
 
 
 @dataclasses.dataclass
-class Live:
+class Live(WorkerAddress):
     backend: Backend
     worker: pyworker.Worker
     fake: FakeModel
     reqnum: int = 0
 
-    @property
-    def port(self) -> int:
-        return self.worker.port
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
     def auth(self, signer: RsaPrivateKey | None = None, **fields: Any) -> dict[str, Any]:
         """Signed auth_data with a fresh reqnum; `fields` override what is signed."""
         self.reqnum += 1
-        values: dict[str, Any] = {
-            "cost": "100",
-            "endpoint": "hello",
-            "reqnum": self.reqnum,
-            "url": self.url,
-        }
-        values.update(fields)
-        return (signer or key("worker")).sign_auth(**values)
+        return signed_auth(signer or key("worker"), "100", self.reqnum, self.url, **fields)
 
     def body(self, prompt: str = MARK, **auth_fields: Any) -> bytes:
         payload = {"prompt": prompt, "max_response_tokens": 4}
@@ -100,12 +80,7 @@ class Live:
         self, body: bytes, route: str = "/generate", timeout: float = READ_TIMEOUT
     ) -> tuple[int, bytes]:
         """POST on a new connection; (status, body)."""
-        client = pyworker.HttpClient(self.url)
-        try:
-            async with await client.request("POST", route, body, timeout=timeout) as resp:
-                return resp.status, await resp.read()
-        finally:
-            await client.close()
+        return await fetch(self.url, "POST", route, body, timeout=timeout)
 
     async def assert_still_serving(self) -> float:
         """A valid request on a fresh connection is served, promptly; returns its time."""
@@ -127,31 +102,19 @@ class Live:
 async def live_worker(tmp: Path, *, max_body: int = MAX_BODY) -> AsyncGenerator[Live, None]:
     fake = await FakeModel(tokens=4).start()
     autoscaler = await LocalAutoscaler(key("worker")).start()
-    worker: pyworker.Worker | None = None
     try:
-        model_log = tmp / "model.log"
-        model_log.write_text(FakeModel.LOADED_LINE + "\n")
+        loaded_model_log(tmp)
         pem = tmp / "pubkey.pem"
         pem.write_text(key("worker").public_pem())
-        backend = Backend(
-            model_server_url=fake.url,
-            model_log_file=None,
-            allow_parallel_requests=True,
-            benchmark_handler=FastGenerateHandler(),
-            log_actions=[(pyworker.LogAction.ModelLoaded, FakeModel.LOADED_LINE)],
+        backend = make_backend(
+            FastGenerateHandler(),
+            [(pyworker.LogAction.ModelLoaded, FakeModel.LOADED_LINE)],
+            model_url=fake.url,
         )
-        routes = [
-            pyworker.post("/generate", backend.create_handler(FastGenerateHandler())),
-            pyworker.post(
-                "/generate_stream", backend.create_handler(hello_world.GenerateStreamHandler())
-            ),
-        ]
-        config = pyworker.Config(
-            host="127.0.0.1",
-            model_server_url=fake.url,
-            model_log=str(model_log),
-            benchmark_cache=str(tmp / ".has_benchmark"),
-            report_addrs=[autoscaler.url],
+        config = worker_config(
+            tmp,
+            fake.url,
+            [autoscaler.url],
             pubkey_file=str(pem),
             max_body=max_body,
             # Load reports are not what these tests are about; a report in flight when the
@@ -160,32 +123,14 @@ async def live_worker(tmp: Path, *, max_body: int = MAX_BODY) -> AsyncGenerator[
             report_max_interval=60.0,
             log_poll_interval=0.05,
         )
-        worker = await pyworker.start_server(backend, routes, config, port=0)
-        for _ in range(200):
-            if backend.state is State.READY:
-                break
-            await asyncio.sleep(0.025)
-        assert backend.state is State.READY
-        yield Live(backend, worker, fake)
+        routes = hello_world_routes(backend, FastGenerateHandler())
+        async with started_worker(
+            backend, routes, config, ready_within=5.0, ready_interval=0.025
+        ) as worker:
+            yield Live(backend, worker, fake)
     finally:
-        if worker is not None:
-            await stop_worker(worker)
         await fake.stop()
         await autoscaler.stop()
-
-
-async def stop_worker(worker: pyworker.Worker, grace: float = 1.0) -> None:
-    """Worker.stop, bounded: a stop that hangs fails the test and shows what it waits on."""
-    stopping = asyncio.ensure_future(worker.stop(grace=grace))
-    done, _ = await asyncio.wait([stopping], timeout=grace + 8.0)
-    if not done:
-        stacks = io.StringIO()
-        for task in asyncio.all_tasks():
-            if task is not asyncio.current_task():
-                task.print_stack(limit=6, file=stacks)
-        stopping.cancel()
-        raise AssertionError("Worker.stop() hung; pending tasks:\n" + stacks.getvalue())
-    stopping.result()
 
 
 @dataclasses.dataclass
@@ -884,15 +829,6 @@ def test_poisonous_payloads_are_422_never_500(tmp_path: Path) -> None:
 # Run in a child process: orjson before 3.9.15 (CVE-2024-27454) recurses without a limit and
 # overflows the C stack, which would kill the test runner itself.
 
-HERE = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 DEEP_BODIES: dict[str, bytes] = {
     "body of 100,000 nested arrays": _nested(100_000).encode(),
     "body of 100,000 nested objects": b'{"a":' * 100_000 + b"1" + b"}" * 100_000,
@@ -912,25 +848,10 @@ def test_deeply_nested_json_is_422_and_the_worker_process_survives(tmp_path: Pat
 
     async def main() -> None:
         fake = await FakeModel(tokens=4).start()
-        model_log = tmp_path / "model.log"
-        model_log.write_text(FakeModel.LOADED_LINE + "\n")
-        port = _free_port()
-        env = {
-            **os.environ,
-            "WORKER_PORT": str(port),
-            "MODEL_LOG": str(model_log),
-            "MODEL_SERVER_URL": fake.url,
-            "UNSECURED": "true",
-            "REPORT_ADDR": "http://127.0.0.1:9",  # nothing listens: reports just fail
-            "PYTHONPATH": str(HERE),
-        }
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            str(HERE / "hello_world.py"),
-            cwd=str(tmp_path),
-            env=env,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
+        port = free_port()
+        env = unsecured_env(port, loaded_model_log(tmp_path), fake.url)
+        proc = await launch_hello_world(
+            tmp_path, env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
         )
         client = pyworker.HttpClient(f"http://127.0.0.1:{port}")
         try:

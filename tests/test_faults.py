@@ -14,41 +14,37 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import io
 import json
 import os
 import time
 import tracemalloc
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import AsyncGenerator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
+from support import (
+    FastGenerateHandler,
+    Runner,
+    WorkerAddress,
+    append,
+    fetch,
+    make_backend,
+    started_worker,
+    until,
+    worker_config,
+)
 
 import hello_world
 import pyworker
 from pyworker import Backend, State
 from test_load import FakeModel
 
-T = TypeVar("T")
 MODEL_TIMEOUT = 0.5  # seconds, the timed route's model_timeout
 LOADED = "infer server has started"
 ERROR = "Exception: corrupted model file"
 
-
-def run(coro: Awaitable[T], timeout: float = 60.0) -> T:
-    async def main() -> T:
-        return await asyncio.wait_for(coro, timeout)
-
-    return asyncio.run(main())
-
-
-async def eventually(predicate: Any, timeout: float = 5.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or predicate}")
-        await asyncio.sleep(0.02)
+run = Runner(timeout=60.0)
 
 
 # A raw model server ##############################################################################
@@ -175,10 +171,6 @@ class RawModel:
 # The worker ######################################################################################
 
 
-class FastGenerateHandler(hello_world.GenerateHandler):
-    benchmark_runs = 1
-
-
 class TimedGenerateHandler(hello_world.GenerateHandler):
     model_timeout = MODEL_TIMEOUT
 
@@ -188,44 +180,21 @@ class TimedStreamHandler(hello_world.GenerateStreamHandler):
 
 
 @dataclasses.dataclass
-class Live:
+class Live(WorkerAddress):
     backend: Backend
     worker: pyworker.Worker
     log_path: Path
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.worker.port}"
-
     async def call(self, route: str = "/generate", timeout: float = 10.0) -> tuple[int, bytes]:
         """POST a valid request on a new connection; (status, body). A cut body raises."""
-        client = pyworker.HttpClient(self.url)
         body = json.dumps({"payload": {"prompt": "hello there", "max_response_tokens": 3}})
-        try:
-            async with await client.request("POST", route, body.encode(), timeout=timeout) as resp:
-                return resp.status, await resp.read()
-        finally:
-            await client.close()
+        return await fetch(self.url, "POST", route, body.encode(), timeout=timeout)
 
     async def settled(self) -> None:
         """Nothing in flight, and every request in exactly one outcome."""
         metrics = self.backend.metrics
-        await eventually(lambda: metrics.in_flight.requests == 0, what="in_flight back to 0")
+        await until(lambda: metrics.in_flight.requests == 0, 5.0, "in_flight back to 0")
         assert metrics.consistent(), vars(metrics)
-
-
-async def stop_worker(worker: pyworker.Worker, grace: float = 1.0) -> None:
-    """Worker.stop, bounded: a stop that hangs fails the test and shows what it waits on."""
-    stopping = asyncio.ensure_future(worker.stop(grace=grace))
-    done, _ = await asyncio.wait([stopping], timeout=grace + 8.0)
-    if not done:
-        stacks = io.StringIO()
-        for task in asyncio.all_tasks():
-            if task is not asyncio.current_task():
-                task.print_stack(limit=4, file=stacks)
-        stopping.cancel()
-        raise AssertionError("Worker.stop() hung; pending tasks:\n" + stacks.getvalue())
-    stopping.result()
 
 
 @contextlib.asynccontextmanager
@@ -235,15 +204,10 @@ async def live_worker(
     log_path = tmp / "model.log"
     if not log_path.exists():
         log_path.write_text(LOADED + "\n")
-    backend = Backend(
-        model_server_url=model_url,
-        model_log_file=None,
-        allow_parallel_requests=True,
-        benchmark_handler=FastGenerateHandler(),
-        log_actions=[
-            (pyworker.LogAction.ModelLoaded, LOADED),
-            (pyworker.LogAction.ModelError, ERROR),
-        ],
+    backend = make_backend(
+        FastGenerateHandler(),
+        [(pyworker.LogAction.ModelLoaded, LOADED), (pyworker.LogAction.ModelError, ERROR)],
+        model_url=model_url,
     )
     routes = [
         pyworker.post("/generate", backend.create_handler(TimedGenerateHandler())),
@@ -251,11 +215,6 @@ async def live_worker(
         pyworker.post("/generate_stream", backend.create_handler(TimedStreamHandler())),
     ]
     settings: dict[str, Any] = {
-        "host": "127.0.0.1",
-        "model_server_url": model_url,
-        "model_log": str(log_path),
-        "benchmark_cache": str(tmp / ".has_benchmark"),
-        "report_addrs": [report_url],
         "unsecured": True,
         "report_check_interval": 0.1,
         "report_max_interval": 1.0,
@@ -263,12 +222,14 @@ async def live_worker(
         "log_poll_interval": 0.05,
     }
     settings.update(config)
-    worker = await pyworker.start_server(backend, routes, pyworker.Config(**settings), port=0)
-    try:
-        await eventually(lambda: backend.state is State.READY, 10.0, "the worker to be ready")
+    async with started_worker(
+        backend,
+        routes,
+        worker_config(tmp, model_url, [report_url], **settings),
+        ready_within=10.0,
+        stack_limit=4,
+    ) as worker:
         yield Live(backend, worker, log_path)
-    finally:
-        await stop_worker(worker)
 
 
 # Model server faults #############################################################################
@@ -505,7 +466,7 @@ def test_autoscaler_faults_do_not_touch_requests_and_reports_resume(tmp_path: Pa
         port = scaler.port
         try:
             async with live_worker(tmp_path, fake.url, scaler.url) as live:
-                await eventually(lambda: scaler.reports, what="a first report")
+                await until(lambda: scaler.reports, 5.0, "a first report")
                 served = 0
                 for mode in ("down", "slow", "500", "garbage", "hang"):
                     if mode == "down":
@@ -526,14 +487,14 @@ def test_autoscaler_faults_do_not_touch_requests_and_reports_resume(tmp_path: Pa
                         scaler = await RawAutoscaler().start(port)
                     else:
                         current, before = scaler, attempts
-                        await eventually(
-                            lambda c=current, b=before: c.attempts > b, what=f"{mode} tried"
+                        await until(
+                            lambda c=current, b=before: c.attempts > b, 5.0, f"{mode} tried"
                         )
                     scaler.mode = "ok"
                     # A report retried through the outage may carry its first try's numbers;
                     # a fresh one soon follows and counts every request served meanwhile.
                     back, total = scaler, served
-                    await eventually(
+                    await until(
                         lambda a=back, t=total: any(
                             r["num_requests_recieved"] >= t for r in a.reports
                         ),
@@ -558,11 +519,6 @@ async def _stays(live: Live, state: State, seconds: float) -> None:
         await asyncio.sleep(0.02)
 
 
-def _append(path: Path, text: str) -> None:
-    with open(path, "a") as f:
-        f.write(text)
-
-
 LOG_FAULTS = ["deleted", "deleted then recreated", "truncated", "rotated", "10 MB line"]
 
 
@@ -577,7 +533,7 @@ def test_model_log_fault_is_survived(fault: str, tmp_path: Path) -> None:
         try:
             async with live_worker(tmp_path, fake.url) as live:
                 log_path = live.log_path
-                _append(log_path, '{"message":"Download 3/3"}\n')
+                append(log_path, '{"message":"Download 3/3"}\n')
                 await asyncio.sleep(0.2)
                 peak = 0
                 if fault.startswith("deleted"):
@@ -611,8 +567,8 @@ def test_model_log_fault_is_survived(fault: str, tmp_path: Path) -> None:
                     log_path.write_text("the model restarted\n")
                     await asyncio.sleep(0.2)
                 if fault != "deleted":
-                    _append(log_path, f"{ERROR}: shard 2\n")
-                    await eventually(lambda: live.backend.state is State.ERRORED, 3.0, "errored")
+                    append(log_path, f"{ERROR}: shard 2\n")
+                    await until(lambda: live.backend.state is State.ERRORED, 3.0, "errored")
                     assert ERROR in live.backend.error_msg
         finally:
             await fake.stop()
@@ -656,7 +612,7 @@ def test_stop_under_load_finishes_every_request_in_flight(tmp_path: Path) -> Non
                 routes = ["/generate_untimed", "/generate_stream"] * 10
                 calls = [asyncio.ensure_future(live.call(r)) for r in routes]
                 metrics = live.backend.metrics
-                await eventually(lambda: metrics.in_flight.requests == 20, what="20 in flight")
+                await until(lambda: metrics.in_flight.requests == 20, 5.0, "20 in flight")
                 stopping = asyncio.ensure_future(live.worker.stop(grace=5))
                 await asyncio.sleep(0.1)
                 with pytest.raises(OSError):

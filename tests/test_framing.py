@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import pytest
+from support import Runner
 
 import pyworker
 from pyworker import HttpError
@@ -59,11 +60,7 @@ async def _fed(
     return await asyncio.wait_for(task, 5), reader
 
 
-def run(coro: Awaitable[T]) -> T:
-    async def main() -> T:
-        return await asyncio.wait_for(coro, 10)
-
-    return asyncio.run(main())
+run = Runner(timeout=10.0)
 
 
 @dataclasses.dataclass

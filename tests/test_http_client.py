@@ -17,23 +17,19 @@ import struct
 import threading
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
+from support import Runner
 
 import pyworker
 from pyworker import HttpClient, Request, Response, UpstreamError, UpstreamTimeout
 
-T = TypeVar("T")
 TIMEOUT = 5.0
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
-def run(coro: Awaitable[T]) -> T:
-    async def main() -> T:
-        return await asyncio.wait_for(coro, 20)
-
-    return asyncio.run(main())
+run = Runner(timeout=20.0)
 
 
 class Upstream:

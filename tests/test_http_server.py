@@ -16,23 +16,19 @@ import struct
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
+from support import Runner
 from test_framing import MALFORMED, SMALL_MAX_BODY, Bad
 
 import pyworker
 from pyworker import Request, Response
 
-T = TypeVar("T")
 TIMEOUT = 5.0
 
 
-def run(coro: Awaitable[T]) -> T:
-    async def main() -> T:
-        return await asyncio.wait_for(coro, 20)
-
-    return asyncio.run(main())
+run = Runner(timeout=20.0)
 
 
 @contextlib.asynccontextmanager

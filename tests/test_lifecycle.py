@@ -11,28 +11,41 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import itertools
-import json
 import logging
 import math
 import os
 import re
-import socket
 import time
 import tracemalloc
-from collections.abc import AsyncGenerator, Callable, Coroutine
+from collections.abc import AsyncGenerator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
+from support import (
+    Runner,
+    append,
+    encode_request,
+    free_port,
+    generate,
+    hello_world_routes,
+    make_backend,
+    read_chunk,
+    read_head,
+    request,
+    signing_key,
+    stalled_server,
+    started_worker,
+    until,
+    wait_ready,
+    worker_config,
+)
 
 import hello_world
 import pyworker
 from pyworker import Backend, Config, ConfigError, LogAction, State
-from test_load import FakeModel, LocalAutoscaler, RsaPrivateKey
-
-T = TypeVar("T")
+from test_load import FakeModel, LocalAutoscaler
 
 LOADED = FakeModel.LOADED_LINE
 ERROR_TEXT = "Exception: corrupted model file"
@@ -53,111 +66,7 @@ REPORT_FIELDS = {
 }
 
 
-@functools.cache
-def signing_key() -> RsaPrivateKey:
-    """One RSA key per module: pure-Python key generation takes about a second."""
-    return RsaPrivateKey.generate()
-
-
-def run(coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
-    """Run a test's coroutine on a fresh event loop, bounded."""
-    return asyncio.run(asyncio.wait_for(coro, timeout))
-
-
-async def until(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"waited {timeout}s for {what}")
-        await asyncio.sleep(0.02)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def append(path: Path, text: str) -> None:
-    with open(path, "a") as f:
-        f.write(text)
-
-
-# A raw HTTP/1.1 client ###########################################################################
-
-
-@dataclasses.dataclass
-class Reply:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-    complete: bool  # a chunked body ended with its last chunk (always True for a sized one)
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-def encode_request(method: str, path: str, body: Any = None, *, close: bool = True) -> bytes:
-    data = b"" if body is None else json.dumps(body).encode()
-    head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-    if body is not None:
-        head += f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
-    if close:
-        head += "Connection: close\r\n"
-    return (head + "\r\n").encode() + data
-
-
-async def read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
-    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
-    lines = head.split("\r\n")
-    status = int(lines[0].split()[1])
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        if line:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-    return status, headers
-
-
-async def read_chunk(reader: asyncio.StreamReader) -> bytes | None:
-    """One chunk's data; b"" for the last chunk; None if the stream was cut."""
-    try:
-        size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
-        if size == 0:
-            await reader.readuntil(b"\r\n")
-            return b""
-        return (await reader.readexactly(size + 2))[:-2]
-    except (asyncio.IncompleteReadError, ConnectionError):
-        return None
-
-
-async def read_reply(reader: asyncio.StreamReader) -> Reply:
-    status, headers = await read_head(reader)
-    if headers.get("transfer-encoding", "").lower() == "chunked":
-        parts: list[bytes] = []
-        while True:
-            chunk = await read_chunk(reader)
-            if not chunk:
-                return Reply(status, headers, b"".join(parts), chunk == b"")
-            parts.append(chunk)
-    body = await reader.readexactly(int(headers.get("content-length", "0")))
-    return Reply(status, headers, body, True)
-
-
-async def request(
-    port: int, method: str, path: str, body: Any = None, *, timeout: float = 10.0
-) -> Reply:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(encode_request(method, path, body))
-        return await asyncio.wait_for(read_reply(reader), timeout)
-    finally:
-        writer.close()
-
-
-def generate(prompt: str) -> dict[str, Any]:
-    """An unsigned client body for the hello_world routes (the worker runs UNSECURED)."""
-    return {"payload": {"prompt": prompt, "max_response_tokens": 4}}
+run = Runner(timeout=30.0)
 
 
 # A worker in-process #############################################################################
@@ -205,25 +114,11 @@ class Rig:
         return self.scaler.reports
 
     async def ready(self, timeout: float = 10.0) -> None:
-        await until(lambda: self.backend.state is State.READY, timeout, "the worker to be ready")
+        await wait_ready(self.backend, timeout)
 
 
 def model_log(tmp_path: Path) -> Path:
     return tmp_path / "model.log"
-
-
-def make_backend(handler: pyworker.EndpointHandler[Any], parallel: bool = True) -> Backend:
-    return Backend(
-        model_server_url="http://127.0.0.1:9",  # replaced by Config.model_server_url
-        model_log_file=None,
-        allow_parallel_requests=parallel,
-        benchmark_handler=handler,
-        log_actions=[
-            (LogAction.ModelLoaded, LOADED),
-            (LogAction.ModelError, ERROR_TEXT),
-            (LogAction.Info, INFO_TEXT),
-        ],
-    )
 
 
 @contextlib.asynccontextmanager
@@ -247,18 +142,12 @@ async def running_worker(
     cache = tmp_path / ".has_benchmark"
     fake = fake if fake is not None else FakeModel(log_path=str(log))
     scaler: LocalAutoscaler | None = None
-    worker: pyworker.Worker | None = None
     try:
         await fake.start()
         if autoscaler:
             scaler = await LocalAutoscaler(signing_key()).start()
         addr = report_addr or (scaler.url if scaler else f"http://127.0.0.1:{free_port()}")
         settings: dict[str, Any] = {
-            "host": "127.0.0.1",
-            "model_server_url": fake.url,
-            "model_log": str(log),
-            "benchmark_cache": str(cache),
-            "report_addrs": [addr],
             "unsecured": True,
             "report_check_interval": 0.1,
             "report_max_interval": 1.0,
@@ -267,20 +156,17 @@ async def running_worker(
             "log_poll_interval": 0.05,
         }
         settings.update(overrides)
-        base = config if config is not None else Config()
-        cfg = dataclasses.replace(base, **settings)
-        backend = make_backend(handler or FastHandler(), parallel)
-        routes = [
-            pyworker.post("/generate", backend.create_handler(FastHandler())),
-            pyworker.post(
-                "/generate_stream", backend.create_handler(hello_world.GenerateStreamHandler())
-            ),
+        cfg = worker_config(tmp_path, fake.url, [addr], base=config, **settings)
+        log_actions = [
+            (LogAction.ModelLoaded, LOADED),
+            (LogAction.ModelError, ERROR_TEXT),
+            (LogAction.Info, INFO_TEXT),
         ]
-        worker = await pyworker.start_server(backend, routes, cfg, port=0)
-        yield Rig(fake, scaler, worker, log, cache)
+        backend = make_backend(handler or FastHandler(), log_actions, parallel=parallel)
+        routes = hello_world_routes(backend, FastHandler())
+        async with started_worker(backend, routes, cfg, bounded_stop=False) as worker:
+            yield Rig(fake, scaler, worker, log, cache)
     finally:
-        if worker is not None:
-            await worker.stop(grace=1.0)
         await fake.stop()
         if scaler is not None:
             await scaler.stop()
@@ -723,19 +609,6 @@ def test_report_cadence(tmp_path: Path) -> None:
             assert rig.reports[n]["num_requests_recieved"] == 1
 
     run(main())
-
-
-async def stalled_server() -> tuple[asyncio.Server, list[asyncio.StreamWriter]]:
-    """An 'autoscaler' that accepts connections, reads, and never answers."""
-    writers: list[asyncio.StreamWriter] = []
-
-    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writers.append(writer)
-        with contextlib.suppress(Exception):
-            while await reader.read(65536):
-                pass
-
-    return await asyncio.start_server(swallow, "127.0.0.1", 0), writers
 
 
 def test_report_cadence_with_one_stalled_autoscaler(tmp_path: Path) -> None:

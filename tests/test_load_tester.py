@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, TypeVar
 
 import pytest
+from support import free_port
 
 import hello_world
 import pyworker
@@ -39,11 +39,7 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
-def closed_port() -> int:
-    """A loopback port nobody listens on: connections to it are refused."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+closed_port = free_port  # a loopback port nobody listens on: connections to it are refused
 
 
 # Fakes with known latencies ######################################################################

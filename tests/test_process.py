@@ -10,12 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
-import json
 import os
 import shutil
 import signal
-import socket
 import ssl
 import statistics
 import subprocess
@@ -23,16 +20,26 @@ import sys
 import time
 from collections.abc import AsyncGenerator, Callable, Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
+from support import (
+    ROOT,
+    WORKER_FILE,
+    Runner,
+    encode_request,
+    free_port,
+    generate,
+    launch_hello_world,
+    read_chunk,
+    read_head,
+    request,
+    signing_key,
+    stalled_server,
+)
 
-from test_load import FakeModel, LocalAutoscaler, RsaPrivateKey
+from test_load import FakeModel, LocalAutoscaler
 
-T = TypeVar("T")
-
-ROOT = Path(__file__).resolve().parent.parent
-WORKER_FILE = ROOT / "hello_world.py"
 # Variables a developer's shell may have set that would change the child's behaviour.
 WORKER_VARS = (
     "WORKER_PORT",
@@ -51,20 +58,7 @@ WORKER_VARS = (
 )
 
 
-@functools.cache
-def signing_key() -> RsaPrivateKey:
-    """One RSA key per module: pure-Python key generation takes about a second."""
-    return RsaPrivateKey.generate()
-
-
-def run(coro: Coroutine[Any, Any, T], timeout: float = 40.0) -> T:
-    return asyncio.run(asyncio.wait_for(coro, timeout))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+run = Runner(timeout=40.0)
 
 
 def child_env(**env: str) -> dict[str, str]:
@@ -77,75 +71,6 @@ def child_env(**env: str) -> dict[str, str]:
     base["PYTHONUNBUFFERED"] = "1"
     base.update(env)
     return base
-
-
-# A raw HTTP/1.1 client ###########################################################################
-
-
-@dataclasses.dataclass
-class Reply:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-
-def encode_request(method: str, path: str, body: Any = None) -> bytes:
-    data = b"" if body is None else json.dumps(body).encode()
-    head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
-    if body is not None:
-        head += f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
-    return (head + "\r\n").encode() + data
-
-
-async def read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
-    lines = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        if line:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-    return int(lines[0].split()[1]), headers
-
-
-async def read_chunk(reader: asyncio.StreamReader) -> bytes | None:
-    """One chunk's data; b"" for the last chunk; None if the stream was cut."""
-    try:
-        size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
-        if size == 0:
-            await reader.readuntil(b"\r\n")
-            return b""
-        return (await reader.readexactly(size + 2))[:-2]
-    except (asyncio.IncompleteReadError, ConnectionError):
-        return None
-
-
-async def request(
-    port: int,
-    method: str,
-    path: str,
-    body: Any = None,
-    *,
-    timeout: float = 10.0,
-    ssl_context: ssl.SSLContext | None = None,
-) -> Reply:
-    reader, writer = await asyncio.open_connection(
-        "127.0.0.1", port, ssl=ssl_context, server_hostname="127.0.0.1" if ssl_context else None
-    )
-    try:
-        writer.write(encode_request(method, path, body))
-
-        async def read() -> Reply:
-            status, headers = await read_head(reader)
-            length = int(headers.get("content-length", "0"))
-            return Reply(status, headers, await reader.readexactly(length))
-
-        return await asyncio.wait_for(read(), timeout)
-    finally:
-        writer.close()
-
-
-def generate(prompt: str = "hello there world") -> dict[str, Any]:
-    return {"payload": {"prompt": prompt, "max_response_tokens": 4}}
 
 
 async def until_true(
@@ -198,11 +123,9 @@ async def spawn(workdir: Path, **env: str) -> AsyncGenerator[Worker, None]:
     env.setdefault("WORKER_PORT", str(free_port()))
     log_file = workdir / "worker.out"
     with open(log_file, "wb") as out:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            str(WORKER_FILE),
-            cwd=workdir,
-            env=child_env(**env),
+        proc = await launch_hello_world(
+            workdir,
+            child_env(**env),
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -340,26 +263,12 @@ def test_unusable_pubkey_file_exits_non_zero(tmp_path: Path) -> None:
     assert "Traceback" not in output, output
 
 
-async def _stalled_server() -> tuple[asyncio.Server, list[asyncio.StreamWriter]]:
-    """An 'autoscaler' that accepts connections, reads, and never answers."""
-    writers: list[asyncio.StreamWriter] = []
-
-    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writers.append(writer)
-        with contextlib.suppress(Exception):
-            while await reader.read(65536):
-                pass
-
-    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
-    return server, writers
-
-
 def test_stalled_autoscaler_does_not_slow_requests(tmp_path: Path) -> None:
     """Two workers on one fake model; one reports to a healthy autoscaler, the other to one
     that never answers. The same requests, interleaved, take about as long on both."""
 
     async def main() -> None:
-        stalled, stalled_conns = await _stalled_server()
+        stalled, stalled_conns = await stalled_server()
         stalled_url = f"http://127.0.0.1:{stalled.sockets[0].getsockname()[1]}"
         try:
             async with model_and_autoscaler(tmp_path) as (fake, scaler):

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import pytest
+from support import DATA, load_private_key
 
 import pyworker
 from pyworker import (
@@ -37,46 +38,7 @@ from pyworker import (
 )
 from test_load import RsaPrivateKey
 
-DATA = Path(__file__).parent / "data"
 SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
-
-
-def _pem_der(text: str) -> bytes:
-    """The DER inside the first PEM block of `text`."""
-    lines = text.strip().splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("-----BEGIN"))
-    end = next(i for i, line in enumerate(lines) if line.startswith("-----END"))
-    return base64.b64decode("".join(lines[start + 1 : end]))
-
-
-def _der_integers(der: bytes) -> list[int]:
-    """The INTEGERs of a DER SEQUENCE of INTEGERs, e.g. a PKCS#1 RSAPrivateKey."""
-
-    def header(pos: int) -> tuple[int, int, int]:
-        tag, length = der[pos], der[pos + 1]
-        pos += 2
-        if length & 0x80:
-            count = length & 0x7F
-            length = int.from_bytes(der[pos : pos + count], "big")
-            pos += count
-        return tag, pos, length
-
-    tag, pos, length = header(0)
-    assert tag == 0x30
-    end = pos + length
-    values: list[int] = []
-    while pos < end:
-        tag, pos, length = header(pos)
-        assert tag == 0x02
-        values.append(int.from_bytes(der[pos : pos + length], "big"))
-        pos += length
-    return values
-
-
-def load_private_key(name: str) -> RsaPrivateKey:
-    """A PKCS#1 `RSA PRIVATE KEY` PEM from tests/data as test_load's signer."""
-    _version, n, e, d, p, q, *_crt = _der_integers(_pem_der((DATA / name).read_text()))
-    return RsaPrivateKey(n, e, d, p, q)
 
 
 def der(tag: int, content: bytes) -> bytes:

@@ -14,32 +14,30 @@ import os
 import random
 import time
 import tracemalloc
-from collections.abc import Awaitable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import hello_world
+from support import (
+    FastGenerateHandler,
+    Runner,
+    fetch,
+    hello_world_routes,
+    loaded_model_log,
+    make_backend,
+    wait_ready,
+    worker_config,
+)
+
 import pyworker
-from pyworker import Backend, State
 from test_load import FakeModel
 
-T = TypeVar("T")
 WARMUP = 400  # requests before the baseline is taken (pools and caches fill up)
 SOAK = int(os.environ.get("PYWORKER_SOAK_REQUESTS", "2600"))
 CONCURRENCY = 24
 DISCONNECT_RATE = 0.12  # share of requests whose client goes away at a random moment
 SEED = 7
 
-
-class FastGenerateHandler(hello_world.GenerateHandler):
-    benchmark_runs = 1
-
-
-def run(coro: Awaitable[T], timeout: float = 100.0) -> T:
-    async def main() -> T:
-        return await asyncio.wait_for(coro, timeout)
-
-    return asyncio.run(main())
+run = Runner(timeout=100.0)
 
 
 def open_fds() -> int:
@@ -109,27 +107,17 @@ def test_soak_has_bounded_growth(tmp_path: Path) -> None:
 
     async def main() -> dict[str, Any]:
         fake = await FakeModel(tokens=6, token_delay=0.001).start()
-        log_path = tmp_path / "model.log"
-        log_path.write_text(FakeModel.LOADED_LINE + "\n")
-        backend = Backend(
-            model_server_url=fake.url,
-            model_log_file=None,
-            allow_parallel_requests=True,
-            benchmark_handler=FastGenerateHandler(),
-            log_actions=[(pyworker.LogAction.ModelLoaded, FakeModel.LOADED_LINE)],
+        loaded_model_log(tmp_path)
+        backend = make_backend(
+            FastGenerateHandler(),
+            [(pyworker.LogAction.ModelLoaded, FakeModel.LOADED_LINE)],
+            model_url=fake.url,
         )
-        routes = [
-            pyworker.post("/generate", backend.create_handler(FastGenerateHandler())),
-            pyworker.post(
-                "/generate_stream", backend.create_handler(hello_world.GenerateStreamHandler())
-            ),
-        ]
-        config = pyworker.Config(
-            host="127.0.0.1",
-            model_server_url=fake.url,
-            model_log=str(log_path),
-            benchmark_cache=str(tmp_path / ".has_benchmark"),
-            report_addrs=["http://127.0.0.1:9"],  # nothing listens: reports fail, quietly
+        routes = hello_world_routes(backend, FastGenerateHandler())
+        config = worker_config(
+            tmp_path,
+            fake.url,
+            ["http://127.0.0.1:9"],  # nothing listens: reports fail, quietly
             unsecured=True,
             report_check_interval=60.0,
             report_max_interval=60.0,
@@ -138,11 +126,7 @@ def test_soak_has_bounded_growth(tmp_path: Path) -> None:
         worker = await pyworker.start_server(backend, routes, config, port=0)
         tracemalloc.start()
         try:
-            for _ in range(400):
-                if backend.state is State.READY:
-                    break
-                await asyncio.sleep(0.025)
-            assert backend.state is State.READY
+            await wait_ready(backend, 10.0, interval=0.025)
             rng = random.Random(SEED)
 
             async def phase(start: int, count: int) -> dict[str, float]:
@@ -232,9 +216,4 @@ def test_soak_has_bounded_growth(tmp_path: Path) -> None:
 
 
 async def _ping(port: int) -> tuple[int, bytes]:
-    client = pyworker.HttpClient(f"http://127.0.0.1:{port}")
-    try:
-        async with await client.request("GET", "/ping", timeout=5) as resp:
-            return resp.status, await resp.read()
-    finally:
-        await client.close()
+    return await fetch(f"http://127.0.0.1:{port}", "GET", "/ping", timeout=5)

@@ -17,52 +17,31 @@ import logging
 import socket
 import struct
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from support import (
+    DATA,
+    Runner,
+    WorkerAddress,
+    hello_world_routes,
+    load_private_key,
+    make_backend,
+    read_head,
+    signed_auth,
+    started_worker,
+    until,
+    worker_config,
+)
 
 import hello_world
 import pyworker
 from pyworker import Backend, State
 from test_load import FakeModel, LocalAutoscaler, RsaPrivateKey
 
-DATA = Path(__file__).parent / "data"
-
-
-# Keys (the same test data as test_signatures.py) ################################################
-
-
-def _der_integers(der: bytes) -> list[int]:
-    """The INTEGERs of a DER SEQUENCE of INTEGERs, e.g. a PKCS#1 RSAPrivateKey."""
-
-    def header(pos: int) -> tuple[int, int]:
-        length = der[pos + 1]
-        pos += 2
-        if length & 0x80:
-            count = length & 0x7F
-            length = int.from_bytes(der[pos : pos + count], "big")
-            pos += count
-        return pos, length
-
-    pos, length = header(0)
-    end = pos + length
-    values: list[int] = []
-    while pos < end:
-        pos, length = header(pos)
-        values.append(int.from_bytes(der[pos : pos + length], "big"))
-        pos += length
-    return values
-
-
-def load_private_key(name: str) -> RsaPrivateKey:
-    lines = (DATA / name).read_text().strip().splitlines()
-    der = base64.b64decode("".join(line for line in lines if not line.startswith("-----")))
-    _version, n, e, d, p, q, *_crt = _der_integers(der)
-    return RsaPrivateKey(n, e, d, p, q)
-
-
+# Keys: the same test data as test_signatures.py
 KEY = load_private_key("test_key.pem")
 OTHER_KEY = load_private_key("other_key.pem")
 
@@ -89,7 +68,7 @@ class Reply:
 
 
 @dataclasses.dataclass
-class Setup:
+class Setup(WorkerAddress):
     """A running worker and everything around it."""
 
     backend: Backend
@@ -100,25 +79,10 @@ class Setup:
     log_path: Path
     reqnum: int = 0
 
-    @property
-    def port(self) -> int:
-        return self.worker.port
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
     def auth(self, key: RsaPrivateKey = KEY, **fields: Any) -> dict[str, Any]:
         """Signed auth_data as the autoscaler's /route/ hands it out, with a fresh reqnum."""
         self.reqnum += 1
-        values: dict[str, Any] = {
-            "cost": "250",
-            "endpoint": "hello",
-            "reqnum": self.reqnum,
-            "url": self.url,
-        }
-        values.update(fields)
-        auth = key.sign_auth(**values)
+        auth = signed_auth(key, "250", self.reqnum, self.url, **fields)
         auth["__request_id"] = f"req-{self.reqnum}"  # /route/ adds it; the worker ignores it
         return auth
 
@@ -151,16 +115,10 @@ class Setup:
 
 async def wait_for(condition: Callable[[], bool], *, what: str, timeout: float = 10.0) -> None:
     """Poll `condition` until it holds; fail the test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
+    await until(condition, timeout, what, interval=0.01)
 
 
-def run(coro: Coroutine[Any, Any, None], timeout: float = 60.0) -> None:
-    """Run one test's event loop, with a bound so that a hang fails instead of stalling CI."""
-    asyncio.run(asyncio.wait_for(coro, timeout))
+run = Runner(timeout=60.0)  # one test's event loop, bounded: a hang fails, CI does not stall
 
 
 @contextlib.asynccontextmanager
@@ -188,44 +146,35 @@ async def worker_setup(
     autoscaler = autoscaler or LocalAutoscaler(KEY)
     await fake.start()
     await autoscaler.start()
-    cache = tmp_path / ".has_benchmark"
-    if cached_max_perf is not None:
-        cache.write_text(f"{cached_max_perf}\n")
-    bench_handler = handler or FastGenerateHandler()
-    backend = Backend(
-        model_server_url="http://127.0.0.1:9",  # Config.model_server_url overrides it
-        model_log_file=None,
-        allow_parallel_requests=allow_parallel_requests,
-        benchmark_handler=bench_handler,
-        log_actions=list(hello_world.backend.log_actions),  # read, never reused
-        max_queue_time=max_queue_time,
-    )
-    routes = [
-        pyworker.post("/generate", backend.create_handler(bench_handler)),
-        pyworker.post(
-            "/generate_stream", backend.create_handler(hello_world.GenerateStreamHandler())
-        ),
-    ]
-    config = pyworker.Config(
-        host="127.0.0.1",
-        model_server_url=model_server_url or fake.url,
-        model_log=str(log_path),
-        benchmark_cache=str(cache),
-        report_addrs=[autoscaler.url],
-        pubkey_file=None if pubkey_file is None else str(pubkey_file),
-        unsecured=unsecured,
-        log_poll_interval=0.02,
-    )
-    worker = await pyworker.start_server(backend, routes, config, port=0)
-    client = pyworker.HttpClient(f"http://127.0.0.1:{worker.port}")
-    setup = Setup(backend, worker, fake, autoscaler, client, log_path)
     try:
-        if ready:
-            await setup.wait_ready()
-        yield setup
+        if cached_max_perf is not None:
+            (tmp_path / ".has_benchmark").write_text(f"{cached_max_perf}\n")
+        bench_handler = handler or FastGenerateHandler()
+        backend = make_backend(
+            bench_handler,
+            list(hello_world.backend.log_actions),  # read, never reused
+            parallel=allow_parallel_requests,
+            max_queue_time=max_queue_time,
+        )
+        config = worker_config(
+            tmp_path,
+            model_server_url or fake.url,
+            [autoscaler.url],
+            pubkey_file=None if pubkey_file is None else str(pubkey_file),
+            unsecured=unsecured,
+            log_poll_interval=0.02,
+        )
+        routes = hello_world_routes(backend, bench_handler)
+        async with started_worker(backend, routes, config, bounded_stop=False) as worker:
+            client = pyworker.HttpClient(f"http://127.0.0.1:{worker.port}")
+            setup = Setup(backend, worker, fake, autoscaler, client, log_path)
+            try:
+                if ready:
+                    await setup.wait_ready()
+                yield setup
+            finally:
+                await client.close()
     finally:
-        await client.close()
-        await worker.stop(grace=1.0)
         await fake.stop()
         await autoscaler.stop()
 
@@ -258,17 +207,6 @@ async def raw_open(
     writer.write(raw_request(path, body))
     await writer.drain()
     return reader, writer
-
-
-async def read_status_and_headers(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
-    head = await reader.readuntil(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        if line:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-    return int(lines[0].split(" ")[1]), headers
 
 
 async def read_chunk(reader: asyncio.StreamReader) -> bytes:
@@ -324,7 +262,7 @@ def test_signed_generate_stream_arrives_chunk_by_chunk(tmp_path: Path) -> None:
             w.fake.token_delay = 0.05
             reader, writer = await raw_open(w, "/generate_stream", w.body(max_response_tokens=8))
             try:
-                status, headers = await read_status_and_headers(reader)
+                status, headers = await read_head(reader)
                 assert status == 200
                 assert headers["content-type"] == "text/event-stream"
                 assert headers["transfer-encoding"] == "chunked"
@@ -820,7 +758,7 @@ def test_disconnect_mid_stream(tmp_path: Path, how: str) -> None:
             w.fake.tokens = 1000
             w.fake.token_delay = 0.01
             reader, writer = await raw_open(w, "/generate_stream", w.body("stream"))
-            status, _headers = await read_status_and_headers(reader)
+            status, _headers = await read_head(reader)
             assert status == 200
             for _ in range(3):
                 assert await read_chunk(reader)
@@ -842,7 +780,7 @@ def test_model_crash_mid_stream_cuts_the_clients_stream(tmp_path: Path) -> None:
             w.fake.token_delay = 0.01
             reader, writer = await raw_open(w, "/generate_stream", w.body("crash"))
             try:
-                status, headers = await read_status_and_headers(reader)
+                status, headers = await read_head(reader)
                 assert status == 200 and headers["transfer-encoding"] == "chunked"
                 chunks: list[bytes] = []
                 with pytest.raises(asyncio.IncompleteReadError):
