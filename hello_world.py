@@ -125,16 +125,13 @@ class GenerateHandler(EndpointHandler[InputData]):
         return await relay_json(model_response)
 
 
-class GenerateStreamHandler(EndpointHandler[InputData]):
-    """POST /generate_stream: the model streams tokens, relayed chunk by chunk."""
+class GenerateStreamHandler(GenerateHandler):
+    """POST /generate_stream: the same payload; the model streams tokens, relayed chunk by
+    chunk as they arrive."""
 
     @property
     def endpoint(self) -> str:
         return "/generate_stream"
-
-    @classmethod
-    def payload_cls(cls) -> type[InputData]:
-        return InputData
 
     async def generate_client_response(
         self, client_request: Request, model_response: ClientResponse
