@@ -2196,8 +2196,8 @@ class Backend:
             if wait > self.max_queue_time:
                 self.metrics.rejected += 1
                 retry = str(max(1, math.ceil(wait - self.max_queue_time)))
-                body = {"error": "queue too long", "estimated_wait": round(wait, 3)}
-                return self._refuse(route, json_response(body, 429, [("Retry-After", retry)]))
+                why = {"error": "queue too long", "estimated_wait": round(wait, 3)}
+                return self._refuse(route, json_response(why, 429, [("Retry-After", retry)]))
         if auth is not None:  # accepted: from now on this ticket is spent
             self.replay_guard.record(auth.reqnum, auth.message())
         job = _Job(self, route, workload)
