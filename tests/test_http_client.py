@@ -300,6 +300,34 @@ def test_idle_close_racing_the_next_request_is_retried() -> None:
     run(main())
 
 
+def test_pooled_connection_with_unread_bytes_is_not_reused() -> None:
+    """Guards a mixed-up answer: bytes an idle server sent on its own (here a 408 before it
+    closes, as some servers do on their idle timeout) must never be taken for the answer
+    to the next request."""
+
+    async def main() -> None:
+        upstream: Upstream
+
+        async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            _, body = await upstream.read_request(reader)
+            writer.write(json_answer({"echo": body.decode()}))
+            await writer.drain()
+            if upstream.accepted == 1:  # idle: an unsolicited 408, and the connection stays up
+                writer.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n")
+                await writer.drain()
+                await reader.read()
+
+        async with Upstream(script) as upstream, client_for(upstream) as client:
+            assert await (await client.request("POST", "/", b"a")).json() == {"echo": "a"}
+            await asyncio.sleep(0.2)  # the 408 arrives while the connection is idle
+            response = await asyncio.wait_for(client.request("POST", "/", b"b"), TIMEOUT)
+            assert response.status == 200
+            assert await response.json() == {"echo": "b"}
+            assert upstream.accepted == 2
+
+    run(main())
+
+
 def test_connection_close_from_server_not_reused() -> None:
     async def main() -> None:
         upstream: Upstream

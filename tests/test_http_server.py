@@ -738,3 +738,61 @@ def test_every_connection_header_line_counts() -> None:
             assert await client.closed_by_peer(3)
 
     run(main())
+
+
+def test_pipelined_request_keeps_its_stream_when_more_bytes_arrive(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Guards a cut stream: a request that was already buffered (pipelined) is being answered,
+    and the client's next request arrives meanwhile; that must not arm the head timeout on
+    the connection and cut the answer in progress."""
+    monkeypatch.setattr(pyworker, "HEAD_TIMEOUT", 0.3)
+
+    async def tokens() -> AsyncIterator[bytes]:
+        for i in range(8):
+            await asyncio.sleep(0.15)  # 1.2 s in all, four head timeouts
+            yield b"tok%d " % i
+
+    async def slow(request: pyworker.Request) -> pyworker.Response:
+        return pyworker.Response(stream=tokens(), content_type="text/plain")
+
+    async def main() -> None:
+        routes = [pyworker.get("/slow", slow), *echo_routes("/")]
+        async with serving(routes) as port, raw_client(port) as client:
+            await client.send(GET + b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await client.response()).status == 200
+            status, _ = await client.head()
+            assert status == 200
+            await asyncio.sleep(0.1)
+            await client.send(GET)  # the next request, while the stream runs
+            assert await asyncio.wait_for(client.chunked_body(), 5) == b"".join(
+                b"tok%d " % i for i in range(8)
+            )
+            assert (await client.response()).status == 200
+
+    run(main())
+
+
+def test_shutdown_answers_a_request_whose_body_is_still_arriving() -> None:
+    """Guards a dropped request at SIGTERM: a head already received with its body on the way
+    is a request in flight; only connections between requests are closed."""
+
+    async def main() -> None:
+        server = pyworker.HttpServer(echo_routes())
+        port = await server.start("127.0.0.1", 0)
+        client = await RawClient.connect(port)
+        try:
+            await client.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n01234")
+            await asyncio.sleep(0.1)
+            stopping = asyncio.ensure_future(server.shutdown(grace=5))
+            await asyncio.sleep(0.2)
+            await client.send(b"56789")
+            reply = await client.response()
+            assert reply.status == 200
+            assert b"0123456789" in reply.body
+            await asyncio.wait_for(stopping, 5)
+        finally:
+            client.abort()
+            await server.shutdown(grace=0)
+
+    run(main())
