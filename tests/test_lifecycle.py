@@ -236,6 +236,44 @@ def test_log_rotated_by_rename_and_new_file(
     run(main())
 
 
+def test_rotation_within_one_poll_keeps_the_old_files_last_lines(tmp_path: Path) -> None:
+    """Guards a lost line: the loaded line lands in the old file just before it is rotated,
+    within one poll; the tail must finish the old file before it follows the new one."""
+
+    async def main() -> None:
+        log = model_log(tmp_path)
+        append(log, "starting\n")
+        async with running_worker(tmp_path, fake=FakeModel(), log_poll_interval=0.5) as rig:
+            await asyncio.sleep(0.7)  # the first lines were read; the tail now sleeps
+            append(log, f"{LOADED}\n")
+            os.rename(log, tmp_path / "model.log.1")
+            append(log, "fresh file\n")
+            await rig.ready()
+            assert rig.backend.state is State.READY
+
+    run(main())
+
+
+def test_unreadable_log_path_is_reported_once_and_not_fatal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Guards a silent death of the log tail: an OSError other than 'not found' (here the
+    path runs through a regular file) is logged once, and the tail keeps trying."""
+
+    async def main() -> None:
+        caplog.set_level(logging.INFO, logger="pyworker")
+        (tmp_path / "afile").write_text("not a directory\n")
+        bad = str(tmp_path / "afile" / "model.log")
+        async with running_worker(tmp_path, fake=FakeModel(), model_log=bad) as rig:
+            await asyncio.sleep(0.6)  # a dozen polls
+            warnings = [r for r in caplog.records if "cannot read the model log" in r.message]
+            assert len(warnings) == 1, [r.message for r in warnings]
+            assert rig.backend.state is State.LOADING
+            assert rig.backend.error_msg == ""  # the tail did not die (that would error it)
+
+    run(main())
+
+
 def test_loaded_line_repeated_benchmarks_once(tmp_path: Path) -> None:
     async def main() -> None:
         log = model_log(tmp_path)
