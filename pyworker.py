@@ -59,6 +59,7 @@ import collections
 import contextlib
 import dataclasses
 import enum
+import functools
 import hashlib
 import http
 import json
@@ -280,7 +281,7 @@ class Request:
 # hold no control byte but HTAB (so no bare CR or LF, no NUL, no obs-fold), then CRLF.
 _FIELD_RE = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\r\n"
 _HEAD = re.compile(rb"([^\r\n]*)\r\n((?:%s)*)\r\n" % _FIELD_RE)
-_FIELD_PARTS = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*(.*?)[ \t]*\r\n")
+_FIELD_PARTS = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r]*)\r\n")
 
 
 def _parse_head(head: bytes) -> tuple[bytes, Headers]:
@@ -290,11 +291,12 @@ def _parse_head(head: bytes) -> tuple[bytes, Headers]:
         lines = _split_head(head)  # the slow path names what is wrong
         parse_header_lines(lines[1:])
         raise HttpError(400, "malformed head")
-    # Checked above; now take the fields apart as text (latin-1 maps bytes 1:1).
+    # Checked above; now take the fields apart as text (latin-1 maps bytes 1:1). A value
+    # holds no CR, so the greedy match runs to the line end; its trailing OWS is stripped.
     fields = _FIELD_PARTS.findall(match.group(2).decode("latin-1"))
     if len(fields) > MAX_HEADERS:
         raise HttpError(431, "too many header fields")
-    return match.group(1), Headers([(name.lower(), value) for name, value in fields])
+    return match.group(1), Headers([(name.lower(), value.rstrip(" \t")) for name, value in fields])
 
 
 def _split_head(head: bytes) -> list[bytes]:
@@ -351,6 +353,14 @@ def _tokens(value: str) -> list[str]:
     return [t.strip(" \t").lower() for t in value.split(",") if t.strip(" \t")]
 
 
+def _header_tokens(headers: Headers, name: str) -> list[str]:
+    """The comma-separated tokens of every `name` field, lower-cased (Connection, Expect)."""
+    values = headers.get_all(name)
+    if not values:  # the usual case: skip the joining and splitting
+        return []
+    return _tokens(",".join(values))
+
+
 def request_framing(headers: Headers, version: str) -> BodyFraming:
     """Body framing of a request: Content-Length, chunked, or no body (RFC 9112 6.3)."""
     te_values = headers.get_all("transfer-encoding")
@@ -401,12 +411,12 @@ def parse_request_head(head: bytes) -> Request:
     if len(hosts) > 1 or (not hosts and version_s == "HTTP/1.1"):
         raise HttpError(400, "exactly one Host header is required")  # RFC 9112 3.2
     framing = request_framing(headers, version_s)
-    connection = _tokens(",".join(headers.get_all("connection")))
+    connection = _header_tokens(headers, "connection")
     if version_s == "HTTP/1.1":
         keep_alive = "close" not in connection
     else:
         keep_alive = "keep-alive" in connection and "close" not in connection
-    expectations = _tokens(",".join(headers.get_all("expect")))
+    expectations = _header_tokens(headers, "expect")
     if any(e != "100-continue" for e in expectations):
         raise HttpError(417, "unsupported expectation")
     expect_continue = bool(expectations) and version_s == "HTTP/1.1"
@@ -441,7 +451,7 @@ def parse_response_head(head: bytes, *, request_method: str = "POST") -> ClientR
     else:
         length = _content_length(headers)
         framing = BodyFraming("close") if length is None else BodyFraming("length", length)
-    connection = _tokens(",".join(headers.get_all("connection")))
+    connection = _header_tokens(headers, "connection")
     if version == "HTTP/1.1":
         keep_alive = "close" not in connection
     else:
@@ -2047,9 +2057,9 @@ class _Job:
         self.done = True
         backend = self.backend
         backend.metrics.finish(self.workload, outcome)
-        backend.record(self.route, status, time.monotonic() - self.start)
+        now = time.monotonic()
+        backend.record(self.route, status, now - self.start)
         if access_log.isEnabledFor(logging.INFO):
-            now = time.monotonic()
             access_log.info(
                 "%s %d workload=%g queue=%.3fs total=%.3fs%s",
                 self.route,
@@ -2170,12 +2180,7 @@ class Backend:
 
     def create_handler(self, handler: EndpointHandler[Any]) -> Handler:
         """The server-side handler for a route forwarding to `handler.endpoint`."""
-        payload_cls = handler.payload_cls()
-
-        async def handle(request: Request) -> Response:
-            return await self._handle(handler, payload_cls, request)
-
-        return handle
+        return functools.partial(self._handle, handler, handler.payload_cls())
 
     async def _handle(
         self, handler: EndpointHandler[Any], payload_cls: type[ApiPayload], request: Request
