@@ -59,7 +59,6 @@ import collections
 import contextlib
 import dataclasses
 import enum
-import functools
 import hashlib
 import http
 import json
@@ -2057,9 +2056,9 @@ class _Job:
         self.done = True
         backend = self.backend
         backend.metrics.finish(self.workload, outcome)
-        now = time.monotonic()
-        backend.record(self.route, status, now - self.start)
+        backend.record(self.route, status, time.monotonic() - self.start)
         if access_log.isEnabledFor(logging.INFO):
+            now = time.monotonic()
             access_log.info(
                 "%s %d workload=%g queue=%.3fs total=%.3fs%s",
                 self.route,
@@ -2180,7 +2179,12 @@ class Backend:
 
     def create_handler(self, handler: EndpointHandler[Any]) -> Handler:
         """The server-side handler for a route forwarding to `handler.endpoint`."""
-        return functools.partial(self._handle, handler, handler.payload_cls())
+        payload_cls = handler.payload_cls()
+
+        async def handle(request: Request) -> Response:
+            return await self._handle(handler, payload_cls, request)
+
+        return handle
 
     async def _handle(
         self, handler: EndpointHandler[Any], payload_cls: type[ApiPayload], request: Request
