@@ -2889,7 +2889,8 @@ class _LogHandler(_StreamHandler):
 
 
 class _LogFormatter(logging.Formatter):
-    """The standard format, with the time text made once a second instead of per line."""
+    """`time level logger: message`, written out directly (the generic Formatter looks up
+    its format fields per line), with the time text made once a second."""
 
     _cached: tuple[int, str] = (-1, "")
 
@@ -2898,6 +2899,11 @@ class _LogFormatter(logging.Formatter):
         if self._cached[0] != second:
             self._cached = (second, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second)))
         return f"{self._cached[1]},{int(record.msecs):03d}"
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.exc_info or record.stack_info:  # tracebacks as the standard Formatter has them
+            return super().format(record)
+        return f"{self.formatTime(record)} {record.levelname} {record.name}: {record.getMessage()}"
 
 
 def run(backend: Backend, routes: Iterable[Route]) -> None:
