@@ -646,6 +646,18 @@ class ChunkedDecoder:
                     parse_header_lines([line[:-2]])  # validated, then dropped
         self._buffer = buf[pos:]
 
+    def wants(self) -> int:
+        """How many bytes the decoder needs next: 0 for a line (chunk size or trailer)."""
+        if self._state == "data":
+            return self._remaining
+        if self._state == "crlf":
+            return 2 - len(self._buffer)
+        return 0
+
+    @property
+    def in_trailers(self) -> bool:
+        return self._state == "trailer"
+
     def _fits(self, size: int) -> bool:
         self.total += size
         return self.max_size is None or self.total <= self.max_size
@@ -656,37 +668,26 @@ async def read_chunked(
 ) -> AsyncIterator[bytes]:
     """Yield the data of a chunked body as it arrives; trailers are read and dropped.
 
-    A chunk larger than `piece` is yielded in pieces so memory stays bounded. Raises
-    HttpError(400) on any grammar error, HttpError(413) past `max_size`, and
-    asyncio.IncompleteReadError when the peer closes early.
+    The grammar is ChunkedDecoder's; this reads exactly what it wants next (a line, or so
+    many bytes), never past the body's end, where a pipelined request may follow. A chunk
+    larger than `piece` is yielded in pieces so memory stays bounded. Raises HttpError(400)
+    on any grammar error, HttpError(413) past `max_size` (before the chunk's data is read),
+    and asyncio.IncompleteReadError when the peer closes early.
     """
-    total = 0
-    while True:
-        try:
-            line = await reader.readuntil(b"\r\n")
-        except asyncio.LimitOverrunError:
-            raise HttpError(400, "chunk size line too long") from None
-        size = parse_chunk_size(line)
-        if size == 0:
-            break
-        total += size
-        if max_size is not None and total > max_size:
-            raise HttpError(413, "body too large")
-        while size > 0:
-            data = await reader.readexactly(min(size, piece))
-            size -= len(data)
-            yield data
-        if await reader.readexactly(2) != b"\r\n":
-            raise HttpError(400, "chunk data not followed by CRLF")
-    for _ in range(MAX_TRAILERS + 1):
-        try:
-            line = await reader.readuntil(b"\r\n")
-        except asyncio.LimitOverrunError:
-            raise HttpError(431, "trailer section too large") from None
-        if line == b"\r\n":
-            return
-        parse_header_lines([line[:-2]])  # validated, then dropped
-    raise HttpError(431, "too many trailer fields")
+    decoder = ChunkedDecoder(max_size)
+    while not decoder.done:
+        wanted = decoder.wants()
+        if wanted:
+            data = await reader.readexactly(min(wanted, piece))
+        else:
+            try:
+                data = await reader.readuntil(b"\r\n")
+            except asyncio.LimitOverrunError:
+                if decoder.in_trailers:
+                    raise HttpError(431, "trailer section too large") from None
+                raise HttpError(400, "chunk size line too long") from None
+        for chunk in decoder.feed(data):
+            yield chunk
 
 
 # HTTP client #####################################################################################
