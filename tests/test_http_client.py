@@ -716,28 +716,37 @@ def test_relay_cuts_client_stream_when_upstream_breaks() -> None:
     run(main())
 
 
+async def _relay_once(upstream_answer: bytes, *, read_rest: bool) -> tuple[bytes, bytes]:
+    """One request through a relay whose upstream answers `upstream_answer` and then waits;
+    the client's response head, and (if `read_rest`) what follows it until the close."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await upstream.read_request(reader)
+        writer.write(upstream_answer)
+        await writer.drain()
+        await reader.read()
+
+    upstream = Upstream(script)
+    async with upstream, relay(upstream) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(RELAY_REQUEST)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+            rest = b""
+            if read_rest:
+                with contextlib.suppress(ConnectionError):
+                    rest = await asyncio.wait_for(reader.read(), TIMEOUT)
+            return head, rest
+        finally:
+            writer.close()
+
+
 def test_relay_cuts_client_stream_on_malformed_upstream_chunk() -> None:
     async def main() -> None:
-        async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await upstream.read_request(reader)
-            writer.write(STREAM_HEAD + b"5\r\nhello\r\n+5\r\nworld\r\n0\r\n\r\n")
-            await writer.drain()
-            await reader.read()
-
-        upstream = Upstream(script)
-        async with upstream, relay(upstream) as port:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            try:
-                writer.write(RELAY_REQUEST)
-                await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
-                try:
-                    rest = await asyncio.wait_for(reader.read(), TIMEOUT)
-                except ConnectionError:
-                    rest = b""
-                assert b"0\r\n\r\n" not in rest
-                assert b"world" not in rest
-            finally:
-                writer.close()
+        answer = STREAM_HEAD + b"5\r\nhello\r\n+5\r\nworld\r\n0\r\n\r\n"
+        _, rest = await _relay_once(answer, read_rest=True)
+        assert b"0\r\n\r\n" not in rest
+        assert b"world" not in rest
 
     run(main())
 
@@ -746,22 +755,10 @@ def test_relay_answers_502_when_upstream_breaks_before_its_first_chunk() -> None
     """Nothing was sent to the client yet: it gets a proper 502, not a cut stream."""
 
     async def main() -> None:
-        async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await upstream.read_request(reader)
-            writer.write(STREAM_HEAD + b"+5\r\nworld\r\n0\r\n\r\n")
-            await writer.drain()
-            await reader.read()
-
-        upstream = Upstream(script)
-        async with upstream, relay(upstream) as port:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            try:
-                writer.write(RELAY_REQUEST)
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
-                assert head.startswith(b"HTTP/1.1 502 "), head
-                assert b"content-length:" in head.lower()
-            finally:
-                writer.close()
+        answer = STREAM_HEAD + b"+5\r\nworld\r\n0\r\n\r\n"
+        head, _ = await _relay_once(answer, read_rest=False)
+        assert head.startswith(b"HTTP/1.1 502 "), head
+        assert b"content-length:" in head.lower()
 
     run(main())
 
