@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import re
 import shutil
 import signal
 import ssl
@@ -311,6 +312,44 @@ def test_stalled_autoscaler_does_not_slow_requests(tmp_path: Path) -> None:
 
 async def _has_connections(conns: list[asyncio.StreamWriter]) -> bool:
     return bool(conns)
+
+
+def test_access_log_reaches_stdout_in_time_and_whole_at_exit(tmp_path: Path) -> None:
+    """Under PYTHONUNBUFFERED=1 (child_env sets it) access lines are buffered by the worker's
+    own handler: they still show up within about LOG_FLUSH_INTERVAL, one per request, in the
+    usual format, and the ones still buffered at SIGTERM are written before the exit."""
+
+    async def main() -> None:
+        async with (
+            model_and_autoscaler(tmp_path) as (fake, scaler),
+            spawn(tmp_path / "w", **worker_vars(fake, scaler.url)) as worker,
+        ):
+            await worker.wait_ready()
+            for i in range(20):
+                reply = await request(worker.port, "POST", "/generate", generate(f"w {i}"))
+                assert reply.status == 200
+
+            async def twenty_lines() -> bool:
+                return worker.output().count("pyworker.access: /generate 200 ") >= 21
+
+            await until_true(twenty_lines, 3.0, "20 access lines", worker)
+            for i in range(5):  # then SIGTERM at once: these lines are still buffered
+                reply = await request(worker.port, "POST", "/generate", generate(f"z {i}"))
+                assert reply.status == 200
+            worker.proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(worker.proc.wait(), 15.0) == 0
+            text = worker.log_file.read_text()
+        served = re.findall(
+            r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO pyworker\.access: /generate 200 "
+            r"workload=\d+ queue=\d+\.\d{3}s total=\d+\.\d{3}s$",
+            text,
+            re.MULTILINE,
+        )
+        # wait_ready()'s request and the test's 25 (the benchmark's are not access-logged).
+        assert len(served) == 26, text[-3000:]
+        assert text.rstrip().endswith("INFO pyworker: stopped"), text[-500:]
+
+    run(main(), timeout=60)
 
 
 def test_sigterm_lets_twenty_streams_finish(tmp_path: Path) -> None:
