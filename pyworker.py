@@ -237,31 +237,30 @@ class Headers:
 
     def __init__(self, fields: Iterable[tuple[str, str]] = ()) -> None:
         self._fields = list(fields)
-        self._index: dict[str, list[str]] | None = None
-
-    def _lookup(self) -> dict[str, list[str]]:
-        index = self._index
-        if index is None:  # built on first use: one pass, then O(1) look-ups
-            index = self._index = {}
-            for key, value in self._fields:
-                if key in index:
-                    index[key].append(value)
-                else:
-                    index[key] = [value]
-        return index
+        index: dict[str, list[str]] = {}
+        for key, value in self._fields:
+            if key in index:
+                index[key].append(value)
+            else:
+                index[key] = [value]
+        self._index = index
 
     def get(self, name: str, default: str | None = None) -> str | None:
-        values = self._lookup().get(name)
+        values = self._index.get(name)
         return values[0] if values else default
 
     def get_all(self, name: str) -> list[str]:
-        return list(self._lookup().get(name, ()))
+        return list(self._index.get(name, ()))
+
+    def values(self, name: str) -> Sequence[str]:
+        """Like get_all, without the copy: for reading only."""
+        return self._index.get(name, ())
 
     def items(self) -> list[tuple[str, str]]:
         return list(self._fields)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._lookup()
+        return name in self._index
 
     def __len__(self) -> int:
         return len(self._fields)
@@ -350,7 +349,7 @@ def parse_header_lines(lines: Sequence[bytes], *, limit: int = MAX_HEADERS) -> H
 
 
 def _content_length(headers: Headers) -> int | None:
-    values = headers.get_all("content-length")
+    values = headers.values("content-length")
     if not values:
         return None
     if len(values) == 1:  # the usual case, without the list handling below
@@ -375,7 +374,7 @@ def _tokens(value: str) -> list[str]:
 
 def _header_tokens(headers: Headers, name: str) -> list[str]:
     """The comma-separated tokens of every `name` field, lower-cased (Connection, Expect)."""
-    values = headers.get_all(name)
+    values = headers.values(name)
     if not values:  # the usual case: skip the joining and splitting
         return []
     return _tokens(",".join(values))
@@ -383,7 +382,7 @@ def _header_tokens(headers: Headers, name: str) -> list[str]:
 
 def request_framing(headers: Headers, version: str) -> BodyFraming:
     """Body framing of a request: Content-Length, chunked, or no body (RFC 9112 6.3)."""
-    te_values = headers.get_all("transfer-encoding")
+    te_values = headers.values("transfer-encoding")
     length = _content_length(headers)
     if te_values:
         if length is not None:
@@ -427,7 +426,7 @@ def parse_request_head(head: bytes) -> Request:
         _request_line_error(request_line)
     method, target, version = match.groups()
     version_s = version.decode("ascii")
-    hosts = headers.get_all("host")
+    hosts = headers.values("host")
     if len(hosts) > 1 or (not hosts and version_s == "HTTP/1.1"):
         raise HttpError(400, "exactly one Host header is required")  # RFC 9112 3.2
     framing = request_framing(headers, version_s)
@@ -462,8 +461,8 @@ def parse_response_head(head: bytes, *, request_method: str = "POST") -> ClientR
     version = status_line[:8].decode("ascii")
     if request_method == "HEAD" or status < 200 or status in (204, 304):
         framing = BodyFraming("length", 0)
-    elif headers.get_all("transfer-encoding"):
-        codings = [t for v in headers.get_all("transfer-encoding") for t in _tokens(v)]
+    elif headers.values("transfer-encoding"):
+        codings = [t for v in headers.values("transfer-encoding") for t in _tokens(v)]
         # RFC 9112 6.3 rule 4: chunked last means chunked; otherwise read until close.
         framing = BodyFraming("chunked") if codings == ["chunked"] else BodyFraming("close")
         if codings and codings[-1] == "chunked" and len(codings) > 1:
