@@ -885,3 +885,15 @@ def test_config_reads_good_values(tmp_path: Path) -> None:
     assert config.model_server_url == "http://127.0.0.1:5001"
     assert config.public_url == "https://127.0.0.1:3001"
     assert Config.from_env({}).report_addrs == ["https://run.vast.ai"]
+
+
+def test_disk_used_is_the_filesystem_figure_shutil_gives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    ours = pyworker._disk_used()  # pyright: ignore[reportPrivateUsage]
+    theirs = shutil.disk_usage(".").used
+    assert ours > 0
+    assert abs(ours - theirs) <= 64 * 1024 * 1024  # other programs write meanwhile
