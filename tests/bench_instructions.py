@@ -1,6 +1,7 @@
 """bench_instructions: where the worker's time goes, in instructions per request.
 
     python tests/bench_instructions.py [--requests N]
+    python tests/bench_instructions.py --steps       # the worker's steps one by one, timeit
 
 Timing a change on a shared machine moves by more than most changes are worth; instruction
 counts do not. This runs one process per setup under valgrind's callgrind, holding a fake
@@ -183,6 +184,61 @@ async def child(setup: str, requests: int) -> None:
         await stop()
 
 
+def steps() -> None:
+    """Microseconds per call of each step the worker adds to a /generate request, and of
+    the ceiling's whole parse-and-forward work, on the same request (best of 5 timeit runs)."""
+    import timeit
+
+    sys.stdout, out = open(os.devnull, "w"), sys.stdout  # noqa: SIM115 - the access log's sink
+    log_handler = pyworker._LogHandler()  # pyright: ignore[reportPrivateUsage]
+    logging.basicConfig(level="INFO", handlers=[log_handler])
+    pyworker._access_log_line.direct = log_handler.access  # pyright: ignore[reportPrivateUsage]
+    backend = pyworker.Backend("http://127.0.0.1:1", None, True, hello_world.GenerateHandler(), [])
+    backend.config = pyworker.Config(unsecured=True)
+    request_head = REQUEST[: REQUEST.index(b"\r\n\r\n") + 4]
+    answer_head = ANSWER[: ANSWER.index(b"\r\n\r\n") + 4]
+    parse = backend._parse_request  # pyright: ignore[reportPrivateUsage]
+    payload, _ = parse(hello_world.InputData, REQUEST_BODY)
+
+    def bookkeeping() -> None:
+        job = pyworker._Job(backend, "/generate", 7.0)  # pyright: ignore[reportPrivateUsage]
+        backend.metrics.queue_wait.observe(0.0)
+        job.finish("served", 200)
+
+    def ceiling() -> None:
+        content_length(request_head)
+        pyworker.json_dumps(pyworker.json_loads(REQUEST_BODY)["payload"])
+        content_length(answer_head)
+        _ = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(ANSWER_BODY), ANSWER_BODY)
+
+    cases: list[tuple[str, Callable[[], object]]] = [
+        ("strict request head parse", lambda: pyworker.parse_request_head(request_head)),
+        ("strict model-answer head parse", lambda: pyworker.parse_response_head(answer_head)),
+        ("JSON body and payload fields", lambda: parse(hello_world.InputData, REQUEST_BODY)),
+        ("hello_world token count", payload.count_workload),
+        ("model request body", lambda: pyworker.json_dumps(payload.generate_payload_json())),
+        ("bookkeeping, histograms, access line", bookkeeping),
+        (
+            "response head",
+            lambda: pyworker.response_head(
+                200, [("Content-Type", "application/json")], content_length=53, keep_alive=True
+            ),
+        ),
+        ("the ceiling's whole parse-and-forward", ceiling),
+    ]
+    total = 0.0
+    for name, call in cases:
+        runs = timeit.repeat(call, number=50_000, repeat=5)
+        us = min(runs) / 50_000 * 1e6
+        if not name.startswith("the ceiling"):
+            total += us
+        print(f"  {name:<40} {us:6.2f} us", file=out, flush=True)
+    print(f"  {'the worker steps together':<40} {total:6.2f} us", file=out)
+    log_handler.flush()  # into /dev/null, then stdout is stdout again
+    logging.getLogger().removeHandler(log_handler)
+    sys.stdout = out
+
+
 def instructions(setup: str, requests: int) -> int:
     """Instructions the whole child process ran, counted by callgrind."""
     done = subprocess.run(
@@ -211,6 +267,7 @@ def instructions(setup: str, requests: int) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--requests", type=int, default=1600, help="measured requests (1,600)")
+    parser.add_argument("--steps", action="store_true", help="time the worker's steps apart")
     parser.add_argument("--child", choices=SETUPS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.requests < 0 or args.requests % CLIENTS or not (args.requests or args.child):
@@ -219,6 +276,10 @@ def main() -> int:
         pyworker.install_uvloop()
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the worker's log, for the process's life
         asyncio.run(child(args.child, args.requests))
+        return 0
+    if args.steps:
+        pyworker.install_uvloop()
+        steps()
         return 0
     if shutil.which("valgrind") is None:
         print("bench_instructions needs valgrind: apt-get install -y valgrind", file=sys.stderr)
