@@ -2884,6 +2884,7 @@ class _LogHandler(logging.Handler):
     def __init__(self) -> None:
         super().__init__()
         self._pending: list[str] = []
+        self._write_failed = False
         self._second = -1
         self._second_text = ""
 
@@ -2928,8 +2929,11 @@ class _LogHandler(logging.Handler):
             try:
                 sys.stdout.write(text)
                 sys.stdout.flush()
-            except (OSError, ValueError):  # stdout closed or broken: nowhere left to say so
-                pass
+            except (OSError, ValueError) as exc:  # stdout closed or broken
+                if not self._write_failed:  # say so once, where it can still be seen
+                    self._write_failed = True
+                    with contextlib.suppress(OSError, ValueError):
+                        sys.stderr.write(f"pyworker: cannot write the log to stdout: {exc!r}\n")
 
     def close(self) -> None:
         self.flush()

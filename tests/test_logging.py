@@ -125,3 +125,22 @@ def test_access_lines_go_through_logging_unless_pointed_elsewhere(
         assert taken == ["/generate 200 direct"] and caplog.records == []
     finally:
         line.direct = None
+
+
+def test_a_broken_stdout_is_reported_once_on_stderr(
+    handler: pyworker._LogHandler,  # pyright: ignore[reportPrivateUsage]
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class Broken:
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setattr(sys, "stdout", Broken())
+    for i in range(3):
+        handler.handle(record(logging.WARNING, "lost %d", i))
+    err = capsys.readouterr().err
+    assert err.count("pyworker: cannot write the log to stdout: BrokenPipeError") == 1, err
