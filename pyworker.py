@@ -2916,9 +2916,10 @@ class _LogHandler(logging.Handler):
     def access(self, message: str) -> None:
         """An access-log line, without the LogRecord (the caller checked the level)."""
         with self.lock:  # pyright: ignore[reportOptionalContextManager]
-            self._pending.append(f"{self._time_text(time.time())} INFO {access_log.name}: ")
-            self._pending.append(message + "\n")
-            if len(self._pending) >= 2 * LOG_FLUSH_LINES:
+            self._pending.append(
+                f"{self._time_text(time.time())} INFO {access_log.name}: {message}\n"
+            )
+            if len(self._pending) >= LOG_FLUSH_LINES:
                 self.flush()
 
     def flush(self) -> None:
