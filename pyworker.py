@@ -249,7 +249,7 @@ class Headers:
         return values[0] if values else default
 
     def get_all(self, name: str) -> list[str]:
-        return list(self._index.get(name, ()))
+        return list(self.values(name))
 
     def values(self, name: str) -> Sequence[str]:
         """Like get_all, without the copy: for reading only."""
@@ -2881,6 +2881,8 @@ class _LogHandler(logging.Handler):
     Lines are `time level logger: message`, formatted directly (the generic Formatter looks
     up its format fields per line), with the time text made once a second."""
 
+    _tracebacks = logging.Formatter()
+
     def __init__(self) -> None:
         super().__init__()
         self._pending: list[str] = []
@@ -2899,7 +2901,7 @@ class _LogHandler(logging.Handler):
         text = f"{self._time_text(record.created)} {record.levelname} {record.name}: "
         text += record.getMessage()
         if record.exc_info:  # tracebacks as the standard Formatter has them
-            text += "\n" + logging.Formatter().formatException(record.exc_info)
+            text += "\n" + self._tracebacks.formatException(record.exc_info)
         if record.stack_info:
             text += "\n" + record.stack_info
         return text

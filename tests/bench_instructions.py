@@ -30,27 +30,30 @@ import re
 import shutil
 import subprocess
 import sys
-import typing
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench_worker import (  # noqa: E402 - the same fake model and bodies as bench_worker's
+    CONTENT_LENGTH_RE,
+    GENERATE_PAYLOAD,
+    MODEL_JSON,
+    unsigned_body,
+)
+from bench_worker import _ModelProtocol as FakeModel  # noqa: E402  # pyright: ignore[reportPrivateUsage]
+
 import hello_world  # noqa: E402
 import pyworker  # noqa: E402
 
 SETUPS = ("direct", "streams", "server", "ceiling", "worker")
 CLIENTS = 8
-ANSWER_BODY = b'{"response": "hello hello hello hello", "tokens": 20}'
 ANSWER = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
-    len(ANSWER_BODY),
-    ANSWER_BODY,
+    len(MODEL_JSON),
+    MODEL_JSON,
 )
-REQUEST_BODY = (
-    b'{"auth_data": {"signature": "x", "cost": "20", "endpoint": "e", "reqnum": 1, "url": "u"},'
-    b' "payload": {"prompt": "tell me about cats and dogs please", "max_response_tokens": 20}}'
-)
+REQUEST_BODY = unsigned_body(GENERATE_PAYLOAD)
 REQUEST = (
     b"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
     b"Content-Length: %d\r\n\r\n%s" % (len(REQUEST_BODY), REQUEST_BODY)
@@ -58,32 +61,8 @@ REQUEST = (
 
 
 def content_length(head: bytes) -> int:
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.lower() == b"content-length":
-            return int(value)
-    return 0
-
-
-class FakeModel(asyncio.Protocol):
-    """Answers every request at once, from a raw protocol (as cheap as a model can be)."""
-
-    def __init__(self) -> None:
-        self.buffer = b""
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = typing.cast(asyncio.Transport, transport)  # uvloop's is no subclass
-
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        while (end := self.buffer.find(b"\r\n\r\n")) >= 0:
-            total = end + 4 + content_length(self.buffer[: end + 4])
-            if len(self.buffer) < total:
-                return
-            self.buffer = self.buffer[total:]
-            assert self.transport is not None
-            self.transport.write(ANSWER)
+    match = CONTENT_LENGTH_RE.search(head)
+    return int(match[1]) if match else 0
 
 
 async def streams_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -138,7 +117,7 @@ async def client(port: int, requests: int) -> None:
 
 
 async def canned(request: pyworker.Request) -> pyworker.Response:
-    return pyworker.Response(200, ANSWER_BODY)
+    return pyworker.Response(200, MODEL_JSON)
 
 
 async def child(setup: str, requests: int) -> None:
@@ -209,7 +188,7 @@ def steps() -> None:
         content_length(request_head)
         pyworker.json_dumps(pyworker.json_loads(REQUEST_BODY)["payload"])
         content_length(answer_head)
-        _ = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(ANSWER_BODY), ANSWER_BODY)
+        _ = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(MODEL_JSON), MODEL_JSON)
 
     cases: list[tuple[str, Callable[[], object]]] = [
         ("strict request head parse", lambda: pyworker.parse_request_head(request_head)),
@@ -221,7 +200,10 @@ def steps() -> None:
         (
             "response head",
             lambda: pyworker.response_head(
-                200, [("Content-Type", "application/json")], content_length=53, keep_alive=True
+                200,
+                [("Content-Type", "application/json")],
+                content_length=len(MODEL_JSON),
+                keep_alive=True,
             ),
         ),
         ("the ceiling's whole parse-and-forward", ceiling),

@@ -20,7 +20,7 @@ import time
 import tracemalloc
 from collections.abc import AsyncGenerator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from support import (
@@ -47,12 +47,40 @@ ERROR = "Exception: corrupted model file"
 run = Runner(timeout=60.0)
 
 
+if TYPE_CHECKING:  # typing.Self is 3.11+
+    from typing_extensions import Self
+
 # A raw model server ##############################################################################
 
 JSON_BODY = b'{"response": "cats and dogs", "tokens": 3}'
 
 
-class RawModel:
+class _RawServer:
+    """A loopback asyncio-streams server whose subclass writes `_serve`."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self, port: int = 0) -> Self:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", port)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        return self
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+
+class RawModel(_RawServer):
     """The hello_world model API as raw bytes, with a switchable fault `mode`."""
 
     MODES = (
@@ -71,29 +99,20 @@ class RawModel:
     )
 
     def __init__(self) -> None:
+        super().__init__()
         self.mode = "ok"
         self.byte_delay = 0.01  # for "slow"
         self.received = 0
-        self.port = 0
-        self._server: asyncio.Server | None = None
         self._conns: set[asyncio.StreamWriter] = set()
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self, port: int = 0) -> RawModel:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", port)
-        self.port = int(self._server.sockets[0].getsockname()[1])
-        return self
-
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        server = self._server
+        if server is not None:
+            server.close()
             for writer in list(self._conns):
                 writer.transport.abort()
-            await self._server.wait_closed()
-            self._server = None
+            await server.wait_closed()
+        await super().stop()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._conns.add(writer)
@@ -402,29 +421,14 @@ def test_cancelling_a_request_while_it_connects_is_not_swallowed() -> None:
 # Autoscaler faults ###############################################################################
 
 
-class RawAutoscaler:
+class RawAutoscaler(_RawServer):
     """POST /worker_status/ with a switchable fault: ok, slow, 500, garbage, hang."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.mode = "ok"
         self.reports: list[dict[str, Any]] = []
         self.attempts = 0
-        self.port = 0
-        self._server: asyncio.Server | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self, port: int = 0) -> RawAutoscaler:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", port)
-        self.port = int(self._server.sockets[0].getsockname()[1])
-        return self
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            self._server = None
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
