@@ -165,7 +165,7 @@ CONNECT_TIMEOUT = 10.0  # seconds to open a connection to the model or the autos
 SHUTDOWN_GRACE = 30.0  # seconds in-flight requests get to finish after SIGTERM
 MAX_LOG_LINE = 64 * 1024  # a model-log line is matched on its first 64 KiB (bounded memory)
 BENCHMARK_TIMEOUT = 600.0  # seconds one benchmark request may take
-REPORT_ATTEMPTS = 3  # tries per load report and address, with backoff 0.5 s, 1 s
+REPORT_ATTEMPTS = 3  # tries per load report and address, backoff Config.report_backoff (0.5 s)
 LOG_FLUSH_INTERVAL = 0.5  # seconds an INFO line may wait in the log buffer
 LOG_FLUSH_LINES = 512  # ... or this many lines
 
@@ -1901,6 +1901,7 @@ class Config:
     report_check_interval: float = 1.0  # how often a report is considered
     report_max_interval: float = 10.0  # a report goes out at least this often
     report_timeout: float = 5.0
+    report_backoff: float = 0.5  # seconds before a failed report's second try; doubled after
     healthcheck_interval: float = 10.0
     log_poll_interval: float = 0.2
 
@@ -2715,7 +2716,7 @@ class Backend:
         disk = _disk_used()
         body_obj = self.report_body(target)
         body = json_dumps(body_obj)
-        delay = 0.5
+        delay = self.config.report_backoff
         why = ""
         for attempt in range(REPORT_ATTEMPTS):
             try:
