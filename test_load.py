@@ -1037,108 +1037,164 @@ class LoadResult:
                             before the test stopped sending), "last_report": {...} | null}]}
                            where a report is the worker's /worker_status/ body (SPEC 7)
         """
-        options = self.options
         records = self.records
         ok = [r for r in records if r.outcome == "ok"]
-        outcomes: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
-        statuses: collections.Counter[str] = collections.Counter()
-        for r in records:
-            outcomes[r.outcome] = outcomes.get(r.outcome, 0) + 1
-            if r.status is not None:
-                statuses[str(r.status)] += 1
+        failed = [r for r in records if r.outcome != "ok"]
         starts = sorted(r.started for r in records)
-        finishes = [r.finished for r in records if r.finished]
-        end = max(finishes, default=self.send_ended)
-        elapsed = max(end - starts[0], 0.0) if starts else 0.0
-        send_span = starts[-1] - starts[0] if len(starts) > 1 else 0.0
-        workers: dict[str, dict[str, int]] = {}
-        for r in records:
-            if r.worker is not None:
-                seen = workers.setdefault(r.worker, {"requests": 0, "ok": 0})
-                seen["requests"] += 1
-                seen["ok"] += r.outcome == "ok"
-        streams = [r for r in ok if r.stream]
-        stream: dict[str, Any] | None = None
-        if streams:
-            tokens = sum(r.tokens for r in streams)
-            rates = [
-                (r.tokens - 1) / (r.last_token - r.first_token)
-                for r in streams
-                if r.first_token is not None
-                and r.last_token is not None
-                and r.last_token > r.first_token
-            ]
-            stream = {
-                "requests": len(streams),
-                "tokens": tokens,
-                "tokens_per_s": tokens / elapsed if elapsed > 0 else None,
-                "ttft": summarize(r.ttft for r in streams if r.ttft is not None),
-                "itl": summarize(g for r in streams for g in r.gaps),
-                "stream_tokens_per_s": summarize(rates),
-            }
+        finished = sum(1 for r in records if r.finished)
+        elapsed = self._elapsed(starts)
+        return {
+            "schema": "pyworker-load-test/1",
+            "target": self._target(),
+            "requests": {
+                "asked": self.options.total,
+                "sent": len(records),
+                "finished": finished,
+                "failed": len(failed),
+                "interrupted": self.interrupted,
+            },
+            "outcomes": self._outcomes(),
+            "http_status": self._http_status(),
+            "rate": self._rate(starts, finished, elapsed),
+            "elapsed": elapsed,
+            "in_flight": self._in_flight(),
+            "latency": self._latency(ok),
+            "stream": self._stream(ok, elapsed),
+            "workers": self._workers(),
+            "errors": self._errors(failed),
+            "error_kinds": self._error_kinds(failed),
+            **self.extra,
+        }
+
+    # The report's sections, in its order; each returns its part of the JSON.
+
+    def _elapsed(self, starts: Sequence[float]) -> float:
+        # First send to last finish; an interrupted test with nothing finished ends when the
+        # sending stopped.
+        end = max((r.finished for r in self.records if r.finished), default=self.send_ended)
+        return max(end - starts[0], 0.0) if starts else 0.0
+
+    def _target(self) -> dict[str, Any]:
+        options = self.options
         if options.worker is not None:
             mode = "worker"
         else:
             mode = "local" if "local" in self.extra else "autoscaler"
-        failed = [r for r in records if r.outcome != "ok"]
-        kinds = collections.Counter((r.outcome, r.stage, r.message) for r in failed)
         return {
-            "schema": "pyworker-load-test/1",
-            "target": {
-                "mode": mode,
-                "server": options.server,
-                "worker": options.worker,
-                "route": options.route,
-                "endpoint": options.endpoint,
-            },
-            "requests": {
-                "asked": options.total,
-                "sent": len(records),
-                "finished": len(finishes),
-                "failed": len(failed),
-                "interrupted": self.interrupted,
-            },
-            "outcomes": outcomes,
-            "http_status": dict(sorted(statuses.items())),
-            "rate": {
-                "asked": options.rps,
-                "sent": (len(starts) - 1) / send_span if send_span > 0 else None,
-                "completed": len(finishes) / elapsed if elapsed > 0 else None,
-            },
-            "elapsed": elapsed,
-            "in_flight": {
-                "limit": options.max_in_flight,
-                "max": self.max_in_flight,
-                "held_back": self.held_back,
-                "max_send_lag": max((r.started - r.due for r in records), default=0.0),
-            },
-            "latency": {
-                "route": summarize(r.route_time for r in records if r.route_time is not None),
-                "worker": summarize(r.worker_time for r in ok if r.worker_time is not None),
-                "total": summarize(r.total_time for r in ok if r.total_time is not None),
-            },
-            "stream": stream,
-            "workers": dict(sorted(workers.items())),
-            "errors": [
-                {
-                    "index": r.index,
-                    "outcome": r.outcome,
-                    "stage": r.stage,
-                    "worker": r.worker,
-                    "message": r.message,
-                }
-                for r in failed[:ERROR_SAMPLES]
-            ],
-            "error_kinds": [
-                {"outcome": outcome, "stage": stage, "message": message, "count": count}
-                for (outcome, stage, message), count in kinds.most_common(ERROR_KINDS)
-            ],
-            **self.extra,
+            "mode": mode,
+            "server": options.server,
+            "worker": options.worker,
+            "route": options.route,
+            "endpoint": options.endpoint,
         }
+
+    def _outcomes(self) -> dict[str, int]:
+        # Every known outcome is present, zero or not, so that a reader of the JSON need not
+        # guess; "http_<status>" ones follow in the order they first happened.
+        outcomes: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
+        for r in self.records:
+            outcomes[r.outcome] = outcomes.get(r.outcome, 0) + 1
+        return outcomes
+
+    def _http_status(self) -> dict[str, int]:
+        statuses = collections.Counter(str(r.status) for r in self.records if r.status is not None)
+        return dict(sorted(statuses.items()))
+
+    def _rate(self, starts: Sequence[float], finished: int, elapsed: float) -> dict[str, Any]:
+        # The achieved send rate spans the first to the last send: n sends, n - 1 intervals.
+        send_span = starts[-1] - starts[0] if len(starts) > 1 else 0.0
+        return {
+            "asked": self.options.rps,
+            "sent": (len(starts) - 1) / send_span if send_span > 0 else None,
+            "completed": finished / elapsed if elapsed > 0 else None,
+        }
+
+    def _in_flight(self) -> dict[str, Any]:
+        return {
+            "limit": self.options.max_in_flight,
+            "max": self.max_in_flight,
+            "held_back": self.held_back,
+            "max_send_lag": max((r.started - r.due for r in self.records), default=0.0),
+        }
+
+    def _latency(self, ok: Sequence[RequestRecord]) -> dict[str, Any]:
+        # A route call is timed whenever it was answered; worker and total times only for
+        # successes, lest fast failures (a 503, a refused connection) flatter the percentiles.
+        return {
+            "route": summarize(r.route_time for r in self.records if r.route_time is not None),
+            "worker": summarize(r.worker_time for r in ok if r.worker_time is not None),
+            "total": summarize(r.total_time for r in ok if r.total_time is not None),
+        }
+
+    @staticmethod
+    def _stream(ok: Sequence[RequestRecord], elapsed: float) -> dict[str, Any] | None:
+        streams = [r for r in ok if r.stream]
+        if not streams:
+            return None
+        tokens = sum(r.tokens for r in streams)
+        # A stream's own rate counts the tokens after its first one, over the time they took;
+        # a stream of one chunk has no such time.
+        rates = [
+            (r.tokens - 1) / (r.last_token - r.first_token)
+            for r in streams
+            if r.first_token is not None
+            and r.last_token is not None
+            and r.last_token > r.first_token
+        ]
+        return {
+            "requests": len(streams),
+            "tokens": tokens,
+            "tokens_per_s": tokens / elapsed if elapsed > 0 else None,
+            "ttft": summarize(r.ttft for r in streams if r.ttft is not None),
+            "itl": summarize(g for r in streams for g in r.gaps),
+            "stream_tokens_per_s": summarize(rates),
+        }
+
+    def _workers(self) -> dict[str, dict[str, int]]:
+        workers: dict[str, dict[str, int]] = {}
+        for r in self.records:
+            if r.worker is not None:
+                seen = workers.setdefault(r.worker, {"requests": 0, "ok": 0})
+                seen["requests"] += 1
+                seen["ok"] += r.outcome == "ok"
+        return dict(sorted(workers.items()))
+
+    @staticmethod
+    def _errors(failed: Sequence[RequestRecord]) -> list[dict[str, Any]]:
+        return [
+            {
+                "index": r.index,
+                "outcome": r.outcome,
+                "stage": r.stage,
+                "worker": r.worker,
+                "message": r.message,
+            }
+            for r in failed[:ERROR_SAMPLES]
+        ]
+
+    @staticmethod
+    def _error_kinds(failed: Sequence[RequestRecord]) -> list[dict[str, Any]]:
+        # A thousand timeouts are one line, not a thousand: grouped, most frequent first.
+        kinds = collections.Counter((r.outcome, r.stage, r.message) for r in failed)
+        return [
+            {"outcome": outcome, "stage": stage, "message": message, "count": count}
+            for (outcome, stage, message), count in kinds.most_common(ERROR_KINDS)
+        ]
 
     def render(self) -> str:
         """The report for people: a few aligned lines, latencies in milliseconds."""
         report = self.report()
+        lines = [*self._render_head(report), *self._render_rate(report)]
+        lines += self._render_latency(report)
+        lines += self._render_tokens(report["stream"])
+        lines += self._render_workers(report["workers"])
+        lines += self._render_errors(report)
+        return "\n".join(lines)
+
+    # The text's sections, in its order; each takes report() and returns its lines.
+
+    @staticmethod
+    def _render_head(report: dict[str, Any]) -> list[str]:
         target = report["target"]
         requests = report["requests"]
         if target["mode"] == "worker":
@@ -1147,63 +1203,80 @@ class LoadResult:
             via = f"the local autoscaler {target['server']}"
         else:
             via = f"autoscaler {target['server']}"
-        lines = [
-            f"== load test: POST {target['route']} via {via}"
-            + (" (interrupted)" if requests["interrupted"] else ""),
-        ]
+        interrupted = " (interrupted)" if requests["interrupted"] else ""
+        # ok first even when zero (the figure people look for), then the most frequent failures.
         counts = [(k, v) for k, v in report["outcomes"].items() if v or k == "ok"]
         counts.sort(key=lambda kv: (kv[0] != "ok", -kv[1], kv[0]))
-        lines.append(
+        return [
+            f"== load test: POST {target['route']} via {via}{interrupted}",
             f"requests    {requests['sent']} sent of {requests['asked']}, "
             f"{requests['failed']} failed: "
-            + ", ".join(f"{outcome_label(k)} {v}" for k, v in counts)
-        )
+            + ", ".join(f"{outcome_label(k)} {v}" for k, v in counts),
+        ]
+
+    @staticmethod
+    def _render_rate(report: dict[str, Any]) -> list[str]:
         rate = report["rate"]
         flight = report["in_flight"]
         sent_rate = "-" if rate["sent"] is None else f"{rate['sent']:.2f}/s"
         completed = "-" if rate["completed"] is None else f"{rate['completed']:.2f}/s"
-        lines.append(
-            f"rate        asked {rate['asked']:g}/s, sent {sent_rate}, completed {completed}"
-            f" over {report['elapsed']:.2f}s"
-        )
         held = f", held back {flight['held_back']} times" if flight["held_back"] else ""
-        lines.append(
+        return [
+            f"rate        asked {rate['asked']:g}/s, sent {sent_rate}, completed {completed}"
+            f" over {report['elapsed']:.2f}s",
             f"in flight   max {flight['max']} (limit {flight['limit']}{held}), "
-            f"latest send {flight['max_send_lag'] * 1000:.1f} ms behind schedule"
-        )
-        table = [("route", report["latency"]["route"]), ("worker", report["latency"]["worker"])]
-        table.append(("total", report["latency"]["total"]))
+            f"latest send {flight['max_send_lag'] * 1000:.1f} ms behind schedule",
+        ]
+
+    @staticmethod
+    def _render_latency(report: dict[str, Any]) -> list[str]:
+        latency = report["latency"]
+        table = [("route", latency["route"]), ("worker", latency["worker"])]
+        table.append(("total", latency["total"]))
         stream = report["stream"]
         if stream is not None:
             table += [("first token", stream["ttft"]), ("inter-token", stream["itl"])]
-        lines.append(f"{'latency ms':<16}{'count':>7}{'p50':>9}{'p90':>9}{'p99':>9}{'max':>9}")
+        lines = [f"{'latency ms':<16}{'count':>7}{'p50':>9}{'p90':>9}{'p99':>9}{'max':>9}"]
         for name, summary in table:
             if summary is None:
                 lines.append(f"  {name:<14}{0:>7}{'-':>9}{'-':>9}{'-':>9}{'-':>9}")
                 continue
             cells = "".join(f"{summary[k] * 1000:>9.1f}" for k in ("p50", "p90", "p99", "max"))
             lines.append(f"  {name:<14}{summary['count']:>7}{cells}")
-        if stream is not None:
-            per = stream["stream_tokens_per_s"]
-            per_text = "" if per is None else f", {per['p50']:.1f}/s per stream (p50)"
-            total_rate = stream["tokens_per_s"] or 0.0
-            lines.append(
-                f"tokens      {stream['tokens']} in {stream['requests']} streams: "
-                f"{total_rate:.1f}/s in all{per_text}"
-            )
-        workers = report["workers"]
-        lines.append(f"workers     {len(workers)} seen")
+        return lines
+
+    @staticmethod
+    def _render_tokens(stream: dict[str, Any] | None) -> list[str]:
+        if stream is None:
+            return []
+        per = stream["stream_tokens_per_s"]
+        per_text = "" if per is None else f", {per['p50']:.1f}/s per stream (p50)"
+        total_rate = stream["tokens_per_s"] or 0.0
+        return [
+            f"tokens      {stream['tokens']} in {stream['requests']} streams: "
+            f"{total_rate:.1f}/s in all{per_text}"
+        ]
+
+    @staticmethod
+    def _render_workers(workers: dict[str, dict[str, int]]) -> list[str]:
+        lines = [f"workers     {len(workers)} seen"]
         for url, seen in workers.items():
             lines.append(f"  {url:<32} {seen['requests']:>6} requests, {seen['ok']} ok")
-        if report["error_kinds"]:
-            lines.append(f"errors      {requests['failed']}, by kind:")
-            for kind in report["error_kinds"]:
-                where = "route call" if kind["stage"] == "route" else "worker call"
-                message = " ".join(str(kind["message"]).split())[:160]
-                lines.append(
-                    f"  {kind['count']:>6} x {outcome_label(kind['outcome'])} ({where}): {message}"
-                )
-        return "\n".join(lines)
+        return lines
+
+    @staticmethod
+    def _render_errors(report: dict[str, Any]) -> list[str]:
+        if not report["error_kinds"]:
+            return []
+        lines = [f"errors      {report['requests']['failed']}, by kind:"]
+        for kind in report["error_kinds"]:
+            where = "route call" if kind["stage"] == "route" else "worker call"
+            # One line per kind: a multi-line traceback or a long body would bury the rest.
+            message = " ".join(str(kind["message"]).split())[:160]
+            lines.append(
+                f"  {kind['count']:>6} x {outcome_label(kind['outcome'])} ({where}): {message}"
+            )
+        return lines
 
 
 # Payloads from a worker file ######################################################################
@@ -1643,6 +1716,44 @@ def _url(text: str) -> str:
     return text.rstrip("/")
 
 
+class _ArgumentAdder(typing.Protocol):
+    """An argparse parser or argument group: where options are added."""
+
+    def add_argument(self, *name_or_flags: str, **kwargs: Any) -> argparse.Action: ...
+
+
+# The fake model's pacing, declared once for `--local` (as --model-*) and for `fake-model`; each
+# option is the FakeModel.realistic() keyword of its name: (name, type, default, metavar, help).
+_FAKE_MODEL_OPTIONS: tuple[tuple[str, Callable[[str], Any], float, str, str], ...] = (
+    ("load-time", _non_negative, 1.0, "S", "seconds before a fake model logs that it is loaded"),
+    ("tokens", _positive(int), 16, "N", "tokens in each fake answer"),
+    ("token-delay", _non_negative, 0.015, "S", "seconds per token"),
+    ("first-token-delay", _non_negative, 0.05, "S", "seconds before the first token"),
+)
+
+
+def _add_fake_model_options(parser: _ArgumentAdder, prefix: str = "") -> None:
+    for name, kind, default, metavar, text in _FAKE_MODEL_OPTIONS:
+        parser.add_argument(
+            f"--{prefix}{name}",
+            type=kind,
+            default=default,
+            metavar=metavar,
+            help=f"{text} (default {default:g})",
+        )
+
+
+def _fake_model(
+    args: argparse.Namespace, prefix: str = "", log_path: str | None = None
+) -> FakeModel:
+    """A realistic FakeModel paced as the options of `_add_fake_model_options` ask."""
+    pacing = {
+        name.replace("-", "_"): getattr(args, (prefix + name).replace("-", "_"))
+        for name, *_ in _FAKE_MODEL_OPTIONS
+    }
+    return FakeModel.realistic(log_path=log_path, **pacing)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="test_load.py",
@@ -1653,6 +1764,13 @@ def build_parser() -> argparse.ArgumentParser:
         "3 the local setup did not start; 130 interrupted.",
         allow_abbrev=False,
     )
+    _add_load_options(parser)
+    _add_target_options(parser)
+    _add_local_options(parser)
+    return parser
+
+
+def _add_load_options(parser: argparse.ArgumentParser) -> None:
     load = parser.add_argument_group("load")
     load.add_argument(
         "-n",
@@ -1696,6 +1814,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     load.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     load.add_argument("-q", "--quiet", action="store_true", help="no progress line")
+
+
+def _add_target_options(parser: argparse.ArgumentParser) -> None:
     target = parser.add_argument_group("target (one of; default the Vast.ai autoscaler)")
     where = target.add_mutually_exclusive_group()
     where.add_argument(
@@ -1735,6 +1856,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     target.add_argument("--cafile", metavar="PEM", help="also trust this CA (https workers)")
     target.add_argument("--insecure", action="store_true", help="do not verify TLS certificates")
+
+
+def _add_local_options(parser: argparse.ArgumentParser) -> None:
     local = parser.add_argument_group("--local")
     local.add_argument(
         "--workers",
@@ -1755,35 +1879,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep the working directory (logs) even when all went well",
     )
-    local.add_argument(
-        "--model-load-time",
-        type=_non_negative,
-        default=1.0,
-        metavar="S",
-        help="seconds before a fake model logs that it is loaded (default 1)",
-    )
-    local.add_argument(
-        "--model-tokens",
-        type=_positive(int),
-        default=16,
-        metavar="N",
-        help="tokens in each fake answer (default 16)",
-    )
-    local.add_argument(
-        "--model-token-delay",
-        type=_non_negative,
-        default=0.015,
-        metavar="S",
-        help="seconds per token (default 0.015)",
-    )
-    local.add_argument(
-        "--model-first-token-delay",
-        type=_non_negative,
-        default=0.05,
-        metavar="S",
-        help="seconds before the first token (default 0.05)",
-    )
-    return parser
+    _add_fake_model_options(local, prefix="model-")
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -1872,13 +1968,7 @@ async def _run_local(
     directory = tempfile.mkdtemp(prefix="pyworker-local-")
 
     def model(log_path: str) -> FakeModel:
-        return FakeModel.realistic(
-            log_path=log_path,
-            load_time=args.model_load_time,
-            tokens=args.model_tokens,
-            token_delay=args.model_token_delay,
-            first_token_delay=args.model_first_token_delay,
-        )
+        return _fake_model(args, prefix="model-", log_path=log_path)
 
     setup = LocalSetup(
         args.workers,
@@ -1975,20 +2065,11 @@ def fake_model_main(argv: Sequence[str]) -> int:
     )
     parser.add_argument("--port", type=int, default=5001, help="port (default 5001)")
     parser.add_argument("--log", metavar="FILE", help="the log to write (the worker's MODEL_LOG)")
-    parser.add_argument("--load-time", type=_non_negative, default=1.0, metavar="S")
-    parser.add_argument("--tokens", type=_positive(int), default=16, metavar="N")
-    parser.add_argument("--token-delay", type=_non_negative, default=0.015, metavar="S")
-    parser.add_argument("--first-token-delay", type=_non_negative, default=0.05, metavar="S")
+    _add_fake_model_options(parser)
     args = parser.parse_args(argv)
 
     async def start() -> Callable[[], Awaitable[None]]:
-        model = FakeModel.realistic(
-            log_path=args.log,
-            load_time=args.load_time,
-            tokens=args.tokens,
-            token_delay=args.token_delay,
-            first_token_delay=args.first_token_delay,
-        )
+        model = _fake_model(args, log_path=args.log)
         await model.start(args.port)
         print(f"fake model on {model.url}" + (f", log {args.log}" if args.log else ""), flush=True)
         return model.stop
