@@ -21,18 +21,7 @@ import re
 from typing import Any
 
 import pyworker
-from pyworker import (
-    ApiPayload,
-    Backend,
-    ClientResponse,
-    EndpointHandler,
-    LogAction,
-    Request,
-    Response,
-    post,
-    relay_json,
-    relay_stream,
-)
+from pyworker import ApiPayload, Backend, EndpointHandler, LogAction, post
 
 MODEL_SERVER_URL = "http://127.0.0.1:5001"
 
@@ -104,39 +93,21 @@ def count_tokens(text: str) -> int:
 
 
 # 2. The handlers: one per model route ############################################################
+# A handler names the model's route; the payload class comes from the brackets. The model's
+# answer is relayed as it is: JSON read whole, or a stream chunk by chunk as the tokens come.
+# (Override generate_client_response(client_request, model_response) to change the answer.)
 
 
 class GenerateHandler(EndpointHandler[InputData]):
-    """POST /generate: the model answers JSON, relayed as it is."""
+    """POST /generate: the model answers JSON."""
 
-    healthcheck_endpoint = None  # set to the model's health route (GET) to poll it
-
-    @property
-    def endpoint(self) -> str:
-        return "/generate"
-
-    @classmethod
-    def payload_cls(cls) -> type[InputData]:
-        return InputData
-
-    async def generate_client_response(
-        self, client_request: Request, model_response: ClientResponse
-    ) -> Response:
-        return await relay_json(model_response)
+    endpoint = "/generate"
 
 
-class GenerateStreamHandler(GenerateHandler):
-    """POST /generate_stream: the same payload; the model streams tokens, relayed chunk by
-    chunk as they arrive."""
+class GenerateStreamHandler(EndpointHandler[InputData]):
+    """POST /generate_stream: the same payload; the model streams one token per chunk."""
 
-    @property
-    def endpoint(self) -> str:
-        return "/generate_stream"
-
-    async def generate_client_response(
-        self, client_request: Request, model_response: ClientResponse
-    ) -> Response:
-        return await relay_stream(model_response)
+    endpoint = "/generate_stream"
 
 
 # 3. The backend and the model log's meaning ######################################################
@@ -146,6 +117,7 @@ backend = Backend(
     model_log_file=None,  # taken from MODEL_LOG
     allow_parallel_requests=True,
     benchmark_handler=GenerateHandler(),
+    healthcheck_endpoint=None,  # the model's health route (GET), e.g. "/health", to poll it
     log_actions=[
         (LogAction.ModelLoaded, "infer server has started"),
         (LogAction.ModelError, "Exception: corrupted model file"),

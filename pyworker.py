@@ -59,6 +59,7 @@ import collections
 import contextlib
 import dataclasses
 import enum
+import functools
 import hashlib
 import http
 import json
@@ -210,15 +211,22 @@ class JsonDataException(Exception):
 # Parsing is kept apart from I/O (h11's habit): these functions take bytes and return values or
 # raise HttpError; the stream code around them is thin.
 
-# RFC 9110 section 5.6.2: token = 1*tchar
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# The grammar, from one character class: RFC 9110 5.6.2's tchar makes a token, and a token is a
+# method, a header field name, a transfer coding or a Connection option.
+_TCHAR = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
+_TOKEN = re.compile(_TCHAR + rb"+")
 # Bytes never allowed in a head: NUL and the controls except HTAB; CR and LF are checked apart.
 _BAD_HEAD_BYTE = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-_TARGET = re.compile(rb"/[\x21-\x7e]*")  # origin-form, printable ASCII without spaces
 _VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]")
-# method SP origin-form SP version (RFC 9112 3), the one shape accepted; anything else goes to
-# _request_line_error, which says why.
-_REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) (/[\x21-\x7e]*) (HTTP/1\.[01])")
+# method SP origin-form SP version (RFC 9112 3), the one shape accepted; the target is printable
+# ASCII without spaces. Anything else goes to _request_line_error, which says why.
+_REQUEST_LINE = re.compile(rb"(%s+) (/[\x21-\x7e]*) (HTTP/1\.[01])" % _TCHAR)
+# One regex checks a whole head in C: a first line, then fields "token: value CRLF" whose values
+# hold no control byte but HTAB (so no bare CR or LF, no NUL, no obs-fold), then CRLF.
+_FIELD = rb"%s+:[\t\x20-\x7e\x80-\xff]*\r\n" % _TCHAR
+_HEAD = re.compile(rb"([^\r\n]*)\r\n((?:%s)*)\r\n" % _FIELD)
+# ... and, once it passed, takes the fields apart as text (latin-1 maps bytes 1:1).
+_FIELD_PARTS = re.compile(rf"({_TCHAR.decode('ascii')}+):[ \t]*([^\r]*)\r\n")
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,%d}" % MAX_CHUNK_SIZE_DIGITS)
 # A well-formed chunk-size line (RFC 9112 7.1.1), for the decoder's fast path; any other line
 # goes through parse_chunk_size, which says what is wrong.
@@ -248,11 +256,8 @@ class Headers:
         values = self._index.get(name)
         return values[0] if values else default
 
-    def get_all(self, name: str) -> list[str]:
-        return list(self.values(name))
-
     def values(self, name: str) -> Sequence[str]:
-        """Like get_all, without the copy: for reading only."""
+        """Every value of `name`, in arrival order (for reading only: not a copy)."""
         return self._index.get(name, ())
 
     def items(self) -> list[tuple[str, str]]:
@@ -277,6 +282,17 @@ class BodyFraming:
 
 
 @dataclasses.dataclass
+class ClientResponseHead:
+    """The head of an upstream server's response (parse_response_head's result)."""
+
+    status: int
+    reason: str
+    headers: Headers
+    framing: BodyFraming
+    keep_alive: bool
+
+
+@dataclasses.dataclass
 class Request:
     """One parsed client request. `body` is filled in once it has been read."""
 
@@ -295,13 +311,6 @@ class Request:
         return self.target.split("?", 1)[0]
 
 
-# One regex checks a whole head in C: a first line, then fields "token: value CRLF" whose values
-# hold no control byte but HTAB (so no bare CR or LF, no NUL, no obs-fold), then CRLF.
-_FIELD_RE = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\r\n"
-_HEAD = re.compile(rb"([^\r\n]*)\r\n((?:%s)*)\r\n" % _FIELD_RE)
-_FIELD_PARTS = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r]*)\r\n")
-
-
 def _parse_head(head: bytes) -> tuple[bytes, Headers]:
     """The first line and the fields of a head ending in CRLF CRLF (names lower-cased)."""
     match = _HEAD.fullmatch(head)
@@ -309,8 +318,8 @@ def _parse_head(head: bytes) -> tuple[bytes, Headers]:
         lines = _split_head(head)  # the slow path names what is wrong
         parse_header_lines(lines[1:])
         raise HttpError(400, "malformed head")
-    # Checked above; now take the fields apart as text (latin-1 maps bytes 1:1). A value
-    # holds no CR, so the greedy match runs to the line end; its trailing OWS is stripped.
+    # A value holds no CR, so the greedy match runs to the line end; its trailing OWS is
+    # stripped.
     fields = _FIELD_PARTS.findall(match.group(2).decode("latin-1"))
     if len(fields) > MAX_HEADERS:
         raise HttpError(431, "too many header fields")
@@ -331,9 +340,9 @@ def _split_head(head: bytes) -> list[bytes]:
     return body.split(b"\r\n")
 
 
-def parse_header_lines(lines: Sequence[bytes], *, limit: int = MAX_HEADERS) -> Headers:
+def parse_header_lines(lines: Sequence[bytes]) -> Headers:
     """Parse `name: value` lines (no CRLF); names are lower-cased, values stripped of OWS."""
-    if len(lines) > limit:
+    if len(lines) > MAX_HEADERS:
         raise HttpError(431, "too many header fields")
     fields: list[tuple[str, str]] = []
     for line in lines:
@@ -367,29 +376,35 @@ def _content_length(headers: Headers) -> int | None:
     return int(seen.pop())
 
 
-def _tokens(value: str) -> list[str]:
-    return [t.strip(" \t").lower() for t in value.split(",") if t.strip(" \t")]
-
-
 def _header_tokens(headers: Headers, name: str) -> list[str]:
-    """The comma-separated tokens of every `name` field, lower-cased (Connection, Expect)."""
+    """The comma-separated list of every `name` field, lower-cased, empty items dropped
+    (RFC 9110 5.6.1): Connection options, Expect, and the transfer codings."""
     values = headers.values(name)
     if not values:  # the usual case: skip the joining and splitting
         return []
-    return _tokens(",".join(values))
+    items = ",".join(values).split(",")
+    return [t.strip(" \t").lower() for t in items if t.strip(" \t")]
+
+
+def _keep_alive(version: str, headers: Headers) -> bool:
+    """RFC 9112 9.3: HTTP/1.1 keeps the connection unless told "close"; HTTP/1.0 closes it
+    unless told "keep-alive". The one rule, for requests and responses."""
+    connection = _header_tokens(headers, "connection")
+    if version == "HTTP/1.1":
+        return "close" not in connection
+    return "keep-alive" in connection and "close" not in connection
 
 
 def request_framing(headers: Headers, version: str) -> BodyFraming:
     """Body framing of a request: Content-Length, chunked, or no body (RFC 9112 6.3)."""
-    te_values = headers.values("transfer-encoding")
     length = _content_length(headers)
-    if te_values:
+    if "transfer-encoding" in headers:
         if length is not None:
             # Both present: the classic smuggling setup (RFC 9112 6.3 rule 3). Refuse it.
             raise HttpError(400, "both Transfer-Encoding and Content-Length")
         if version == "HTTP/1.0":
             raise HttpError(400, "Transfer-Encoding in an HTTP/1.0 request")
-        codings = [t for v in te_values for t in _tokens(v)]
+        codings = _header_tokens(headers, "transfer-encoding")
         if not codings or codings[-1] != "chunked":
             if codings and "chunked" in codings:
                 raise HttpError(400, "chunked is not the final transfer coding")
@@ -429,11 +444,7 @@ def parse_request_head(head: bytes) -> Request:
     if len(hosts) > 1 or (not hosts and version_s == "HTTP/1.1"):
         raise HttpError(400, "exactly one Host header is required")  # RFC 9112 3.2
     framing = request_framing(headers, version_s)
-    connection = _header_tokens(headers, "connection")
-    if version_s == "HTTP/1.1":
-        keep_alive = "close" not in connection
-    else:
-        keep_alive = "keep-alive" in connection and "close" not in connection
+    keep_alive = _keep_alive(version_s, headers)
     expectations = _header_tokens(headers, "expect")
     if any(e != "100-continue" for e in expectations):
         raise HttpError(417, "unsupported expectation")
@@ -460,8 +471,8 @@ def parse_response_head(head: bytes, *, request_method: str = "POST") -> ClientR
     version = status_line[:8].decode("ascii")
     if request_method == "HEAD" or status < 200 or status in (204, 304):
         framing = BodyFraming("length", 0)
-    elif headers.values("transfer-encoding"):
-        codings = [t for v in headers.values("transfer-encoding") for t in _tokens(v)]
+    elif "transfer-encoding" in headers:
+        codings = _header_tokens(headers, "transfer-encoding")
         # RFC 9112 6.3 rule 4: chunked last means chunked; otherwise read until close.
         framing = BodyFraming("chunked") if codings == ["chunked"] else BodyFraming("close")
         if codings and codings[-1] == "chunked" and len(codings) > 1:
@@ -469,13 +480,7 @@ def parse_response_head(head: bytes, *, request_method: str = "POST") -> ClientR
     else:
         length = _content_length(headers)
         framing = BodyFraming("close") if length is None else BodyFraming("length", length)
-    connection = _header_tokens(headers, "connection")
-    if version == "HTTP/1.1":
-        keep_alive = "close" not in connection
-    else:
-        keep_alive = "keep-alive" in connection
-    if framing.kind == "close":
-        keep_alive = False
+    keep_alive = _keep_alive(version, headers) and framing.kind != "close"
     return ClientResponseHead(status, reason, headers, framing, keep_alive)
 
 
@@ -493,15 +498,6 @@ def parse_chunk_size(line: bytes) -> int:
     if b"\r" in extension or b"\n" in extension or _BAD_HEAD_BYTE.search(extension):
         raise HttpError(400, "invalid chunk extension")
     return int(size, 16)
-
-
-@dataclasses.dataclass
-class ClientResponseHead:
-    status: int
-    reason: str
-    headers: Headers
-    framing: BodyFraming
-    keep_alive: bool
 
 
 _REASONS = {s.value: s.phrase for s in http.HTTPStatus}
@@ -818,14 +814,12 @@ class HttpClient:
         self,
         base_url: str,
         *,
-        connect_timeout: float = CONNECT_TIMEOUT,
         max_idle: int = MAX_IDLE_UPSTREAM,
         max_body: int = MAX_UPSTREAM_BODY,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         scheme, self.host, self.port, self.prefix = split_url(base_url)
-        self.connect_timeout = connect_timeout
         self.max_idle = max_idle
         self.max_body = max_body
         self._ssl: ssl.SSLContext | None = None
@@ -836,12 +830,13 @@ class HttpClient:
         self._idle: collections.deque[_Connection] = collections.deque()
         self.connections_opened = 0
 
+    # idle_connections and connections_opened: what the pool did, for tests and benchmarks
     @property
     def idle_connections(self) -> int:
         return len(self._idle)
 
     async def _connect(self, deadline: _Deadline, timeout: float | None) -> _Connection:
-        limit = self.connect_timeout if timeout is None else min(timeout, self.connect_timeout)
+        limit = CONNECT_TIMEOUT if timeout is None else min(timeout, CONNECT_TIMEOUT)
         # Not wait_for: up to Python 3.11 it drops a cancellation that arrives as the connect
         # completes, and a cancelled request (or worker shutdown) would carry on.
         connecting = asyncio.get_running_loop().create_task(
@@ -872,7 +867,8 @@ class HttpClient:
             conn.writer.close()
         return None
 
-    def _release(self, conn: _Connection) -> None:
+    def release(self, conn: _Connection) -> None:
+        """(Called by a ClientResponse read to its end.) Keep the connection for reuse."""
         if len(self._idle) < self.max_idle and conn.usable():
             self._idle.append(conn)
         else:
@@ -956,6 +952,10 @@ class HttpClient:
             self._idle.pop().writer.close()
 
 
+# Media types whose body is a stream of events, relayed as they arrive even with a length.
+STREAM_MEDIA_TYPES = frozenset({"text/event-stream", "application/x-ndjson"})
+
+
 class ClientResponse:
     """A response whose head arrived; read() or iter_chunks() the body, or close() it."""
 
@@ -978,6 +978,14 @@ class ClientResponse:
     @property
     def content_type(self) -> str:
         return self.headers.get("content-type") or "application/octet-stream"
+
+    @property
+    def streaming(self) -> bool:
+        """Whether the body is a stream to relay as it comes: chunked, or a streaming type."""
+        if self._head.framing.kind == "chunked":
+            return True
+        media_type = self.content_type.partition(";")[0].strip().lower()
+        return media_type in STREAM_MEDIA_TYPES
 
     async def read(self) -> bytes:
         """The whole body (at most the client's max_body bytes)."""
@@ -1071,7 +1079,7 @@ class ClientResponse:
         if conn is None:
             return
         if complete and self._head.keep_alive:
-            self._client._release(conn)  # pyright: ignore[reportPrivateUsage]
+            self._client.release(conn)
         else:
             conn.abort()
 
@@ -1179,22 +1187,21 @@ class _ServerProtocol(asyncio.StreamReaderProtocol):
         return self.phase in (_Phase.BODY, _Phase.HANDLING, _Phase.RESPONDING)
 
     def enter(self, phase: _Phase, timeout: float = math.inf) -> None:
+        """Every phase change goes through here: the phase, and its deadline from now."""
         self.phase = phase
         self.deadline = self._loop.time() + timeout
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.conn_transport = transport
-        self._server._protocols.add(self)  # pyright: ignore[reportPrivateUsage]
         writer = asyncio.StreamWriter(
             typing.cast(asyncio.WriteTransport, transport), self, self.reader, self._loop
         )
-        serve = self._server._serve_connection  # pyright: ignore[reportPrivateUsage]
-        self.task = self._loop.create_task(serve(self, self.reader, writer))
+        self.task = self._server.serve(self, writer)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
-        self._server._protocols.discard(self)  # pyright: ignore[reportPrivateUsage]
+        self._server.forget(self)
         if self.phase in (_Phase.HANDLING, _Phase.RESPONDING) and self.task is not None:
             self.task.cancel()
 
@@ -1237,8 +1244,20 @@ class HttpServer:
         self._sweeper = loop.create_task(self._sweep())
         return int(self._server.sockets[0].getsockname()[1])
 
+    def serve(self, proto: _ServerProtocol, writer: asyncio.StreamWriter) -> asyncio.Task[None]:
+        """(Called by a new connection's protocol.) Track the connection and serve it."""
+        self._protocols.add(proto)
+        return asyncio.get_running_loop().create_task(
+            self._serve_connection(proto, proto.reader, writer)
+        )
+
+    def forget(self, proto: _ServerProtocol) -> None:
+        """(Called when a connection is lost.)"""
+        self._protocols.discard(proto)
+
     @property
     def connections(self) -> int:
+        """Open connections (the soak and abuse tests watch that none is left behind)."""
         return len(self._protocols)
 
     @property
@@ -1315,7 +1334,7 @@ class HttpServer:
         except Exception:
             log.exception("unexpected error on a connection")
         finally:
-            self._protocols.discard(proto)
+            self.forget(proto)
             if not transport.is_closing():
                 with contextlib.suppress(Exception):
                     await writer.drain()
@@ -1395,7 +1414,7 @@ class HttpServer:
         stream = response.stream
         if stream is None:
             body = response.body
-            proto.phase = _Phase.RESPONDING
+            proto.enter(_Phase.RESPONDING)
             writer.write(
                 response_head(
                     response.status, headers, content_length=len(body), keep_alive=keep_alive
@@ -1418,19 +1437,22 @@ class HttpServer:
                     framed = encode_chunk(data) if chunked else data
                     if head:
                         framed, head = head + framed, b""
-                        proto.phase = _Phase.RESPONDING
+                        proto.enter(_Phase.RESPONDING)
                     writer.write(framed)
                     await self._drain(proto, writer)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            if head:  # nothing sent yet
-                status = exc.status if isinstance(exc, UpstreamError) else 500
-                log.warning("stream for %s failed before its first byte: %s", request.path, exc)
-                failed = error_response(status, _upstream_message(exc))
+            why = exc.__cause__ or exc  # the detail behind what the client is told
+            if head:  # nothing sent yet: a proper answer instead of a cut
+                log.warning("stream for %s failed before its first byte: %s", request.path, why)
+                if isinstance(exc, HttpError):
+                    failed = error_response(exc.status, exc.message)
+                else:
+                    failed = error_response(500, "internal error")
                 return await self._write_response(request, failed, proto, writer)
             # The model broke off: cut the client's stream (no last chunk) so it sees an error.
-            log.warning("stream for %s cut: %s", request.path, exc)
+            log.warning("stream for %s cut: %s", request.path, why)
             _abort(writer.transport)
             return False
         finally:
@@ -1459,7 +1481,7 @@ class HttpServer:
             keep_alive=keep_alive,
             chunked=False,
         )
-        proto.phase = _Phase.RESPONDING
+        proto.enter(_Phase.RESPONDING)
         writer.write(head)
         await self._drain(proto, writer)
         return keep_alive
@@ -1472,11 +1494,11 @@ class HttpServer:
             raise ConnectionResetError("client connection closed")
         if transport.get_write_buffer_size() <= 64 * 1024:
             return  # asyncio's drain() would return at once; skip its overhead
-        proto.deadline = asyncio.get_running_loop().time() + WRITE_TIMEOUT
+        proto.enter(_Phase.RESPONDING, WRITE_TIMEOUT)  # the client must read within it
         try:
             await writer.drain()
         finally:
-            proto.deadline = math.inf
+            proto.enter(_Phase.RESPONDING)
 
 
 # Payload protocol ################################################################################
@@ -1810,47 +1832,139 @@ def verify_auth(
     return None
 
 
+class SignatureChecker:
+    """Whether a request comes from the autoscaler: its public key (from PUBKEY_FILE, or
+    fetched from the autoscaler in the background), the RSA check, and the replay guard."""
+
+    def __init__(self) -> None:
+        self.pubkey: RsaPublicKey | None = None
+        self.guard = ReplayGuard()
+
+    def load_file(self, path: str) -> None:
+        with open(path, "rb") as f:
+            self.pubkey = RsaPublicKey.from_pem(f.read())
+
+    async def fetch(self, client: HttpClient) -> None:
+        """GET {autoscaler}/pubkey/ until it works, backing off up to a minute."""
+        delay = 1.0
+        while self.pubkey is None:
+            try:
+                async with await client.request("GET", "/pubkey/", timeout=10.0) as resp:
+                    body = await resp.read()
+                if resp.status != 200:
+                    raise UpstreamError(f"status {resp.status}")
+                self.pubkey = RsaPublicKey.from_pem(body)
+                log.info("public key loaded from %s", client.base_url)
+                return
+            except (UpstreamError, KeyFormatError) as exc:
+                log.warning(
+                    "public key fetch from %s failed (%s); retry in %.0fs",
+                    client.base_url,
+                    exc,
+                    delay,
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 60.0)
+
+    def check(self, auth: AuthData) -> str | None:
+        """Why `auth` is refused (bad signature, replay), or None. The ticket is not spent:
+        spend() it once the request is accepted, so a 429 can be retried with it."""
+        if self.pubkey is None:
+            return "no public key yet"
+        return verify_auth(self.pubkey, auth, self.guard, record=False)
+
+    def spend(self, auth: AuthData) -> None:
+        self.guard.record(auth.reqnum, auth.message())
+
+
 # Handler base classes ############################################################################
 
 P = TypeVar("P", bound=ApiPayload)
 
 
 class EndpointHandler(abc.ABC, Generic[P]):
-    """One model API route: which payload it takes and how the model's answer is relayed.
+    """One model API route: the model's path, the payload class, how the answer is relayed.
 
-    Subclass it once per route; `relay_json` and `relay_stream` cover the two common answers.
+        class GenerateHandler(EndpointHandler[InputData]):
+            endpoint = "/generate"
+
+    is a whole handler: the payload class comes from the brackets (or a `payload_class`
+    attribute), and the model's answer goes back as it is, streamed or not (see relay).
+    Override generate_client_response to shape it, make_benchmark_payload to benchmark
+    with other payloads.
+
+    The 2024 library's form works too: `endpoint` as a property, a `payload_cls`
+    classmethod, generate_client_response(client_request, model_response) overridden, and
+    benchmark_runs / healthcheck_endpoint as class attributes of the benchmark handler (now
+    Backend arguments). The base class declares no `endpoint`, so that both a plain string
+    and a property type-check; Backend.create_handler checks it.
     """
 
-    #: rounds of the throughput benchmark when this handler is the benchmark handler
-    benchmark_runs: ClassVar[int] = 8
-    #: the model's health endpoint (GET), polled once the worker is ready; None: no check
-    healthcheck_endpoint: ClassVar[str | None] = None
+    #: the ApiPayload subclass this route takes; set from EndpointHandler[...] when not given
+    payload_class: ClassVar[type[ApiPayload] | None] = None
     #: seconds a model request may take, answer included (None: no limit, for long streams)
     model_timeout: ClassVar[float | None] = None
 
-    @property
-    @abc.abstractmethod
-    def endpoint(self) -> str:
-        """The model API path requests are forwarded to, e.g. "/generate"."""
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "payload_class" in cls.__dict__:
+            return
+        for base in getattr(cls, "__orig_bases__", ()):
+            origin = typing.get_origin(base)
+            if isinstance(origin, type) and issubclass(origin, EndpointHandler):
+                arg = typing.get_args(base)[0]
+                if isinstance(arg, type) and issubclass(arg, ApiPayload):
+                    cls.payload_class = arg
 
     @classmethod
-    @abc.abstractmethod
     def payload_cls(cls) -> type[P]:
-        """The ApiPayload subclass this route takes."""
+        """The payload class (the 2024 library's name: overriding it still works)."""
+        if cls.payload_class is None:
+            raise TypeError(
+                f"{cls.__name__}: no payload class; write EndpointHandler[MyPayload] "
+                "or set payload_class = MyPayload"
+            )
+        return typing.cast(type[P], cls.payload_class)
 
     def make_benchmark_payload(self) -> P:
         """A payload for the benchmark; by default the payload class's for_test()."""
         return self.payload_cls().for_test()
 
-    @abc.abstractmethod
     async def generate_client_response(
         self, client_request: Request, model_response: ClientResponse
     ) -> Response:
-        """Turn the model's answer into the client's (see relay_json and relay_stream)."""
+        """The client's answer; by default the model's, relayed as it is (see relay)."""
+        return await relay(model_response)
+
+
+def _endpoint_of(handler: EndpointHandler[Any]) -> str:
+    """A handler's model path, whichever form declares it (a string, or a property)."""
+    endpoint = getattr(handler, "endpoint", None)
+    if not isinstance(endpoint, str) or not endpoint.startswith("/"):
+        name = type(handler).__name__
+        raise TypeError(f'{name}.endpoint must be a path such as "/generate", not {endpoint!r}')
+    return endpoint
+
+
+def _upstream_message(exc: BaseException) -> str:
+    """What a client is told when the model fails; the details (addresses) go to the log."""
+    if isinstance(exc, UpstreamTimeout):
+        return "the model server did not answer in time"
+    if isinstance(exc, UpstreamError):
+        return "the model server failed"
+    return "internal error"
+
+
+async def relay(model_response: ClientResponse) -> Response:
+    """The model's answer as it is: streamed chunk by chunk when the model streams (chunked,
+    text/event-stream, application/x-ndjson), else read whole and sent with its length."""
+    if model_response.streaming:
+        return await relay_stream(model_response)
+    return await relay_json(model_response)
 
 
 async def relay_json(model_response: ClientResponse) -> Response:
-    """The model's answer as-is: its status, content type and whole body."""
+    """The model's answer read whole: its status, content type and body."""
     body = await model_response.read()
     return Response(model_response.status, body, content_type=model_response.content_type)
 
@@ -1860,8 +1974,22 @@ async def relay_stream(model_response: ClientResponse) -> Response:
     return Response(
         model_response.status,
         content_type=model_response.content_type,
-        stream=model_response.iter_chunks(),
+        stream=_told_to_client(model_response.iter_chunks()),
     )
+
+
+async def _told_to_client(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The boundary between the model and the client: a model stream's failure becomes an
+    HttpError, which the server answers (502, 504) if nothing was sent yet, else cuts."""
+    try:
+        async for data in chunks:
+            yield data
+    except UpstreamError as exc:
+        raise HttpError(exc.status, _upstream_message(exc)) from exc
+    finally:
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 class LogAction(enum.Enum):
@@ -1960,7 +2088,80 @@ class Config:
         return config
 
 
-# Backend: metrics ################################################################################
+# Backend parts: the worker's state ###############################################################
+# Backend composes the parts below, one job each; each can be built and tested alone.
+
+
+class State(enum.Enum):
+    LOADING = "loading"
+    BENCHMARKING = "benchmarking"
+    READY = "ready"
+    ERRORED = "errored"
+
+
+class Lifecycle:
+    """Where the worker is: loading -> benchmarking -> ready, or errored for good; the
+    benchmark's figure, and how long the worker took to become ready."""
+
+    def __init__(self) -> None:
+        self.state = State.LOADING
+        self.error_msg = ""
+        self.max_perf = 0.0  # workload per second, from the benchmark
+        self.started_at = time.monotonic()
+        self.loadtime: float | None = None  # seconds from start to ready, once ready
+
+    def model_loaded(self) -> bool:
+        """Loading -> benchmarking; False when the worker was not loading (a repeated line)."""
+        if self.state is not State.LOADING:
+            return False
+        self.state = State.BENCHMARKING
+        return True
+
+    def ready(self, max_perf: float) -> None:
+        if self.state is State.BENCHMARKING:
+            self.max_perf = max_perf
+            self.state = State.READY
+            self.loadtime = time.monotonic() - self.started_at
+            log.info("worker ready after %.1fs (max_perf=%.2f)", self.loadtime, max_perf)
+
+    def errored(self, message: str) -> None:
+        if self.state is not State.ERRORED:
+            log.error("worker errored: %s", message)
+            self.state = State.ERRORED
+            self.error_msg = message
+
+
+class BackgroundTasks:
+    """The backend's background tasks. None may die silently: a failure is logged and marks
+    the worker errored; stop() cancels them all and waits, bounded."""
+
+    def __init__(self, lifecycle: Lifecycle) -> None:
+        self._lifecycle = lifecycle
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def spawn(self, coro: typing.Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        task.add_done_callback(self._done)
+        self._tasks.append(task)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        log.error("background task %s failed", task.get_coro(), exc_info=exc)
+        self._lifecycle.errored(f"internal error: {exc!r}")
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:  # bounded: a task that ignores its cancellation must not hang the exit
+            _, stuck = await asyncio.wait(self._tasks, timeout=timeout)
+            for task in stuck:
+                log.error("background task %s did not stop", task.get_coro())
+        self._tasks.clear()
+
+
+# Backend parts: metrics ##########################################################################
 
 
 class Histogram:
@@ -2002,8 +2203,9 @@ class Tally:
 
 
 class Metrics:
-    """Request and workload bookkeeping. Every accepted request is in exactly one of
-    in_flight, served, errored, cancelled: received = in_flight + served + errored + cancelled.
+    """Request and workload bookkeeping, and its Prometheus rendering. Every accepted request
+    is in exactly one of in_flight, served, errored, cancelled:
+    received = in_flight + served + errored + cancelled.
     """
 
     def __init__(self) -> None:
@@ -2033,6 +2235,12 @@ class Metrics:
         else:
             self.cancelled.add(workload)
 
+    def record(self, route: str, status: int, duration: float) -> None:
+        """One answered request (duration 0.0: refused before it reached the model)."""
+        self.by_route_status[(route, status)] += 1
+        if duration:
+            self.duration[route].observe(duration)
+
     @property
     def load_total(self) -> float:
         """Workload received minus cancelled: what the autoscaler calls load."""
@@ -2043,325 +2251,14 @@ class Metrics:
         return self.served.requests + self.errored.requests + self.cancelled.requests
 
     def consistent(self) -> bool:
+        """The invariant above; the tests and the soak check it after every kind of ending."""
         parts = (self.in_flight, self.served, self.errored, self.cancelled)
         return self.received.requests == sum(t.requests for t in parts) and math.isclose(
             self.received.workload, sum(t.workload for t in parts), abs_tol=1e-6
         )
 
-
-class State(enum.Enum):
-    LOADING = "loading"
-    BENCHMARKING = "benchmarking"
-    READY = "ready"
-    ERRORED = "errored"
-
-
-class _Job:
-    """One accepted request on its way through the backend; finish() settles it once."""
-
-    __slots__ = ("backend", "done", "first_byte", "model_start", "route", "start", "workload")
-
-    def __init__(self, backend: Backend, route: str, workload: float) -> None:
-        self.backend = backend
-        self.route = route
-        self.workload = workload
-        self.start = time.monotonic()
-        self.model_start = self.start
-        self.first_byte: float | None = None
-        self.done = False
-        backend.metrics.start(workload)
-
-    def finish(self, outcome: str, status: int) -> None:
-        if self.done:
-            return
-        self.done = True
-        backend = self.backend
-        backend.metrics.finish(self.workload, outcome)
-        backend.record(self.route, status, time.monotonic() - self.start)
-        if access_log.isEnabledFor(logging.INFO):
-            queue = self.model_start - self.start
-            total = time.monotonic() - self.start
-            note = "" if outcome == "served" else f" ({outcome})"
-            _access_log_line(
-                f"{self.route} {status} workload={self.workload:g} queue={queue:.3f}s"
-                f" total={total:.3f}s{note}"
-            )
-
-
-class _AccountedStream:
-    """A model stream relayed to a client, settling its job exactly once however it ends:
-    served at the end, errored if the model breaks off, cancelled if the client leaves
-    (aclose() before the end), even if it was never iterated at all."""
-
-    def __init__(
-        self,
-        job: _Job,
-        model_response: ClientResponse,
-        inner: AsyncIterator[bytes],
-        release: Callable[[], None],
-    ) -> None:
-        self._job = job
-        self._model_response = model_response
-        self._inner = inner
-        self._release = release
-
-    def __aiter__(self) -> _AccountedStream:
-        return self
-
-    async def __anext__(self) -> bytes:
-        try:
-            data = await self._inner.__anext__()
-        except StopAsyncIteration:
-            status = self._model_response.status
-            self._settle("served" if 200 <= status < 300 else "errored", status)
-            raise
-        except asyncio.CancelledError:
-            self._settle("cancelled", 499)
-            raise
-        except UpstreamError as exc:
-            self._settle("errored", exc.status)
-            raise
-        except Exception:
-            self._settle("errored", 500)
-            raise
-        job = self._job
-        if job.first_byte is None:
-            job.first_byte = time.monotonic()
-            job.backend.metrics.first_byte.observe(job.first_byte - job.model_start)
-        return data
-
-    async def aclose(self) -> None:
-        self._settle("cancelled", 499)
-        aclose = getattr(self._inner, "aclose", None)
-        if aclose is not None:
-            await aclose()
-
-    def _settle(self, outcome: str, status: int) -> None:
-        if self._job.done:
-            return
-        self._model_response.close()
-        self._release()
-        self._job.finish(outcome, status)
-
-
-# Backend #########################################################################################
-
-
-class Backend:
-    """The worker's core: per-request pipeline, model queue, readiness, benchmark, reports.
-
-    model_server_url       the model API's base URL (MODEL_SERVER_URL overrides it)
-    model_log_file         the model server's log (MODEL_LOG overrides it)
-    allow_parallel_requests  False: one request at a time to the model, FIFO
-    benchmark_handler      the route whose payloads measure the model's throughput
-    log_actions            [(LogAction, substring)] matched against each model-log line
-    max_queue_time         seconds of estimated wait past which a request gets 429
-    """
-
-    def __init__(
-        self,
-        model_server_url: str,
-        model_log_file: str | None,
-        allow_parallel_requests: bool,
-        benchmark_handler: EndpointHandler[Any],
-        log_actions: Sequence[tuple[LogAction, str]],
-        max_queue_time: float | None = None,
-    ) -> None:
-        self.model_server_url = model_server_url
-        self.model_log_file = model_log_file
-        self.allow_parallel_requests = allow_parallel_requests
-        self.benchmark_handler = benchmark_handler
-        self.log_actions = list(log_actions)
-        self.max_queue_time = max_queue_time
-        self.config = Config()
-        self.metrics = Metrics()
-        self.state = State.LOADING
-        self.error_msg = ""
-        self.max_perf = 0.0
-        self.pubkey: RsaPublicKey | None = None
-        self.replay_guard = ReplayGuard()
-        self.queue_lock: asyncio.Lock | None = None
-        self._client: HttpClient | None = None
-        self._report_targets: list[ReportTarget] = []
-        self._tasks: list[asyncio.Task[None]] = []
-        self._started_at = time.monotonic()
-        self._loadtime: float | None = None  # sent once in a load report, then 0
-
-    # Per-request pipeline ---------------------------------------------------------------------
-
-    @property
-    def client(self) -> HttpClient:
-        if self._client is None:
-            raise RuntimeError("Backend.start() has not run")
-        return self._client
-
-    def create_handler(self, handler: EndpointHandler[Any]) -> Handler:
-        """The server-side handler for a route forwarding to `handler.endpoint`."""
-        payload_cls = handler.payload_cls()
-
-        async def handle(request: Request) -> Response:
-            return await self._handle(handler, payload_cls, request)
-
-        return handle
-
-    async def _handle(
-        self, handler: EndpointHandler[Any], payload_cls: type[ApiPayload], request: Request
-    ) -> Response:
-        route = request.path
-        refusal = self._not_ready()
-        if refusal is not None:
-            return self._refuse(route, refusal)
-        try:
-            payload, auth = self._parse_request(payload_cls, request.body)
-        except HttpError as exc:
-            return self._refuse(route, error_response(exc.status, exc.message))
-        except JsonDataException as exc:
-            return self._refuse(route, json_response(exc.message, 422))
-        workload = float(payload.count_workload())
-        if self.max_queue_time is not None and self.max_perf > 0:
-            wait = self.metrics.in_flight.workload / self.max_perf
-            if wait > self.max_queue_time:
-                self.metrics.rejected += 1
-                retry = str(max(1, math.ceil(wait - self.max_queue_time)))
-                why = {"error": "queue too long", "estimated_wait": round(wait, 3)}
-                return self._refuse(route, json_response(why, 429, [("Retry-After", retry)]))
-        if auth is not None:  # accepted: from now on this ticket is spent
-            self.replay_guard.record(auth.reqnum, auth.message())
-        job = _Job(self, route, workload)
-        lock = self.queue_lock
-        holding = False
-        try:
-            if lock is not None:  # one at a time: asyncio.Lock wakes waiters in FIFO order
-                self.metrics.queued += 1
-                try:
-                    await lock.acquire()
-                finally:
-                    self.metrics.queued -= 1
-                holding = True
-            job.model_start = time.monotonic()
-            self.metrics.queue_wait.observe(job.model_start - job.start)
-            body = json_dumps(payload.generate_payload_json())
-            model_response = await self.client.request(
-                "POST", handler.endpoint, body, timeout=handler.model_timeout
-            )
-            try:
-                response = await handler.generate_client_response(request, model_response)
-            except BaseException:
-                model_response.close()
-                raise
-            if response.stream is None:
-                model_response.close()
-                ok = 200 <= model_response.status < 300
-                job.finish("served" if ok else "errored", response.status)
-                return response
-            release = lock.release if holding and lock is not None else _nothing
-            holding = False  # the stream releases the model when it ends
-            response.stream = _AccountedStream(job, model_response, response.stream, release)
-            return response
-        except UpstreamError as exc:
-            job.finish("errored", exc.status)
-            log.warning("%s: model request failed: %s", route, exc)
-            return error_response(exc.status, _upstream_message(exc))
-        except HttpError as exc:  # raised by the worker's own handler code
-            job.finish("errored", exc.status)
-            raise
-        except asyncio.CancelledError:
-            job.finish("cancelled", 499)
-            raise
-        except BaseException:
-            job.finish("errored", 500)
-            raise
-        finally:
-            if holding and lock is not None:
-                lock.release()
-
-    def _not_ready(self) -> Response | None:
-        if self.state is not State.READY:
-            reason = self.error_msg if self.state is State.ERRORED else "model not ready"
-            return error_response(503, reason, state=self.state.value)
-        if not self.config.unsecured and self.pubkey is None:
-            return error_response(503, "no public key yet", state="no_pubkey")
-        return None
-
-    def _parse_request(
-        self, payload_cls: type[ApiPayload], body: bytes
-    ) -> tuple[ApiPayload, AuthData | None]:
-        """Parse, validate auth_data, verify it, and only then parse the payload."""
-        try:
-            data = json_loads(body)
-        except _JSON_DECODE_ERRORS:
-            raise HttpError(422, "invalid JSON") from None
-        if not isinstance(data, dict):
-            raise HttpError(422, "invalid JSON")
-        msg = typing.cast(dict[str, Any], data)
-        errors: dict[str, Any] = {}
-        auth: AuthData | None = None
-        if not self.config.unsecured:
-            if "auth_data" not in msg:
-                errors["auth_data"] = "missing parameter"
-            else:
-                try:
-                    auth = AuthData.from_json_msg(msg["auth_data"])
-                except JsonDataException as exc:
-                    errors["auth_data"] = exc.message.get("__all__", exc.message)
-        raw_payload = msg.get("payload")
-        if "payload" not in msg:
-            errors["payload"] = "missing parameter"
-        elif not isinstance(raw_payload, dict):
-            errors["payload"] = "expected a JSON object"
-        if errors:
-            if "payload" not in errors:  # report the payload's bad fields in the same answer
-                try:
-                    payload_cls.from_json_msg(typing.cast(dict[str, Any], raw_payload))
-                except JsonDataException as exc:
-                    errors["payload"] = exc.message
-            raise JsonDataException(errors)
-        if auth is not None:
-            assert self.pubkey is not None
-            reason = verify_auth(self.pubkey, auth, self.replay_guard, record=False)
-            if reason is not None:
-                raise HttpError(401, reason)
-        try:
-            return payload_cls.from_json_msg(typing.cast(dict[str, Any], raw_payload)), auth
-        except JsonDataException as exc:
-            raise JsonDataException({"payload": exc.message}) from None
-
-    def _refuse(self, route: str, response: Response) -> Response:
-        """Count and log a request answered without reaching the model (401, 422, 429, 503)."""
-        self.record(route, response.status, 0.0)
-        if access_log.isEnabledFor(logging.INFO):
-            _access_log_line(f"{route} {response.status} (refused)")
-        return response
-
-    def record(self, route: str, status: int, duration: float) -> None:
-        self.metrics.by_route_status[(route, status)] += 1
-        if duration:
-            self.metrics.duration[route].observe(duration)
-
-    # Built-in routes --------------------------------------------------------------------------
-
-    async def handle_ping(self, request: Request) -> Response:
-        return Response(200, b"pong", content_type="text/plain; charset=utf-8")
-
-    async def handle_healthcheck(self, request: Request) -> Response:
-        endpoint = self.benchmark_handler.healthcheck_endpoint
-        if endpoint is None:
-            return json_response({"state": self.state.value, "error_msg": self.error_msg})
-        try:
-            async with await self.client.request("GET", endpoint, timeout=10.0) as resp:
-                body = await resp.read()
-                return Response(resp.status, body, content_type=resp.content_type)
-        except UpstreamError as exc:
-            return error_response(exc.status, "model healthcheck failed: " + str(exc))
-
-    async def handle_metrics(self, request: Request) -> Response:
-        return Response(
-            200, self.render_metrics().encode(), content_type="text/plain; version=0.0.4"
-        )
-
-    def render_metrics(self) -> str:
+    def render(self, lifecycle: Lifecycle) -> str:
         """The Prometheus text exposition format (version 0.0.4)."""
-        m = self.metrics
         out: list[str] = []
 
         def metric(name: str, kind: str, help_text: str, samples: Iterable[str]) -> None:
@@ -2369,29 +2266,25 @@ class Backend:
             out.append(f"# TYPE {name} {kind}")
             out.extend(samples)
 
+        by_status = sorted(self.by_route_status.items())
         metric(
             "pyworker_requests_total",
             "counter",
             "Requests answered, by route and status.",
-            (
-                f'pyworker_requests_total{{route="{r}",status="{s}"}} {n}'
-                for (r, s), n in sorted(m.by_route_status.items())
-            ),
+            (f'pyworker_requests_total{{route="{r}",status="{s}"}} {n}' for (r, s), n in by_status),
         )
-        metric(
-            "pyworker_requests_in_flight",
-            "gauge",
-            "Requests being served.",
-            [f"pyworker_requests_in_flight {m.in_flight.requests}"],
-        )
-        metric(
-            "pyworker_requests_queued",
-            "gauge",
-            "Requests waiting for the model.",
-            [f"pyworker_requests_queued {m.queued}"],
-        )
-        tallies = {"received": m.received, "served": m.served, "errored": m.errored}
-        tallies["cancelled"] = m.cancelled
+        for name, value, help_text in (
+            ("in_flight", self.in_flight.requests, "Requests being served."),
+            ("queued", self.queued, "Requests waiting for the model."),
+        ):
+            metric(
+                f"pyworker_requests_{name}",
+                "gauge",
+                help_text,
+                [f"pyworker_requests_{name} {value}"],
+            )
+        tallies = {"received": self.received, "served": self.served, "errored": self.errored}
+        tallies["cancelled"] = self.cancelled
         metric(
             "pyworker_workload_total",
             "counter",
@@ -2401,140 +2294,96 @@ class Backend:
                 for k, t in tallies.items()
             ),
         )
+        name = "pyworker_request_duration_seconds"
         metric(
-            "pyworker_request_duration_seconds",
+            name,
             "histogram",
             "Time from request to the end of its answer.",
             (
                 line
-                for route, hist in sorted(m.duration.items())
-                for line in hist.render("pyworker_request_duration_seconds", f'route="{route}"')
+                for route, hist in sorted(self.duration.items())
+                for line in hist.render(name, f'route="{route}"')
             ),
         )
-        metric(
-            "pyworker_queue_wait_seconds",
-            "histogram",
-            "Time waiting for the model.",
-            m.queue_wait.render("pyworker_queue_wait_seconds", ""),
-        )
-        metric(
-            "pyworker_stream_first_byte_seconds",
-            "histogram",
-            "Time from forwarding a stream request to its first chunk.",
-            m.first_byte.render("pyworker_stream_first_byte_seconds", ""),
-        )
+        for name, hist, help_text in (
+            ("pyworker_queue_wait_seconds", self.queue_wait, "Time waiting for the model."),
+            (
+                "pyworker_stream_first_byte_seconds",
+                self.first_byte,
+                "Time from forwarding a stream request to its first chunk.",
+            ),
+        ):
+            metric(name, "histogram", help_text, hist.render(name, ""))
+        state = lifecycle.state
         metric(
             "pyworker_state",
             "gauge",
             "The worker's state (1 for the current one).",
-            (f'pyworker_state{{state="{s.value}"}} {int(s is self.state)}' for s in State),
+            (f'pyworker_state{{state="{s.value}"}} {int(s is state)}' for s in State),
         )
         metric(
             "pyworker_max_perf",
             "gauge",
             "Benchmark throughput, workload per second.",
-            [f"pyworker_max_perf {self.max_perf:g}"],
+            [f"pyworker_max_perf {lifecycle.max_perf:g}"],
         )
         return "\n".join(out) + "\n"
 
-    # Life -------------------------------------------------------------------------------------
 
-    async def start(self, config: Config) -> None:
-        """Start the background work; returns at once (nothing here waits on the network)."""
-        self.config = config
-        self._started_at = time.monotonic()
-        self._client = HttpClient(config.model_server_url or self.model_server_url)
-        self._report_targets = [
-            ReportTarget(HttpClient(a, max_idle=2)) for a in config.report_addrs
-        ]
-        if not self.allow_parallel_requests:
-            self.queue_lock = asyncio.Lock()
-        if config.model_log is not None:
-            self.model_log_file = config.model_log
-        if config.unsecured:
-            log.warning(
-                "!!! UNSECURED=true: requests are NOT checked for the autoscaler's "
-                "signature; anyone who can reach this port can use the model !!!"
-            )
-        elif config.pubkey_file:
-            with open(config.pubkey_file, "rb") as f:
-                self.pubkey = RsaPublicKey.from_pem(f.read())
-        else:
-            self._spawn(self._fetch_pubkey())
-        if self.model_log_file:
-            self._spawn(self._tail_log(self.model_log_file))
-        else:
-            log.error("MODEL_LOG is not set: the worker cannot become ready")
-        for target in self._report_targets:
-            self._spawn(self._report_loop(target))
-        self._spawn(self._healthcheck_loop())
+# Backend parts: the model's log ##################################################################
 
-    def _spawn(self, coro: typing.Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        task.add_done_callback(self._background_done)
-        self._tasks.append(task)
 
-    def _background_done(self, task: asyncio.Task[None]) -> None:
-        """A background task must never die silently: say so, and stop claiming health."""
-        if task.cancelled() or task.exception() is None:
-            return
-        exc = task.exception()
-        log.error("background task %s failed", task.get_coro(), exc_info=exc)
-        self.set_errored(f"internal error: {exc!r}")
+class LineSplitter:
+    """Bytes in, complete lines out (without their newline). A line only counts once it ends;
+    an over-long one is handed out once, cut to MAX_LOG_LINE, and the rest of it is skipped,
+    so memory stays bounded whatever the log holds."""
 
-    async def stop(self) -> None:
-        """Cancel background work, send a last load report, close connections."""
-        for task in self._tasks:
-            task.cancel()
-        if self._tasks:  # bounded: a task that ignores its cancellation must not hang the exit
-            _, stuck = await asyncio.wait(self._tasks, timeout=5.0)
-            for task in stuck:
-                log.error("background task %s did not stop", task.get_coro())
-        self._tasks.clear()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.send_report(), self.config.report_timeout + 1)
-        for client in (self._client, *(t.client for t in self._report_targets)):
-            if client is not None:
-                await client.close()
+    def __init__(self) -> None:
+        self._partial = b""
+        self._skipping = False  # inside the rest of an over-long line, already handed out
 
-    def set_errored(self, message: str) -> None:
-        if self.state is not State.ERRORED:
-            log.error("worker errored: %s", message)
-            self.state = State.ERRORED
-            self.error_msg = message
+    def feed(self, data: bytes) -> list[bytes]:
+        if self._skipping:
+            newline = data.find(b"\n")
+            if newline < 0:
+                return []
+            data, self._skipping = data[newline + 1 :], False
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        if len(self._partial) > MAX_LOG_LINE:
+            lines.append(self._partial)
+            self._partial, self._skipping = b"", True
+        return [line[:MAX_LOG_LINE] for line in lines]
 
-    async def _fetch_pubkey(self) -> None:
-        """GET {first REPORT_ADDR}/pubkey/ until it works, backing off up to a minute."""
-        client = self._report_targets[0].client
-        delay = 1.0
-        while self.pubkey is None:
-            try:
-                async with await client.request("GET", "/pubkey/", timeout=10.0) as resp:
-                    body = await resp.read()
-                if resp.status != 200:
-                    raise UpstreamError(f"status {resp.status}")
-                self.pubkey = RsaPublicKey.from_pem(body)
-                log.info("public key loaded from %s", client.base_url)
-                return
-            except (UpstreamError, KeyFormatError) as exc:
-                log.warning(
-                    "public key fetch from %s failed (%s); retry in %.0fs",
-                    client.base_url,
-                    exc,
-                    delay,
-                )
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 60.0)
 
-    # Model log -------------------------------------------------------------------------------
+class ModelLogWatcher:
+    """Follows the model server's log file and acts on its lines: `actions` pairs a LogAction
+    with the text that triggers it; on_loaded(line) and on_error(line) are called for the
+    lines that say the model loaded or broke."""
 
-    async def _tail_log(self, path: str) -> None:
-        """Follow the model's log from its start: appends, truncation, rotation, partial lines.
+    def __init__(
+        self,
+        path: str,
+        actions: Sequence[tuple[LogAction, str]],
+        *,
+        on_loaded: Callable[[str], None],
+        on_error: Callable[[str], None],
+        poll_interval: float = 0.2,
+    ) -> None:
+        self.path = path
+        self.actions = list(actions)
+        self.on_loaded = on_loaded
+        self.on_error = on_error
+        self.poll_interval = poll_interval
+
+    async def run(self) -> None:
+        """Follow the log from its start: appends, truncation, rotation, partial lines.
 
         Polls with os.stat and reads with os.pread in steps of at most 1 MiB, so the event
         loop never blocks (the 2024 public PyWorker slept inside it and served ~100 requests a
         second). Errors reading the file are logged and retried, never fatal.
         """
+        path = self.path
         fd: int | None = None
         inode: int | None = None
         pos = 0
@@ -2548,7 +2397,7 @@ class Backend:
                         if fd is not None:  # rotated: finish the old file, then the new one
                             while data := os.pread(fd, 1024 * 1024, pos):
                                 pos += len(data)
-                                self._handle_log_lines(lines.feed(data))
+                                self._handle_lines(lines.feed(data))
                             os.close(fd)
                             fd = None
                             log.info("model log %s was replaced; reading the new file", path)
@@ -2561,7 +2410,7 @@ class Backend:
                     if fd is not None and st.st_size > pos:
                         data = os.pread(fd, min(st.st_size - pos, 1024 * 1024), pos)
                         pos += len(data)
-                        self._handle_log_lines(lines.feed(data))
+                        self._handle_lines(lines.feed(data))
                         await asyncio.sleep(0)  # a big backlog is read in steps
                         continue
                     problem = ""
@@ -2573,38 +2422,92 @@ class Backend:
                     if problem != str(exc):  # say it once, keep trying
                         log.warning("cannot read the model log %s: %s", path, exc)
                         problem = str(exc)
-                await asyncio.sleep(self.config.log_poll_interval)
+                await asyncio.sleep(self.poll_interval)
         finally:
             if fd is not None:
                 os.close(fd)
 
-    def _handle_log_lines(self, lines: list[bytes]) -> None:
+    def _handle_lines(self, lines: list[bytes]) -> None:
         for line in lines:
-            self.handle_log_line(line.decode("utf-8", "replace").rstrip())
+            self.handle_line(line.decode("utf-8", "replace").rstrip())
 
-    def handle_log_line(self, line: str) -> None:
-        for action, text in self.log_actions:
+    def handle_line(self, line: str) -> None:
+        for action, text in self.actions:
             if text not in line:
                 continue
             if action is LogAction.ModelLoaded:
-                if self.state is State.LOADING:
-                    log.info("model loaded: %s", line[:200])
-                    self.state = State.BENCHMARKING
-                    self._spawn(self._benchmark())
+                self.on_loaded(line)
             elif action is LogAction.ModelError:
-                self.set_errored(line[:1000])
+                self.on_error(line[:1000])
             else:
                 log.info("model: %s", line[:1000])
 
-    # Benchmark -------------------------------------------------------------------------------
 
-    async def _bench_request(self, payload: ApiPayload) -> bool:
+# Backend parts: benchmark and health check #######################################################
+
+
+class Benchmark:
+    """Measures the model's throughput (SPEC section 6): `runs` rounds of `concurrency`
+    requests straight to the model with the handler's benchmark payloads; the best round's
+    workload per second is max_perf. The figure is cached in a file and taken from there by
+    the next start."""
+
+    def __init__(
+        self,
+        client: HttpClient,
+        handler: EndpointHandler[Any],
+        *,
+        runs: int,
+        concurrency: int,
+        cache_path: str,
+    ) -> None:
+        self.client = client
+        self.handler = handler
+        self.runs = runs
+        self.concurrency = concurrency
+        self.cache_path = cache_path
+
+    async def run(self) -> float:
+        """max_perf in workload per second; 0.0 when no request to the model succeeded."""
+        handler = self.handler
+        cached = 0.0
+        with contextlib.suppress(OSError, ValueError), open(self.cache_path) as f:
+            cached = float(f.read().strip())
+        if not math.isfinite(cached) or cached <= 0:
+            cached = 0.0
+        await self._request(handler.make_benchmark_payload())  # warm-up, discarded
+        if cached:
+            log.info("benchmark: using cached max_perf=%.2f from %s", cached, self.cache_path)
+            return cached
+        rounds: list[float] = []
+        for _ in range(self.runs):
+            payloads = [handler.make_benchmark_payload() for _ in range(self.concurrency)]
+            started = time.monotonic()
+            results = await asyncio.gather(*(self._request(p) for p in payloads))
+            elapsed = max(time.monotonic() - started, 1e-9)
+            done = sum(p.count_workload() for p, ok in zip(payloads, results) if ok)
+            rounds.append(done / elapsed)
+        max_perf = max(rounds, default=0.0)
+        if max_perf <= 0:
+            return 0.0
+        with contextlib.suppress(OSError), open(self.cache_path, "w") as f:
+            f.write(f"{max_perf}\n")
+        log.info(
+            "benchmark: %d rounds of %d requests; workload/s best %.2f, worst %.2f",
+            len(rounds),
+            self.concurrency,
+            max_perf,
+            min(rounds),
+        )
+        return max_perf
+
+    async def _request(self, payload: ApiPayload) -> bool:
         """Send one payload straight to the model; whether it answered 2xx in full."""
-        handler = self.benchmark_handler
         body = json_dumps(payload.generate_payload_json())
+        endpoint = _endpoint_of(self.handler)
         try:
             async with await self.client.request(
-                "POST", handler.endpoint, body, timeout=BENCHMARK_TIMEOUT
+                "POST", endpoint, body, timeout=BENCHMARK_TIMEOUT
             ) as resp:
                 await resp.read()
                 return 200 <= resp.status < 300
@@ -2612,62 +2515,37 @@ class Backend:
             log.warning("benchmark request failed: %s", exc)
             return False
 
-    async def _benchmark(self) -> None:
-        """Measure the model's throughput (SPEC section 6), then become ready."""
-        handler = self.benchmark_handler
-        cache = self.config.benchmark_cache
-        cached = 0.0
-        with contextlib.suppress(OSError, ValueError), open(cache) as f:
-            cached = float(f.read().strip())
-        if not math.isfinite(cached) or cached <= 0:
-            cached = 0.0
-        await self._bench_request(handler.make_benchmark_payload())  # warm-up, discarded
-        if cached:
-            self.max_perf = cached
-            log.info("benchmark: using cached max_perf=%.2f from %s", cached, cache)
-        else:
-            concurrency = 10 if self.allow_parallel_requests else 1
-            rounds: list[float] = []
-            for _ in range(handler.benchmark_runs):
-                payloads = [handler.make_benchmark_payload() for _ in range(concurrency)]
-                started = time.monotonic()
-                results = await asyncio.gather(*(self._bench_request(p) for p in payloads))
-                elapsed = max(time.monotonic() - started, 1e-9)
-                done = sum(p.count_workload() for p, ok in zip(payloads, results) if ok)
-                rounds.append(done / elapsed)
-            self.max_perf = max(rounds, default=0.0)
-            if self.max_perf <= 0:
-                self.set_errored("benchmark: no request to the model succeeded")
-                return
-            with contextlib.suppress(OSError), open(cache, "w") as f:
-                f.write(f"{self.max_perf}\n")
-            log.info(
-                "benchmark: %d rounds of %d requests; workload/s best %.2f, worst %.2f",
-                len(rounds),
-                concurrency,
-                self.max_perf,
-                min(rounds),
-            )
-        if self.state is State.BENCHMARKING:
-            self.state = State.READY
-            self._loadtime = time.monotonic() - self._started_at
-            log.info("worker ready after %.1fs (max_perf=%.2f)", self._loadtime, self.max_perf)
 
-    # Healthcheck -----------------------------------------------------------------------------
+class HealthCheck:
+    """The model's health endpoint (GET): polled every `interval` seconds once the worker is
+    ready; after a first success, a failure (non-2xx, timeout, refused) marks it errored."""
 
-    async def _healthcheck_loop(self) -> None:
-        """Once ready, GET the model's health endpoint; after a first success a failure
-        (non-2xx, timeout, refused) marks the worker errored."""
-        endpoint = self.benchmark_handler.healthcheck_endpoint
-        if endpoint is None:
-            return
+    def __init__(
+        self, client: HttpClient, endpoint: str, lifecycle: Lifecycle, *, interval: float
+    ) -> None:
+        self.client = client
+        self.endpoint = endpoint
+        self.lifecycle = lifecycle
+        self.interval = interval
+
+    async def ask(self) -> Response:
+        """The model's health answer as it is (the worker's /healthcheck route)."""
+        try:
+            async with await self.client.request("GET", self.endpoint, timeout=10.0) as resp:
+                body = await resp.read()
+                return Response(resp.status, body, content_type=resp.content_type)
+        except UpstreamError as exc:
+            return error_response(exc.status, "model healthcheck failed: " + str(exc))
+
+    async def run(self) -> None:
+        life = self.lifecycle
         healthy_once = False
-        while self.state is not State.ERRORED:
-            await asyncio.sleep(self.config.healthcheck_interval)
-            if self.state is not State.READY:
+        while life.state is not State.ERRORED:
+            await asyncio.sleep(self.interval)
+            if life.state is not State.READY:
                 continue
             try:
-                async with await self.client.request("GET", endpoint, timeout=10.0) as resp:
+                async with await self.client.request("GET", self.endpoint, timeout=10.0) as resp:
                     await resp.read()
                 ok, why = 200 <= resp.status < 300, f"status {resp.status}"
             except UpstreamError as exc:
@@ -2675,9 +2553,46 @@ class Backend:
             if ok:
                 healthy_once = True
             elif healthy_once:
-                self.set_errored(f"model healthcheck failed: {why}")
+                life.errored(f"model healthcheck failed: {why}")
 
-    # Load reports ----------------------------------------------------------------------------
+
+# Backend parts: load reports #####################################################################
+
+
+def _disk_used() -> int:
+    """Bytes used on the working directory's filesystem (shutil.disk_usage's figure, without
+    importing shutil: with the compression modules it pulls in, half a megabyte of RSS)."""
+    try:
+        st = os.statvfs(".")
+    except OSError:
+        return 0
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+@dataclasses.dataclass
+class ReportTarget:
+    """One autoscaler address and what it was last told (its report window's start)."""
+
+    client: HttpClient
+    since: float = dataclasses.field(default_factory=time.monotonic)
+    load_total: float = 0.0
+    served_total: float = 0.0
+    finished: int = 0
+    disk_used: int = dataclasses.field(default_factory=_disk_used)
+    loadtime_sent: bool = False
+    failing: bool = False
+    warned: float = 0.0
+
+
+class LoadReporter:
+    """Reports the worker's load to each autoscaler in REPORT_ADDR (POST /worker_status/),
+    each in a loop of its own, so that a slow one never delays the others' reports."""
+
+    def __init__(self, config: Config, metrics: Metrics, lifecycle: Lifecycle) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.lifecycle = lifecycle
+        self.targets = [ReportTarget(HttpClient(a, max_idle=2)) for a in config.report_addrs]
 
     def report_body(self, target: ReportTarget) -> dict[str, Any]:
         """The load report for one autoscaler (SPEC section 7), fields spelled as it expects.
@@ -2685,15 +2600,16 @@ class Backend:
         Rates are over the time since the last report that autoscaler accepted.
         """
         m = self.metrics
+        life = self.lifecycle
         elapsed = max(time.monotonic() - target.since, 1e-6)
-        loadtime = self._loadtime if self._loadtime and not target.loadtime_sent else 0.0
+        loadtime = life.loadtime if life.loadtime and not target.loadtime_sent else 0.0
         return {
             "id": self.config.container_id,
             "loadtime": loadtime,
             # A request cancelled after the last report lowers this window: never below 0.
             "cur_load": max(m.load_total - target.load_total, 0.0) / elapsed,
-            "error_msg": self.error_msg,
-            "max_perf": self.max_perf,
+            "error_msg": life.error_msg,
+            "max_perf": life.max_perf,
             "cur_perf": (m.served.workload - target.served_total) / elapsed,
             "cur_capacity": 0,
             "max_capacity": 0,
@@ -2704,11 +2620,11 @@ class Backend:
         }
 
     async def send_report(self) -> bool:
-        """Report to every REPORT_ADDR at once; whether at least one accepted it."""
-        results = await asyncio.gather(*(self._report_to(t) for t in self._report_targets))
+        """Report to every address at once; whether at least one accepted it."""
+        results = await asyncio.gather(*(self.report_to(t) for t in self.targets))
         return any(results)
 
-    async def _report_to(self, target: ReportTarget) -> bool:
+    async def report_to(self, target: ReportTarget) -> bool:
         """POST a report with retries; once accepted, this autoscaler's window starts anew
         (counters move on only after a successful send, so an outage loses nothing)."""
         m = self.metrics
@@ -2746,76 +2662,436 @@ class Backend:
         target.loadtime_sent = target.loadtime_sent or bool(body_obj["loadtime"])
         return True
 
-    async def _report_loop(self, target: ReportTarget) -> None:
-        """One loop per autoscaler, so a slow one never delays the others' reports."""
+    async def run(self, target: ReportTarget) -> None:
+        """Report to one autoscaler when something changed, else every report_max_interval."""
         while True:
             await asyncio.sleep(self.config.report_check_interval)
             due = time.monotonic() - target.since >= self.config.report_max_interval
             news = self.metrics.finished > target.finished
-            new_loadtime = self._loadtime is not None and not target.loadtime_sent
+            new_loadtime = self.lifecycle.loadtime is not None and not target.loadtime_sent
             if due or news or new_loadtime:
-                await self._report_to(target)
+                await self.report_to(target)
+
+    async def close(self) -> None:
+        for target in self.targets:
+            await target.client.close()
 
 
-class LineSplitter:
-    """Bytes in, complete lines out (without their newline). A line only counts once it ends;
-    an over-long one is handed out once, cut to MAX_LOG_LINE, and the rest of it is skipped,
-    so memory stays bounded whatever the log holds."""
-
-    def __init__(self) -> None:
-        self._partial = b""
-        self._skipping = False  # inside the rest of an over-long line, already handed out
-
-    def feed(self, data: bytes) -> list[bytes]:
-        if self._skipping:
-            newline = data.find(b"\n")
-            if newline < 0:
-                return []
-            data, self._skipping = data[newline + 1 :], False
-        lines = (self._partial + data).split(b"\n")
-        self._partial = lines.pop()
-        if len(self._partial) > MAX_LOG_LINE:
-            lines.append(self._partial)
-            self._partial, self._skipping = b"", True
-        return [line[:MAX_LOG_LINE] for line in lines]
-
-
-def _disk_used() -> int:
-    """Bytes used on the working directory's filesystem (shutil.disk_usage's figure, without
-    importing shutil: with the compression modules it pulls in, half a megabyte of RSS)."""
-    try:
-        st = os.statvfs(".")
-    except OSError:
-        return 0
-    return (st.f_blocks - st.f_bfree) * st.f_frsize
+# Backend #########################################################################################
+# The request pipeline, and the wiring of the parts above.
 
 
 def _nothing() -> None:
     return None
 
 
-def _upstream_message(exc: BaseException) -> str:
-    """What a client is told when the model fails; the details (addresses) go to the log."""
-    if isinstance(exc, UpstreamTimeout):
-        return "the model server did not answer in time"
-    if isinstance(exc, UpstreamError):
-        return "the model server failed"
-    return "internal error"
+class _Job:
+    """One accepted request on its way through the backend; finish() settles it once."""
+
+    __slots__ = ("done", "first_byte", "metrics", "model_start", "route", "start", "workload")
+
+    def __init__(self, metrics: Metrics, route: str, workload: float) -> None:
+        self.metrics = metrics
+        self.route = route
+        self.workload = workload
+        self.start = time.monotonic()
+        self.model_start = self.start
+        self.first_byte: float | None = None
+        self.done = False
+        metrics.start(workload)
+
+    def finish(self, outcome: str, status: int) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.metrics.finish(self.workload, outcome)
+        self.metrics.record(self.route, status, time.monotonic() - self.start)
+        if access_log.isEnabledFor(logging.INFO):
+            queue = self.model_start - self.start
+            total = time.monotonic() - self.start
+            note = "" if outcome == "served" else f" ({outcome})"
+            _access_log_line(
+                f"{self.route} {status} workload={self.workload:g} queue={queue:.3f}s"
+                f" total={total:.3f}s{note}"
+            )
 
 
-@dataclasses.dataclass
-class ReportTarget:
-    """One autoscaler address and what it was last told (its report window's start)."""
+class _AccountedStream:
+    """A model stream relayed to a client, settling its job exactly once however it ends:
+    served at the end, errored if the model breaks off, cancelled if the client leaves
+    (aclose() before the end), even if it was never iterated at all. It is also the boundary
+    where the model's failure becomes the client's: an HttpError the server can answer."""
 
-    client: HttpClient
-    since: float = dataclasses.field(default_factory=time.monotonic)
-    load_total: float = 0.0
-    served_total: float = 0.0
-    finished: int = 0
-    disk_used: int = dataclasses.field(default_factory=_disk_used)
-    loadtime_sent: bool = False
-    failing: bool = False
-    warned: float = 0.0
+    def __init__(
+        self,
+        job: _Job,
+        model_response: ClientResponse,
+        inner: AsyncIterator[bytes],
+        release: Callable[[], None],
+    ) -> None:
+        self._job = job
+        self._model_response = model_response
+        self._inner = inner
+        self._release = release
+
+    def __aiter__(self) -> _AccountedStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            data = await self._inner.__anext__()
+        except StopAsyncIteration:
+            status = self._model_response.status
+            self._settle("served" if 200 <= status < 300 else "errored", status)
+            raise
+        except asyncio.CancelledError:
+            self._settle("cancelled", 499)
+            raise
+        except UpstreamError as exc:
+            self._settle("errored", exc.status)
+            raise HttpError(exc.status, _upstream_message(exc)) from exc
+        except HttpError as exc:
+            self._settle("errored", exc.status)
+            raise
+        except Exception:
+            self._settle("errored", 500)
+            raise
+        job = self._job
+        if job.first_byte is None:
+            job.first_byte = time.monotonic()
+            job.metrics.first_byte.observe(job.first_byte - job.model_start)
+        return data
+
+    async def aclose(self) -> None:
+        self._settle("cancelled", 499)
+        aclose = getattr(self._inner, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+    def _settle(self, outcome: str, status: int) -> None:
+        if self._job.done:
+            return
+        self._model_response.close()
+        self._release()
+        self._job.finish(outcome, status)
+
+
+class Backend:
+    """The worker's core: the request pipeline (signature, payload, queue, model, relay) and
+    the parts it wires together (Lifecycle, SignatureChecker, ModelLogWatcher, Benchmark,
+    HealthCheck, LoadReporter, Metrics).
+
+    model_server_url       the model API's base URL (MODEL_SERVER_URL overrides it)
+    model_log_file         the model server's log (MODEL_LOG overrides it)
+    allow_parallel_requests  False: one request at a time to the model, FIFO
+    benchmark_handler      the route whose payloads measure the model's throughput
+    log_actions            [(LogAction, substring)] matched against each model-log line
+    max_queue_time         seconds of estimated wait past which a request gets 429
+    healthcheck_endpoint   the model's health route (GET), polled once ready; None: none
+    benchmark_runs         rounds of the benchmark (8)
+
+    The last two default to the benchmark handler's class attributes of the same names,
+    where the 2024 library kept them.
+    """
+
+    def __init__(
+        self,
+        model_server_url: str,
+        model_log_file: str | None,
+        allow_parallel_requests: bool,
+        benchmark_handler: EndpointHandler[Any],
+        log_actions: Sequence[tuple[LogAction, str]],
+        max_queue_time: float | None = None,
+        *,
+        healthcheck_endpoint: str | None = None,
+        benchmark_runs: int | None = None,
+    ) -> None:
+        self.model_server_url = model_server_url
+        self.model_log_file = model_log_file
+        self.allow_parallel_requests = allow_parallel_requests
+        self.benchmark_handler = benchmark_handler
+        self.log_actions = list(log_actions)
+        self.max_queue_time = max_queue_time
+        old: Any = benchmark_handler  # the 2024 places, read once here
+        self.healthcheck_endpoint: str | None = healthcheck_endpoint or getattr(
+            old, "healthcheck_endpoint", None
+        )
+        self.benchmark_runs: int = benchmark_runs or getattr(old, "benchmark_runs", 8)
+        self.config = Config()
+        self.metrics = Metrics()
+        self.lifecycle = Lifecycle()
+        self.signatures = SignatureChecker()
+        self.queue_lock: asyncio.Lock | None = None
+        self.reporter: LoadReporter | None = None
+        self.health: HealthCheck | None = None
+        self.tasks = BackgroundTasks(self.lifecycle)
+        self._client: HttpClient | None = None
+
+    # The state, as earlier versions kept it on Backend itself ----------------------------------
+
+    @property
+    def state(self) -> State:
+        return self.lifecycle.state
+
+    @state.setter
+    def state(self, state: State) -> None:
+        self.lifecycle.state = state
+
+    @property
+    def max_perf(self) -> float:
+        return self.lifecycle.max_perf
+
+    @max_perf.setter
+    def max_perf(self, value: float) -> None:
+        self.lifecycle.max_perf = value
+
+    @property
+    def error_msg(self) -> str:
+        return self.lifecycle.error_msg
+
+    @property
+    def pubkey(self) -> RsaPublicKey | None:
+        return self.signatures.pubkey
+
+    @property
+    def client(self) -> HttpClient:
+        """The pooled connections to the model server."""
+        if self._client is None:
+            raise RuntimeError("Backend.start() has not run")
+        return self._client
+
+    def set_errored(self, message: str) -> None:
+        self.lifecycle.errored(message)
+
+    # The request pipeline ---------------------------------------------------------------------
+
+    def create_handler(self, handler: EndpointHandler[Any]) -> Handler:
+        """The server-side handler for a route forwarding to `handler.endpoint`."""
+        endpoint = _endpoint_of(handler)  # checked now: a mistake stops the worker at start
+        payload_cls = handler.payload_cls()
+        return functools.partial(self._handle, handler, endpoint, payload_cls)
+
+    async def _handle(
+        self,
+        handler: EndpointHandler[Any],
+        endpoint: str,
+        payload_cls: type[ApiPayload],
+        request: Request,
+    ) -> Response:
+        route = request.path
+        refusal = self._not_ready()
+        if refusal is not None:
+            return self._refuse(route, refusal)
+        try:
+            payload, auth = self._parse_request(payload_cls, request.body)
+        except HttpError as exc:
+            return self._refuse(route, error_response(exc.status, exc.message))
+        except JsonDataException as exc:
+            return self._refuse(route, json_response(exc.message, 422))
+        workload = float(payload.count_workload())
+        perf = self.lifecycle.max_perf
+        if self.max_queue_time is not None and perf > 0:
+            wait = self.metrics.in_flight.workload / perf
+            if wait > self.max_queue_time:
+                self.metrics.rejected += 1
+                retry = str(max(1, math.ceil(wait - self.max_queue_time)))
+                why = {"error": "queue too long", "estimated_wait": round(wait, 3)}
+                return self._refuse(route, json_response(why, 429, [("Retry-After", retry)]))
+        if auth is not None:  # accepted: from now on this ticket is spent
+            self.signatures.spend(auth)
+        job = _Job(self.metrics, route, workload)
+        lock = self.queue_lock
+        holding = False
+        try:
+            if lock is not None:  # one at a time: asyncio.Lock wakes waiters in FIFO order
+                self.metrics.queued += 1
+                try:
+                    await lock.acquire()
+                finally:
+                    self.metrics.queued -= 1
+                holding = True
+            job.model_start = time.monotonic()
+            self.metrics.queue_wait.observe(job.model_start - job.start)
+            body = json_dumps(payload.generate_payload_json())
+            model_response = await self.client.request(
+                "POST", endpoint, body, timeout=handler.model_timeout
+            )
+            try:
+                response = await handler.generate_client_response(request, model_response)
+            except BaseException:
+                model_response.close()
+                raise
+            if response.stream is None:
+                model_response.close()
+                ok = 200 <= model_response.status < 300
+                job.finish("served" if ok else "errored", response.status)
+                return response
+            release = lock.release if holding and lock is not None else _nothing
+            holding = False  # the stream releases the model when it ends
+            response.stream = _AccountedStream(job, model_response, response.stream, release)
+            return response
+        except UpstreamError as exc:  # the boundary: the model's failure, told to the client
+            job.finish("errored", exc.status)
+            log.warning("%s: model request failed: %s", route, exc)
+            return error_response(exc.status, _upstream_message(exc))
+        except HttpError as exc:  # raised by the worker's own handler code
+            job.finish("errored", exc.status)
+            raise
+        except asyncio.CancelledError:
+            job.finish("cancelled", 499)
+            raise
+        except BaseException:
+            job.finish("errored", 500)
+            raise
+        finally:
+            if holding and lock is not None:
+                lock.release()
+
+    def _not_ready(self) -> Response | None:
+        life = self.lifecycle
+        if life.state is not State.READY:
+            reason = life.error_msg if life.state is State.ERRORED else "model not ready"
+            return error_response(503, reason, state=life.state.value)
+        if not self.config.unsecured and self.signatures.pubkey is None:
+            return error_response(503, "no public key yet", state="no_pubkey")
+        return None
+
+    def _parse_request(
+        self, payload_cls: type[ApiPayload], body: bytes
+    ) -> tuple[ApiPayload, AuthData | None]:
+        """Parse, validate auth_data, verify it, and only then parse the payload."""
+        try:
+            data = json_loads(body)
+        except _JSON_DECODE_ERRORS:
+            raise HttpError(422, "invalid JSON") from None
+        if not isinstance(data, dict):
+            raise HttpError(422, "invalid JSON")
+        msg = typing.cast(dict[str, Any], data)
+        errors: dict[str, Any] = {}
+        auth: AuthData | None = None
+        if not self.config.unsecured:
+            if "auth_data" not in msg:
+                errors["auth_data"] = "missing parameter"
+            else:
+                try:
+                    auth = AuthData.from_json_msg(msg["auth_data"])
+                except JsonDataException as exc:
+                    errors["auth_data"] = exc.message.get("__all__", exc.message)
+        raw_payload = msg.get("payload")
+        if "payload" not in msg:
+            errors["payload"] = "missing parameter"
+        elif not isinstance(raw_payload, dict):
+            errors["payload"] = "expected a JSON object"
+        if errors:
+            if "payload" not in errors:  # report the payload's bad fields in the same answer
+                try:
+                    payload_cls.from_json_msg(typing.cast(dict[str, Any], raw_payload))
+                except JsonDataException as exc:
+                    errors["payload"] = exc.message
+            raise JsonDataException(errors)
+        if auth is not None:
+            reason = self.signatures.check(auth)
+            if reason is not None:
+                raise HttpError(401, reason)
+        try:
+            return payload_cls.from_json_msg(typing.cast(dict[str, Any], raw_payload)), auth
+        except JsonDataException as exc:
+            raise JsonDataException({"payload": exc.message}) from None
+
+    def _refuse(self, route: str, response: Response) -> Response:
+        """Count and log a request answered without reaching the model (401, 422, 429, 503)."""
+        self.metrics.record(route, response.status, 0.0)
+        if access_log.isEnabledFor(logging.INFO):
+            _access_log_line(f"{route} {response.status} (refused)")
+        return response
+
+    # Built-in routes --------------------------------------------------------------------------
+
+    async def handle_ping(self, request: Request) -> Response:
+        return Response(200, b"pong", content_type="text/plain; charset=utf-8")
+
+    async def handle_healthcheck(self, request: Request) -> Response:
+        if self.health is None:
+            life = self.lifecycle
+            return json_response({"state": life.state.value, "error_msg": life.error_msg})
+        return await self.health.ask()
+
+    async def handle_metrics(self, request: Request) -> Response:
+        text = self.metrics.render(self.lifecycle)
+        return Response(200, text.encode(), content_type="text/plain; version=0.0.4")
+
+    # Life -------------------------------------------------------------------------------------
+
+    async def start(self, config: Config) -> None:
+        """Start the background work; returns at once (nothing here waits on the network)."""
+        self.config = config
+        self.lifecycle.started_at = time.monotonic()
+        self._client = HttpClient(config.model_server_url or self.model_server_url)
+        self.reporter = reporter = LoadReporter(config, self.metrics, self.lifecycle)
+        if not self.allow_parallel_requests:
+            self.queue_lock = asyncio.Lock()
+        if config.model_log is not None:
+            self.model_log_file = config.model_log
+        if config.unsecured:
+            log.warning(
+                "!!! UNSECURED=true: requests are NOT checked for the autoscaler's "
+                "signature; anyone who can reach this port can use the model !!!"
+            )
+        elif config.pubkey_file:
+            self.signatures.load_file(config.pubkey_file)
+        else:
+            self.tasks.spawn(self.signatures.fetch(reporter.targets[0].client))
+        if self.model_log_file:
+            watcher = ModelLogWatcher(
+                self.model_log_file,
+                self.log_actions,
+                on_loaded=self._model_loaded,
+                on_error=self.lifecycle.errored,
+                poll_interval=config.log_poll_interval,
+            )
+            self.tasks.spawn(watcher.run())
+        else:
+            log.error("MODEL_LOG is not set: the worker cannot become ready")
+        for target in reporter.targets:
+            self.tasks.spawn(reporter.run(target))
+        if self.healthcheck_endpoint:
+            self.health = HealthCheck(
+                self.client,
+                self.healthcheck_endpoint,
+                self.lifecycle,
+                interval=config.healthcheck_interval,
+            )
+            self.tasks.spawn(self.health.run())
+
+    def _model_loaded(self, line: str) -> None:
+        if self.lifecycle.model_loaded():
+            log.info("model loaded: %s", line[:200])
+            self.tasks.spawn(self._benchmark())
+
+    async def _benchmark(self) -> None:
+        benchmark = Benchmark(
+            self.client,
+            self.benchmark_handler,
+            runs=self.benchmark_runs,
+            concurrency=10 if self.allow_parallel_requests else 1,
+            cache_path=self.config.benchmark_cache,
+        )
+        max_perf = await benchmark.run()
+        if max_perf <= 0:
+            self.lifecycle.errored("benchmark: no request to the model succeeded")
+        else:
+            self.lifecycle.ready(max_perf)
+
+    async def stop(self) -> None:
+        """Cancel background work, send a last load report, close connections."""
+        await self.tasks.stop()
+        if self.reporter is not None:
+            with contextlib.suppress(Exception):
+                timeout = self.config.report_timeout + 1
+                await asyncio.wait_for(self.reporter.send_report(), timeout)
+            await self.reporter.close()
+        if self._client is not None:
+            await self._client.close()
 
 
 # Server and run() ################################################################################

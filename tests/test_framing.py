@@ -207,7 +207,7 @@ def test_valid_request(case: Valid, mode: str) -> None:
 def test_request_path_strips_query() -> None:
     req = pyworker.parse_request_head(b"GET /generate?x=1 HTTP/1.1\r\nHost: a\r\n\r\n")
     assert req.path == "/generate"
-    assert req.headers.get_all("host") == ["a"]
+    assert list(req.headers.values("host")) == ["a"]
     assert "host" in req.headers and len(req.headers) == 1
 
 

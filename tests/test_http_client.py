@@ -616,7 +616,7 @@ async def relay(upstream: Upstream) -> AsyncGenerator[int, None]:
 
     async def handler(request: Request) -> Response:
         answer = await model.request("POST", "/stream", request.body)
-        return Response(stream=answer.iter_chunks(), content_type=answer.content_type)
+        return await pyworker.relay_stream(answer)
 
     server = pyworker.HttpServer([pyworker.post("/stream", handler)])
     port = await server.start("127.0.0.1", 0)
