@@ -180,7 +180,7 @@ def steps() -> None:
     payload, _ = parse(hello_world.InputData, REQUEST_BODY)
 
     def bookkeeping() -> None:
-        job = pyworker._Job(backend, "/generate", 7.0)  # pyright: ignore[reportPrivateUsage]
+        job = pyworker._Job(backend.metrics, "/generate", 7.0)  # pyright: ignore[reportPrivateUsage]
         backend.metrics.queue_wait.observe(0.0)
         job.finish("served", 200)
 
