@@ -3,12 +3,40 @@
 A PyWorker is the small server that runs beside a model server (an LLM, an image
 generator) on a rented GPU instance. The platform's autoscaler routes a client to this
 worker and hands the client a signed ``auth_data``; the client then calls the worker
-directly. One request travels through this module like this:
+directly.
+
+For worker authors: a worker file (hello_world.py is one) subclasses two classes, makes a
+Backend and calls run(). These names are all it needs (they are __all__), each listed with
+the section of this file it is in (sections start with a banner line "# Name ####").
+
+    Payload protocol      ApiPayload        the model API's request fields: a dataclass
+                                            with for_test(), generate_payload_json() and
+                                            count_workload()
+    Errors                JsonDataException bad fields in a client's JSON (422)
+                          HttpError         raise it to answer with a status
+    Handler base classes  EndpointHandler   one model route: `endpoint = "/generate"`, the
+                                            payload class in EndpointHandler[MyPayload]
+                          relay, relay_json, relay_stream
+                                            the model's answer, as the client's answer: as
+                                            it is, read whole, or chunk by chunk
+                          LogAction         what a line of the model's log means
+    Backend               Backend           the worker: model URL, log actions, benchmark
+    HTTP client           ClientResponse    the model's answer (status, headers, read(),
+                                            json(), iter_chunks())
+    HTTP server           Request, Response what a handler gets and returns
+                          json_response, text_response, error_response
+                          post, get         a route: post("/generate", create_handler(...))
+    Server and run()      run               run(backend, routes): serve until SIGTERM
+
+Everything else is the machinery behind them, readable top to bottom.
+
+One request travels through this module like this:
 
     client --POST /generate {"auth_data": ..., "payload": ...}--> HttpServer
       HttpServer._serve_connection   read_request_head / read the body (strict RFC 9112)
-      Backend.create_handler(...)    parse JSON -> AuthData -> verify the RSA signature
-                                     -> ApiPayload.from_json_msg -> count_workload
+      Backend.create_handler(...)    parse_client_request: JSON -> AuthData -> verify the
+                                     signature (SignatureChecker) -> ApiPayload.from_json_msg
+                                     -> count_workload
                                      -> wait for the model (FIFO when one at a time)
       HttpClient.request             POST payload.generate_payload_json() to the model
       EndpointHandler                turn the model's answer into the client's Response
@@ -16,9 +44,10 @@ directly. One request travels through this module like this:
                                      chunk by chunk (cut, not finished, if the model breaks)
     client <-------------------------------------------------------------------------
 
-Beside the requests, the Backend tails the model's log file (ready / errored), runs a
-throughput benchmark once the model is loaded, health-checks the model, and reports load
-to the autoscaler every few seconds (POST {REPORT_ADDR}/worker_status/).
+Beside the requests, the Backend's parts work in the background: ModelLogWatcher tails the
+model's log (loaded / errored), Benchmark measures the model's throughput once it is loaded,
+HealthCheck polls the model's health route, LoadReporter reports load to the autoscaler
+(POST {REPORT_ADDR}/worker_status/); Lifecycle holds the state they move, Metrics the counts.
 
 A server connection is one task moving through phases (_Phase); each phase has a deadline
 that one sweeper task enforces, and a client going away in the last two cancels the task:
@@ -75,6 +104,27 @@ import types
 import typing
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, Generic, TypeVar
+
+__all__ = [
+    "ApiPayload",
+    "Backend",
+    "ClientResponse",
+    "EndpointHandler",
+    "HttpError",
+    "JsonDataException",
+    "LogAction",
+    "Request",
+    "Response",
+    "error_response",
+    "get",
+    "json_response",
+    "post",
+    "relay",
+    "relay_json",
+    "relay_stream",
+    "run",
+    "text_response",
+]
 
 # Optional accelerators ###########################################################################
 
@@ -1877,6 +1927,52 @@ class SignatureChecker:
         self.guard.record(auth.reqnum, auth.message())
 
 
+def parse_client_request(
+    payload_cls: type[ApiPayload], body: bytes, signatures: SignatureChecker | None
+) -> tuple[ApiPayload, AuthData | None]:
+    """A client's `{"auth_data": ..., "payload": ...}`: parsed, auth_data checked against
+    `signatures` (None: not checked, UNSECURED), and only then the payload parsed. Raises
+    HttpError (422 for JSON that is not an object, 401 for a refused signature) or
+    JsonDataException (422) naming every bad field at once."""
+    try:
+        data = json_loads(body)
+    except _JSON_DECODE_ERRORS:
+        raise HttpError(422, "invalid JSON") from None
+    if not isinstance(data, dict):
+        raise HttpError(422, "invalid JSON")
+    msg = typing.cast(dict[str, Any], data)
+    errors: dict[str, Any] = {}
+    auth: AuthData | None = None
+    if signatures is not None:
+        if "auth_data" not in msg:
+            errors["auth_data"] = "missing parameter"
+        else:
+            try:
+                auth = AuthData.from_json_msg(msg["auth_data"])
+            except JsonDataException as exc:
+                errors["auth_data"] = exc.message.get("__all__", exc.message)
+    raw_payload = msg.get("payload")
+    if "payload" not in msg:
+        errors["payload"] = "missing parameter"
+    elif not isinstance(raw_payload, dict):
+        errors["payload"] = "expected a JSON object"
+    if errors:
+        if "payload" not in errors:  # report the payload's bad fields in the same answer
+            try:
+                payload_cls.from_json_msg(typing.cast(dict[str, Any], raw_payload))
+            except JsonDataException as exc:
+                errors["payload"] = exc.message
+        raise JsonDataException(errors)
+    if signatures is not None and auth is not None:
+        reason = signatures.check(auth)
+        if reason is not None:
+            raise HttpError(401, reason)
+    try:
+        return payload_cls.from_json_msg(typing.cast(dict[str, Any], raw_payload)), auth
+    except JsonDataException as exc:
+        raise JsonDataException({"payload": exc.message}) from None
+
+
 # Handler base classes ############################################################################
 
 P = TypeVar("P", bound=ApiPayload)
@@ -2860,9 +2956,6 @@ class Backend:
             raise RuntimeError("Backend.start() has not run")
         return self._client
 
-    def set_errored(self, message: str) -> None:
-        self.lifecycle.errored(message)
-
     # The request pipeline ---------------------------------------------------------------------
 
     def create_handler(self, handler: EndpointHandler[Any]) -> Handler:
@@ -2883,7 +2976,8 @@ class Backend:
         if refusal is not None:
             return self._refuse(route, refusal)
         try:
-            payload, auth = self._parse_request(payload_cls, request.body)
+            checker = None if self.config.unsecured else self.signatures
+            payload, auth = parse_client_request(payload_cls, request.body, checker)
         except HttpError as exc:
             return self._refuse(route, error_response(exc.status, exc.message))
         except JsonDataException as exc:
@@ -2955,48 +3049,6 @@ class Backend:
         if not self.config.unsecured and self.signatures.pubkey is None:
             return error_response(503, "no public key yet", state="no_pubkey")
         return None
-
-    def _parse_request(
-        self, payload_cls: type[ApiPayload], body: bytes
-    ) -> tuple[ApiPayload, AuthData | None]:
-        """Parse, validate auth_data, verify it, and only then parse the payload."""
-        try:
-            data = json_loads(body)
-        except _JSON_DECODE_ERRORS:
-            raise HttpError(422, "invalid JSON") from None
-        if not isinstance(data, dict):
-            raise HttpError(422, "invalid JSON")
-        msg = typing.cast(dict[str, Any], data)
-        errors: dict[str, Any] = {}
-        auth: AuthData | None = None
-        if not self.config.unsecured:
-            if "auth_data" not in msg:
-                errors["auth_data"] = "missing parameter"
-            else:
-                try:
-                    auth = AuthData.from_json_msg(msg["auth_data"])
-                except JsonDataException as exc:
-                    errors["auth_data"] = exc.message.get("__all__", exc.message)
-        raw_payload = msg.get("payload")
-        if "payload" not in msg:
-            errors["payload"] = "missing parameter"
-        elif not isinstance(raw_payload, dict):
-            errors["payload"] = "expected a JSON object"
-        if errors:
-            if "payload" not in errors:  # report the payload's bad fields in the same answer
-                try:
-                    payload_cls.from_json_msg(typing.cast(dict[str, Any], raw_payload))
-                except JsonDataException as exc:
-                    errors["payload"] = exc.message
-            raise JsonDataException(errors)
-        if auth is not None:
-            reason = self.signatures.check(auth)
-            if reason is not None:
-                raise HttpError(401, reason)
-        try:
-            return payload_cls.from_json_msg(typing.cast(dict[str, Any], raw_payload)), auth
-        except JsonDataException as exc:
-            raise JsonDataException({"payload": exc.message}) from None
 
     def _refuse(self, route: str, response: Response) -> Response:
         """Count and log a request answered without reaching the model (401, 422, 429, 503)."""

@@ -176,8 +176,11 @@ def steps() -> None:
     backend.config = pyworker.Config(unsecured=True)
     request_head = REQUEST[: REQUEST.index(b"\r\n\r\n") + 4]
     answer_head = ANSWER[: ANSWER.index(b"\r\n\r\n") + 4]
-    parse = backend._parse_request  # pyright: ignore[reportPrivateUsage]
-    payload, _ = parse(hello_world.InputData, REQUEST_BODY)
+
+    def parse() -> tuple[pyworker.ApiPayload, pyworker.AuthData | None]:
+        return pyworker.parse_client_request(hello_world.InputData, REQUEST_BODY, None)
+
+    payload, _ = parse()
 
     def bookkeeping() -> None:
         job = pyworker._Job(backend.metrics, "/generate", 7.0)  # pyright: ignore[reportPrivateUsage]
@@ -193,7 +196,7 @@ def steps() -> None:
     cases: list[tuple[str, Callable[[], object]]] = [
         ("strict request head parse", lambda: pyworker.parse_request_head(request_head)),
         ("strict model-answer head parse", lambda: pyworker.parse_response_head(answer_head)),
-        ("JSON body and payload fields", lambda: parse(hello_world.InputData, REQUEST_BODY)),
+        ("JSON body and payload fields", parse),
         ("hello_world token count", payload.count_workload),
         ("model request body", lambda: pyworker.json_dumps(payload.generate_payload_json())),
         ("bookkeeping, histograms, access line", bookkeeping),
