@@ -90,6 +90,7 @@ import dataclasses
 import enum
 import functools
 import hashlib
+import hmac
 import http
 import json
 import logging
@@ -1694,25 +1695,57 @@ def _describe(hint: Any) -> str:
 
 
 _SIGNED_LAYOUT = '{\n    "cost": %s,\n    "endpoint": %s,\n    "reqnum": %s,\n    "url": %s\n}'
+_URL_LAYOUT = '{\n    "url": %s\n}'
+# What the autoscaler has signed over the years (SPEC 11.2), newest first: the url alone
+# (2026-01 to today), every auth_data field (2025-10 to 2025-12), the seed's four fields (2024).
+SIGNATURE_LAYOUTS = ("url", "fields", "seed")
+REPLAYABLE_LAYOUTS = frozenset({"fields", "seed"})  # those that sign reqnum: replays checked
+_UNSIGNED_KEYS = frozenset({"signature", "__request_id"})
 
 
 @dataclasses.dataclass
 class AuthData:
-    """The autoscaler's signed ticket that comes with each client request (SPEC section 3)."""
+    """The autoscaler's signed ticket that comes with each client request (SPEC sections 3
+    and 11.1): the whole /route/ answer. `received` keeps it as it came, extra keys included,
+    for the `fields` layout; `layout` is the layout its signature was found in."""
 
     signature: str
     cost: str | int | float
     endpoint: str
     reqnum: int
     url: str
+    request_idx: int | None = None  # today's platform's id of this request (SPEC 11.1)
+    received: dict[str, Any] = dataclasses.field(
+        default_factory=dict[str, Any], init=False, repr=False, compare=False
+    )
+    layout: str = dataclasses.field(default="", init=False, compare=False)
 
     @classmethod
     def from_json_msg(cls, json_msg: Any) -> AuthData:
-        return from_json_fields(cls, json_msg)
+        auth = from_json_fields(cls, json_msg)
+        auth.received = typing.cast(dict[str, Any], json_msg)
+        return auth
 
-    def message(self) -> bytes:
-        """The signed bytes: Python's json.dumps(indent=4) of the four fields in this order,
-        each value as received (a cost sent as "20" and one sent as 20 sign different bytes).
+    def message(self, layout: str = "seed") -> bytes:
+        """The bytes the autoscaler signed in `layout` (SPEC 11.2)."""
+        if layout == "url":
+            return (_URL_LAYOUT % json.dumps(self.url)).encode("ascii")
+        if layout == "fields":
+            fields = self.received or {
+                "cost": self.cost,
+                "endpoint": self.endpoint,
+                "reqnum": self.reqnum,
+                "url": self.url,
+                **({} if self.request_idx is None else {"request_idx": self.request_idx}),
+            }
+            signed = {k: v for k, v in fields.items() if k not in _UNSIGNED_KEYS}
+            return json.dumps(signed, indent=4, sort_keys=True).encode("ascii")
+        return self.seed_message()
+
+    def seed_message(self) -> bytes:
+        """The seed's signed bytes: Python's json.dumps(indent=4) of the four fields in this
+        order, each value as received (a cost sent as "20" and one sent as 20 sign different
+        bytes).
 
         orjson cannot produce this layout. The values are scalars, so the layout is spelled
         out here around the stdlib's own encoding of each value: the same bytes as
@@ -1820,16 +1853,23 @@ class RsaPublicKey:
         """PKCS#1 v1.5 SHA-256 (RFC 8017 8.2.2), by encoding the expected block and comparing
         it whole. Never parse the decrypted block: parsing verifiers accept forgeries for
         small exponents (Bleichenbacher 2006)."""
+        block = self.recover(signature)
+        return block is not None and hmac.compare_digest(block, self.expected_block(message))
+
+    def recover(self, signature: bytes) -> bytes | None:
+        """s^e mod n as a k-byte block (the one costly step); None for an impossible one."""
         k = self.size
         if len(signature) != k:
-            return False
+            return None
         s = int.from_bytes(signature, "big")
         if s >= self.n:
-            return False
-        block = pow(s, self.e, self.n).to_bytes(k, "big")
+            return None
+        return pow(s, self.e, self.n).to_bytes(k, "big")
+
+    def expected_block(self, message: bytes) -> bytes:
+        """The EMSA-PKCS1-v1_5 encoding of SHA-256(message), which the block must equal."""
         digest = _SHA256_DIGEST_INFO + hashlib.sha256(message).digest()
-        expected = b"\x00\x01" + b"\xff" * (k - len(digest) - 3) + b"\x00" + digest
-        return block == expected  # both public values: a plain comparison leaks nothing secret
+        return b"\x00\x01" + b"\xff" * (self.size - len(digest) - 3) + b"\x00" + digest
 
 
 class ReplayGuard:
@@ -1871,7 +1911,7 @@ def verify_auth(
         signature = base64.b64decode(auth.signature, validate=True)
     except (binascii.Error, ValueError):
         return "signature is not base64"
-    message = auth.message()
+    message = auth.seed_message()
     reason = guard.check(auth.reqnum, message)
     if reason is not None:
         return reason
@@ -1884,11 +1924,18 @@ def verify_auth(
 
 class SignatureChecker:
     """Whether a request comes from the autoscaler: its public key (from PUBKEY_FILE, or
-    fetched from the autoscaler in the background), the RSA check, and the replay guard."""
+    fetched from the autoscaler in the background), the RSA check against each signature
+    layout allowed, the replay guard for layouts that sign reqnum, and a bounded cache of
+    verified (signature, message) pairs: a `url` signature recurs on every request to this
+    worker, and a look-up costs a few microseconds where pow() costs some 200."""
 
-    def __init__(self) -> None:
+    CACHE_SIZE = 4096
+
+    def __init__(self, layouts: Sequence[str] = SIGNATURE_LAYOUTS) -> None:
         self.pubkey: RsaPublicKey | None = None
         self.guard = ReplayGuard()
+        self.layouts = tuple(layouts)
+        self._verified: collections.OrderedDict[tuple[str, bytes], None] = collections.OrderedDict()
 
     def load_file(self, path: str) -> None:
         with open(path, "rb") as f:
@@ -1917,31 +1964,85 @@ class SignatureChecker:
             delay = min(delay * 2, 60.0)
 
     def check(self, auth: AuthData) -> str | None:
-        """Why `auth` is refused (bad signature, replay), or None. The ticket is not spent:
-        spend() it once the request is accepted, so a 429 can be retried with it."""
+        """Why `auth` is refused (bad signature, replay), or None; sets auth.layout. The
+        ticket is not spent: spend() it once the request is accepted, so that a 429 can be
+        retried with it."""
         if self.pubkey is None:
             return "no public key yet"
-        return verify_auth(self.pubkey, auth, self.guard, record=False)
+        if len(auth.signature) > MAX_SIGNATURE_B64:
+            return "signature too long"
+        messages: list[tuple[str, bytes, tuple[str, bytes]]] = []
+        for layout in self.layouts:  # verified before? (a dict look-up, the usual case)
+            message = auth.message(layout)
+            key = (auth.signature, hashlib.sha256(message).digest())
+            if key in self._verified:
+                self._verified.move_to_end(key)
+                return self._fresh(auth, layout, message)
+            messages.append((layout, message, key))
+        try:
+            signature = base64.b64decode(auth.signature, validate=True)
+        except (binascii.Error, ValueError):
+            return "signature is not base64"
+        block = self.pubkey.recover(signature)  # the one RSA operation, whatever the layouts
+        if block is None:
+            return "bad signature"
+        for layout, message, key in messages:
+            # compare_digest: the block is public, but the habit costs nothing here.
+            if hmac.compare_digest(block, self.pubkey.expected_block(message)):
+                self._verified[key] = None
+                if len(self._verified) > self.CACHE_SIZE:
+                    self._verified.popitem(last=False)
+                return self._fresh(auth, layout, message)
+        return "bad signature"
+
+    def _fresh(self, auth: AuthData, layout: str, message: bytes) -> str | None:
+        auth.layout = layout
+        if layout in REPLAYABLE_LAYOUTS:
+            return self.guard.check(auth.reqnum, message)
+        return None  # a `url` signature signs nothing that changes: no replay check can apply
 
     def spend(self, auth: AuthData) -> None:
-        self.guard.record(auth.reqnum, auth.message())
+        if auth.layout in REPLAYABLE_LAYOUTS:
+            self.guard.record(auth.reqnum, auth.message(auth.layout))
 
 
-def parse_client_request(
-    payload_cls: type[ApiPayload], body: bytes, signatures: SignatureChecker | None
-) -> tuple[ApiPayload, AuthData | None]:
-    """A client's `{"auth_data": ..., "payload": ...}`: parsed, auth_data checked against
-    `signatures` (None: not checked, UNSECURED), and only then the payload parsed. Raises
-    HttpError (422 for JSON that is not an object, 401 for a refused signature) or
-    JsonDataException (422) naming every bad field at once."""
+def decode_client_json(body: bytes) -> dict[str, Any]:
+    """A client's body as a JSON object; HttpError(422) for anything else."""
     try:
         data = json_loads(body)
     except _JSON_DECODE_ERRORS:
         raise HttpError(422, "invalid JSON") from None
     if not isinstance(data, dict):
         raise HttpError(422, "invalid JSON")
-    msg = typing.cast(dict[str, Any], data)
+    return typing.cast(dict[str, Any], data)
+
+
+def peek_auth(msg: dict[str, Any]) -> tuple[int | None, float]:
+    """The request_idx and the cost a client's auth_data claims, before anything is checked:
+    a refused request is still reported (completion, rejected load) under them."""
+    auth = msg.get("auth_data")
+    if not isinstance(auth, dict):
+        return None, 0.0
+    fields = typing.cast(dict[str, Any], auth)
+    idx, cost = fields.get("request_idx"), fields.get("cost")
+    workload = 0.0
+    if isinstance(cost, (int, float, str)) and not isinstance(cost, bool):
+        with contextlib.suppress(ValueError):
+            workload = float(cost)
+    return (idx if type(idx) is int else None), (workload if math.isfinite(workload) else 0.0)
+
+
+def parse_client_request(
+    payload_cls: type[ApiPayload], msg: dict[str, Any], signatures: SignatureChecker | None
+) -> tuple[ApiPayload, AuthData | None]:
+    """A client's `{"auth_data": ..., "session_id": ..., "payload": ...}`: auth_data checked
+    against `signatures` (None: not checked, UNSECURED), and only then the payload parsed.
+    Raises HttpError(401) for a refused signature, or JsonDataException (422) naming every
+    bad field at once."""
     errors: dict[str, Any] = {}
+    session_id = msg.get("session_id")
+    if session_id is not None and type(session_id) is not str:
+        errors["session_id"] = "expected null or a string"
     auth: AuthData | None = None
     if signatures is not None:
         if "auth_data" not in msg:
@@ -2005,7 +2106,7 @@ class EndpointHandler(abc.ABC, Generic[P]):
         super().__init_subclass__(**kwargs)
         if "payload_class" in cls.__dict__:
             return
-        for base in getattr(cls, "__orig_bases__", ()):
+        for base in cls.__dict__.get("__orig_bases__", ()):  # its own bases, not inherited
             origin = typing.get_origin(base)
             if isinstance(origin, type) and issubclass(origin, EndpointHandler):
                 arg = typing.get_args(base)[0]
@@ -2128,6 +2229,21 @@ class Config:
     report_backoff: float = 0.5  # seconds before a failed report's second try; doubled after
     healthcheck_interval: float = 10.0
     log_poll_interval: float = 0.2
+    # Today's platform (SPEC 11)
+    master_token: str = ""  # MASTER_TOKEN: in every report as `mtoken`; a secret
+    report_format: str = "auto"  # "1.1.0", "2024", or auto: "1.1.0" when MASTER_TOKEN is set
+    signature_layouts: tuple[str, ...] = SIGNATURE_LAYOUTS
+    model_health_endpoint: str | None = None  # a path on the model server, or a URL
+    force_update_file: str = "/.force_update"
+    health_start_timeout: float = 300.0  # seconds from loaded to the first healthy answer
+    health_failures: int = 3  # failures in a row, once healthy, that mark the worker errored
+
+    @property
+    def platform_reports(self) -> bool:
+        """Whether load reports are in today's format "1.1.0" (with completion reports)."""
+        if self.report_format == "auto":
+            return bool(self.master_token)
+        return self.report_format == "1.1.0"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -2181,6 +2297,25 @@ class Config:
         public_port = integer(port_var, config.worker_port, 1, 65535)
         scheme = "https" if config.use_ssl else "http"
         config.public_url = f"{scheme}://{public_ip}:{public_port}"
+        config.master_token = env.get("MASTER_TOKEN", "").strip()
+        config.report_format = env.get("REPORT_FORMAT", "auto").strip().lower() or "auto"
+        if config.report_format not in ("auto", "1.1.0", "2024"):
+            raise ConfigError(
+                f"REPORT_FORMAT={config.report_format!r}: expected auto, 1.1.0 or 2024"
+            )
+        raw = env.get("SIGNATURE_LAYOUTS", "").strip()
+        if raw:
+            layouts = tuple(x.strip().lower() for x in raw.split(",") if x.strip())
+            if not layouts or any(x not in SIGNATURE_LAYOUTS for x in layouts):
+                names = ", ".join(SIGNATURE_LAYOUTS)
+                raise ConfigError(f"SIGNATURE_LAYOUTS={raw!r}: expected a list of {names}")
+            config.signature_layouts = layouts
+        health = env.get("MODEL_HEALTH_ENDPOINT", "").strip()
+        if health:
+            if not health.startswith("/"):
+                url("MODEL_HEALTH_ENDPOINT", health)
+            config.model_health_endpoint = health
+        config.force_update_file = env.get("FORCE_UPDATE_FILE", "").strip() or "/.force_update"
         return config
 
 
@@ -2312,6 +2447,8 @@ class Metrics:
         self.errored = Tally()
         self.cancelled = Tally()
         self.rejected = 0  # 429 answers: never accepted, so never received
+        self.refused = Tally()  # 401 and 429 answers, with the workload they claimed
+        self.working: collections.Counter[int] = collections.Counter()  # request_idx in flight
         self.by_route_status: collections.Counter[tuple[str, int]] = collections.Counter()
         self.duration: dict[str, Histogram] = collections.defaultdict(Histogram)
         self.queue_wait = Histogram()
@@ -2689,6 +2826,8 @@ class LoadReporter:
         self.metrics = metrics
         self.lifecycle = lifecycle
         self.targets = [ReportTarget(HttpClient(a, max_idle=2)) for a in config.report_addrs]
+        self.clients = [t.client for t in self.targets]
+        log.info("load reports in format 2024 to %s", ", ".join(config.report_addrs))
 
     def report_body(self, target: ReportTarget) -> dict[str, Any]:
         """The load report for one autoscaler (SPEC section 7), fields spelled as it expects.
@@ -2773,6 +2912,163 @@ class LoadReporter:
             await target.client.close()
 
 
+def _masked(secret: str) -> str:
+    """A secret as it may appear in a log: its first four characters at most."""
+    return secret[:4] + "..." if len(secret) > 8 else "***"
+
+
+class PlatformReporter:
+    """Load reports in today's format "1.1.0" (SPEC 11.3) and completion reports (11.4), in
+    one loop: the addresses in REPORT_ADDR are alternatives, tried in order until one
+    accepts. Amounts (new_load, rej_load, cur_perf, additional_disk_usage) are since the
+    last accepted report; a failed report loses nothing, the next one carries it.
+
+    Completion entries wait in a queue of at most MAX_PENDING while no address accepts
+    them; past that the oldest are dropped, and the log says how many."""
+
+    VERSION = "1.1.0"
+    MAX_PENDING = 10_000
+    COMPLETIONS_SKIP = "https://cloud.vast.ai/api/v0"  # takes load reports only (SPEC 11.4)
+
+    def __init__(self, config: Config, metrics: Metrics, lifecycle: Lifecycle) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.lifecycle = lifecycle
+        self.clients = [HttpClient(a, max_idle=2) for a in config.report_addrs]
+        self.pending: collections.deque[dict[str, Any]] = collections.deque()
+        self.dropped = 0
+        self._since = time.monotonic()  # the last accepted report: its time and amounts
+        self._load = self._refused = self._served = 0.0
+        self._disk = _disk_used()
+        self._snapshot: tuple[Any, ...] = ()
+        self._failing = ""
+        log.info(
+            "load reports in format %s to %s (mtoken %s)",
+            self.VERSION,
+            ", ".join(config.report_addrs),
+            _masked(config.master_token),
+        )
+
+    def completed(self, entry: dict[str, Any]) -> None:
+        """Queue one finished request's completion entry."""
+        self.pending.append(entry)
+        if len(self.pending) > self.MAX_PENDING:
+            self.pending.popleft()
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                log.warning("completion reports: %d dropped, none accepted", self.dropped)
+
+    def report_body(self) -> dict[str, Any]:
+        m, life = self.metrics, self.lifecycle
+        disk = _disk_used()
+        return {
+            "id": self.config.container_id,
+            "mtoken": self.config.master_token,
+            "version": self.VERSION,
+            "loadtime": life.loadtime or 0.0,
+            "cur_load": m.in_flight.workload,
+            "rej_load": m.refused.workload - self._refused,
+            "new_load": max(m.load_total - self._load, 0.0),
+            "error_msg": life.error_msg,
+            "max_perf": life.max_perf,
+            "cur_perf": m.served.workload - self._served,
+            "cur_capacity": 0,
+            "max_capacity": 0,
+            "num_requests_working": m.in_flight.requests,
+            "num_requests_recieved": m.received.requests,  # sic: the wire name
+            "additional_disk_usage": max(disk - self._disk, 0) / 1e9,
+            "disk_usage": disk / 1e9,
+            "working_request_idxs": sorted(m.working),
+            "url": self.config.public_url,
+        }
+
+    def _state(self) -> tuple[Any, ...]:
+        """What a report says that is worth a report of its own when it changes."""
+        m, life = self.metrics, self.lifecycle
+        return (m.received.requests, m.finished, m.refused.requests, life.state, life.error_msg)
+
+    async def send_report(self) -> bool:
+        m = self.metrics
+        load, refused, served, snapshot = (
+            m.load_total,
+            m.refused.workload,
+            m.served.workload,
+            self._state(),
+        )
+        body = self.report_body()
+        if not await self._post("/worker_status/", body, self.clients):
+            return False
+        self._since, self._load, self._refused, self._served = (
+            time.monotonic(),
+            load,
+            refused,
+            served,
+        )
+        self._disk = int(body["disk_usage"] * 1e9)
+        self._snapshot = snapshot
+        return True
+
+    async def send_completions(self) -> bool:
+        entries = list(self.pending)
+        body: dict[str, Any] = {"worker_id": self.config.container_id, "requests": entries}
+        body["mtoken"] = self.config.master_token
+        clients = [c for c in self.clients if c.base_url != self.COMPLETIONS_SKIP]
+        if not clients or not await self._post("/delete_requests/", body, clients):
+            return False
+        for _ in range(min(len(entries), len(self.pending))):
+            self.pending.popleft()  # those sent; newer ones stay
+        return True
+
+    async def _post(self, path: str, body: dict[str, Any], clients: list[HttpClient]) -> bool:
+        """POST to the first address that accepts; REPORT_ATTEMPTS rounds with backoff."""
+        data = json_dumps(body)
+        delay = self.config.report_backoff
+        why = ""
+        for attempt in range(REPORT_ATTEMPTS):
+            for client in clients:
+                try:
+                    async with await client.request(
+                        "POST", path, data, timeout=self.config.report_timeout
+                    ) as resp:
+                        await resp.read()
+                    if 200 <= resp.status < 300:
+                        if self._failing:
+                            log.info("reports to the autoscaler work again")
+                            self._failing = ""
+                        return True
+                    why = f"{client.base_url}: status {resp.status}"
+                except UpstreamError as exc:
+                    why = str(exc)
+            if attempt + 1 < REPORT_ATTEMPTS:
+                await asyncio.sleep(delay)
+                delay *= 2
+        if self._failing != why:  # once per kind of failure, not once a second
+            log.warning("report %s failed: %s", path, why)
+            self._failing = why
+        return False
+
+    async def run(self) -> None:
+        """Every check interval: completion reports when any are pending; a load report when
+        something changed (once ready: before, only the state), else every max interval."""
+        last_completions = 0.0
+        while True:
+            await asyncio.sleep(self.config.report_check_interval)
+            now = time.monotonic()
+            if self.pending and now - last_completions >= 1.0:
+                last_completions = now
+                await self.send_completions()
+            due = now - self._since >= self.config.report_max_interval
+            state = self._state()
+            ready = self.lifecycle.state in (State.READY, State.ERRORED)
+            changed = state != self._snapshot if ready else state[3:] != self._snapshot[3:]
+            if due or changed:
+                await self.send_report()
+
+    async def close(self) -> None:
+        for client in self.clients:
+            await client.close()
+
+
 # Backend #########################################################################################
 # The request pipeline, and the wiring of the parts above.
 
@@ -2781,30 +3077,87 @@ def _nothing() -> None:
     return None
 
 
+Completions = Callable[[dict[str, Any]], None]  # where finished requests' reports go
+_COMPLETION_STATUS = {"served": "Success", "errored": "Error", "cancelled": "Cancelled"}
+
+
+def completion(
+    request_idx: int, status: str, entered: float, started: float = 0.0, completed: float = 0.0
+) -> dict[str, Any]:
+    """One entry of a completion report (SPEC 11.4); times in epoch seconds, 0.0 for a time
+    that never came. The platform counts a cancelled request as a success."""
+    return {
+        "request_idx": request_idx,
+        "success": status in ("Success", "Cancelled"),
+        "status": status,
+        "entered_queue_at": entered,
+        "work_started_at": started,
+        "work_completed_at": completed,
+    }
+
+
 class _Job:
     """One accepted request on its way through the backend; finish() settles it once."""
 
-    __slots__ = ("done", "first_byte", "metrics", "model_start", "route", "start", "workload")
+    __slots__ = (
+        "completions",
+        "done",
+        "first_byte",
+        "metrics",
+        "model_start",
+        "request_idx",
+        "route",
+        "start",
+        "wall_start",
+        "workload",
+    )
 
-    def __init__(self, metrics: Metrics, route: str, workload: float) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        route: str,
+        workload: float,
+        request_idx: int | None = None,
+        completions: Completions | None = None,
+    ) -> None:
         self.metrics = metrics
         self.route = route
         self.workload = workload
         self.start = time.monotonic()
+        self.wall_start = time.time()
         self.model_start = self.start
         self.first_byte: float | None = None
         self.done = False
+        self.request_idx = request_idx
+        self.completions = completions
         metrics.start(workload)
+        if request_idx is not None:
+            metrics.working[request_idx] += 1
 
     def finish(self, outcome: str, status: int) -> None:
         if self.done:
             return
         self.done = True
-        self.metrics.finish(self.workload, outcome)
-        self.metrics.record(self.route, status, time.monotonic() - self.start)
+        now = time.monotonic()
+        metrics = self.metrics
+        metrics.finish(self.workload, outcome)
+        metrics.record(self.route, status, now - self.start)
+        idx = self.request_idx
+        if idx is not None:
+            metrics.working[idx] -= 1
+            if metrics.working[idx] <= 0:
+                del metrics.working[idx]
+            if self.completions is not None:
+                wall = self.wall_start - self.start  # monotonic -> epoch
+                started = self.model_start + wall if self.model_start > self.start else 0.0
+                self.completions(
+                    completion(
+                        idx, _COMPLETION_STATUS[outcome], self.wall_start, started, now + wall
+                    )
+                )
         if access_log.isEnabledFor(logging.INFO):
             queue = self.model_start - self.start
-            total = time.monotonic() - self.start
+            total = now - self.start
             note = "" if outcome == "served" else f" ({outcome})"
             _access_log_line(
                 f"{self.route} {status} workload={self.workload:g} queue={queue:.3f}s"
@@ -2918,7 +3271,8 @@ class Backend:
         self.lifecycle = Lifecycle()
         self.signatures = SignatureChecker()
         self.queue_lock: asyncio.Lock | None = None
-        self.reporter: LoadReporter | None = None
+        self.reporter: LoadReporter | PlatformReporter | None = None
+        self.completions: Completions | None = None  # today's platform: completion reports
         self.health: HealthCheck | None = None
         self.tasks = BackgroundTasks(self.lifecycle)
         self._client: HttpClient | None = None
@@ -2972,16 +3326,21 @@ class Backend:
         request: Request,
     ) -> Response:
         route = request.path
-        refusal = self._not_ready()
+        refusal = self._not_ready()  # first: a loading worker says so, whatever it was sent
+        try:
+            msg = decode_client_json(request.body)
+        except HttpError as exc:
+            return self._refuse(route, refusal or error_response(exc.status, exc.message))
+        idx, claimed = peek_auth(msg)
         if refusal is not None:
-            return self._refuse(route, refusal)
+            return self._refuse(route, refusal, idx)
         try:
             checker = None if self.config.unsecured else self.signatures
-            payload, auth = parse_client_request(payload_cls, request.body, checker)
+            payload, auth = parse_client_request(payload_cls, msg, checker)
         except HttpError as exc:
-            return self._refuse(route, error_response(exc.status, exc.message))
+            return self._refuse(route, error_response(exc.status, exc.message), idx, claimed)
         except JsonDataException as exc:
-            return self._refuse(route, json_response(exc.message, 422))
+            return self._refuse(route, json_response(exc.message, 422), idx)
         workload = float(payload.count_workload())
         perf = self.lifecycle.max_perf
         if self.max_queue_time is not None and perf > 0:
@@ -2990,10 +3349,11 @@ class Backend:
                 self.metrics.rejected += 1
                 retry = str(max(1, math.ceil(wait - self.max_queue_time)))
                 why = {"error": "queue too long", "estimated_wait": round(wait, 3)}
-                return self._refuse(route, json_response(why, 429, [("Retry-After", retry)]))
+                answer = json_response(why, 429, [("Retry-After", retry)])
+                return self._refuse(route, answer, idx, workload)
         if auth is not None:  # accepted: from now on this ticket is spent
             self.signatures.spend(auth)
-        job = _Job(self.metrics, route, workload)
+        job = _Job(self.metrics, route, workload, idx, self.completions)
         lock = self.queue_lock
         holding = False
         try:
@@ -3050,9 +3410,18 @@ class Backend:
             return error_response(503, "no public key yet", state="no_pubkey")
         return None
 
-    def _refuse(self, route: str, response: Response) -> Response:
-        """Count and log a request answered without reaching the model (401, 422, 429, 503)."""
-        self.metrics.record(route, response.status, 0.0)
+    def _refuse(
+        self, route: str, response: Response, idx: int | None = None, workload: float = 0.0
+    ) -> Response:
+        """Count, log and report a request answered without reaching the model (401, 422,
+        429, 503). 401 and 429 are rejections: their workload counts in rej_load."""
+        status = response.status
+        self.metrics.record(route, status, 0.0)
+        if status in (401, 429):
+            self.metrics.refused.add(workload)
+        if idx is not None and self.completions is not None:
+            outcome = "Error" if status == 422 else "Rejected"
+            self.completions(completion(idx, outcome, time.time()))
         if access_log.isEnabledFor(logging.INFO):
             _access_log_line(f"{route} {response.status} (refused)")
         return response
@@ -3079,7 +3448,15 @@ class Backend:
         self.config = config
         self.lifecycle.started_at = time.monotonic()
         self._client = HttpClient(config.model_server_url or self.model_server_url)
-        self.reporter = reporter = LoadReporter(config, self.metrics, self.lifecycle)
+        self.signatures.layouts = config.signature_layouts
+        if config.platform_reports:
+            self.reporter = PlatformReporter(config, self.metrics, self.lifecycle)
+            self.completions = self.reporter.completed
+            self.tasks.spawn(self.reporter.run())
+        else:
+            self.reporter = LoadReporter(config, self.metrics, self.lifecycle)
+            for target in self.reporter.targets:
+                self.tasks.spawn(self.reporter.run(target))
         if not self.allow_parallel_requests:
             self.queue_lock = asyncio.Lock()
         if config.model_log is not None:
@@ -3092,7 +3469,7 @@ class Backend:
         elif config.pubkey_file:
             self.signatures.load_file(config.pubkey_file)
         else:
-            self.tasks.spawn(self.signatures.fetch(reporter.targets[0].client))
+            self.tasks.spawn(self.signatures.fetch(self.reporter.clients[0]))
         if self.model_log_file:
             watcher = ModelLogWatcher(
                 self.model_log_file,
@@ -3104,8 +3481,6 @@ class Backend:
             self.tasks.spawn(watcher.run())
         else:
             log.error("MODEL_LOG is not set: the worker cannot become ready")
-        for target in reporter.targets:
-            self.tasks.spawn(reporter.run(target))
         if self.healthcheck_endpoint:
             self.health = HealthCheck(
                 self.client,
@@ -3137,11 +3512,14 @@ class Backend:
     async def stop(self) -> None:
         """Cancel background work, send a last load report, close connections."""
         await self.tasks.stop()
-        if self.reporter is not None:
+        reporter = self.reporter
+        if reporter is not None:
             with contextlib.suppress(Exception):
                 timeout = self.config.report_timeout + 1
-                await asyncio.wait_for(self.reporter.send_report(), timeout)
-            await self.reporter.close()
+                await asyncio.wait_for(reporter.send_report(), timeout)
+                if isinstance(reporter, PlatformReporter) and reporter.pending:
+                    await asyncio.wait_for(reporter.send_completions(), timeout)
+            await reporter.close()
         if self._client is not None:
             await self._client.close()
 

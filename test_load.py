@@ -196,8 +196,14 @@ class RsaPrivateKey:
         import base64
 
         auth = AuthData(signature="", cost=cost, endpoint=endpoint, reqnum=reqnum, url=url)
-        auth.signature = base64.b64encode(self.sign(auth.message())).decode()
-        return dataclasses.asdict(auth)
+        signature = base64.b64encode(self.sign(auth.seed_message())).decode()
+        return {
+            "signature": signature,
+            "cost": cost,
+            "endpoint": endpoint,
+            "reqnum": reqnum,
+            "url": url,
+        }
 
 
 # A fake LLM server: the hello_world model API ###################################################

@@ -1,0 +1,908 @@
+"""Today's platform (SPEC section 11) end to end on loopback: signature layouts, request_idx and
+session_id in the client body, "1.1.0" load reports, completion reports (/delete_requests/),
+the model's health endpoint, POST /pyworker/update, and two fast refusals on the plain port.
+
+Each test starts its own worker (hello_world's handlers), a FakeModel that can hold requests
+and script its health answers, and a fake autoscaler written here that records every
+/worker_status/ and /delete_requests/ body and can answer 500 for a while. Signatures are
+made with a real RSA key (tests/data/test_key.pem) in each of the three layouts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import contextlib
+import dataclasses
+import itertools
+import json
+import ssl
+import time
+import typing
+from collections.abc import AsyncGenerator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support import (
+    UNUSED_URL,
+    FastGenerateHandler,
+    Reply,
+    Runner,
+    append,
+    encode_request,
+    hello_world_routes,
+    load_private_key,
+    make_backend,
+    read_head,
+    read_reply,
+    started_worker,
+    until,
+    worker_config,
+)
+
+import hello_world
+import pyworker
+from pyworker import Backend, Config, ConfigError, LogAction, Request, Response, State, post
+from test_load import FakeModel, RsaPrivateKey
+
+KEY = load_private_key("test_key.pem")
+TOKEN = "mtoken-0123456789abcdef"
+CONTAINER_ID = 4242
+PUBLIC_URL = "http://203.0.113.7:41234"  # what the worker reports as `url`, and auth_data's url
+CACHED_MAX_PERF = 2.0  # .has_benchmark: no benchmark rounds, a known max_perf
+LOG_ACTIONS = [(LogAction.ModelLoaded, FakeModel.LOADED_LINE)]
+
+# SPEC 11.3, exactly
+REPORT_1_1_0_FIELDS = {
+    "id",
+    "mtoken",
+    "version",
+    "loadtime",
+    "cur_load",
+    "rej_load",
+    "new_load",
+    "error_msg",
+    "max_perf",
+    "cur_perf",
+    "cur_capacity",
+    "max_capacity",
+    "num_requests_working",
+    "num_requests_recieved",
+    "additional_disk_usage",
+    "disk_usage",
+    "working_request_idxs",
+    "url",
+}
+# SPEC 7, exactly
+REPORT_2024_FIELDS = {
+    "id",
+    "loadtime",
+    "cur_load",
+    "error_msg",
+    "max_perf",
+    "cur_perf",
+    "cur_capacity",
+    "max_capacity",
+    "num_requests_working",
+    "num_requests_recieved",
+    "additional_disk_usage",
+    "url",
+}
+INT_FIELDS = ("id", "num_requests_working", "num_requests_recieved")
+NUMBER_FIELDS = (
+    "loadtime",
+    "cur_load",
+    "rej_load",
+    "new_load",
+    "max_perf",
+    "cur_perf",
+    "cur_capacity",
+    "max_capacity",
+    "additional_disk_usage",
+    "disk_usage",
+)
+STR_FIELDS = ("mtoken", "version", "error_msg", "url")
+COMPLETION_FIELDS = {
+    "request_idx",
+    "success",
+    "status",
+    "entered_queue_at",
+    "work_started_at",
+    "work_completed_at",
+}
+
+run = Runner(timeout=30.0)
+
+
+# Signing: the three layouts of SPEC 11.2 #########################################################
+
+
+def signed(key: RsaPrivateKey, message: str) -> str:
+    return base64.b64encode(key.sign(message.encode())).decode()
+
+
+def layout_message(layout: str, auth: dict[str, Any]) -> str:
+    if layout == "url":
+        return json.dumps({"url": auth["url"]}, indent=4, sort_keys=True)
+    if layout == "fields":
+        fields = {k: v for k, v in auth.items() if k not in ("signature", "__request_id")}
+        return json.dumps(fields, indent=4, sort_keys=True)
+    assert layout == "seed"
+    seed = {k: auth[k] for k in ("cost", "endpoint", "reqnum", "url")}
+    return json.dumps(seed, indent=4)
+
+
+def make_auth(
+    layout: str,
+    reqnum: int,
+    *,
+    request_idx: object = None,
+    cost: str | int = "100",
+    key: RsaPrivateKey = KEY,
+    **extra: Any,
+) -> dict[str, Any]:
+    """auth_data as today's /route/ hands it out, signed in `layout`."""
+    auth: dict[str, Any] = {"cost": cost, "endpoint": "hello", "reqnum": reqnum, "url": PUBLIC_URL}
+    if request_idx is not None:
+        auth["request_idx"] = request_idx
+    auth.update(extra)
+    auth["signature"] = signed(key, layout_message(layout, auth))
+    auth["__request_id"] = f"rid-{reqnum}"  # added after signing: no layout signs it
+    return auth
+
+
+def is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def workload(prompt: str) -> float:
+    return float(hello_world.count_tokens(prompt))
+
+
+# The fake model and the fake autoscaler ##########################################################
+
+
+class HeldModel(FakeModel):
+    """A FakeModel whose /generate can be held until released, and whose /health can be told
+    to fail its next N polls."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.holding = False
+        self.held = 0  # /generate requests waiting at the model now
+        self._released = asyncio.Event()
+        self.health_failures = 0  # the next this-many health polls answer 503
+        self.health_polls = 0
+
+    def hold(self) -> None:
+        self.holding = True
+        self._released.clear()
+
+    def release(self) -> None:
+        self.holding = False
+        self._released.set()
+
+    async def _generate(self, request: Request) -> Response:
+        if self.holding:
+            self.held += 1
+            try:
+                await self._released.wait()
+            finally:
+                self.held -= 1
+        return await super()._generate(request)
+
+    async def _health(self, request: Request) -> Response:
+        self.health_polls += 1
+        if self.health_failures > 0:
+            self.health_failures -= 1
+            return pyworker.error_response(503, "unhealthy (scripted)")
+        return await super()._health(request)
+
+
+class FakeAutoscaler:
+    """POST /worker_status/ and /delete_requests/, every body recorded; `failing` answers 500
+    to both (and records nothing) while it is set."""
+
+    def __init__(self) -> None:
+        self.failing = False
+        self.reports: list[dict[str, Any]] = []
+        self.deletes: list[dict[str, Any]] = []
+        self.delete_times: list[float] = []
+        self.report_attempts = 0
+        self.delete_attempts = 0
+        self.port = 0
+        self._server = pyworker.HttpServer(
+            [post("/worker_status/", self._status), post("/delete_requests/", self._delete)]
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> FakeAutoscaler:
+        self.port = await self._server.start("127.0.0.1", 0)
+        return self
+
+    async def stop(self) -> None:
+        await self._server.shutdown(grace=0.0)
+
+    @staticmethod
+    def _body(request: Request) -> dict[str, Any]:
+        body: Any = json.loads(request.body)
+        assert isinstance(body, dict), body
+        return typing.cast(dict[str, Any], body)
+
+    async def _status(self, request: Request) -> Response:
+        self.report_attempts += 1
+        if self.failing:
+            return pyworker.error_response(500, "autoscaler down (fake)")
+        self.reports.append(self._body(request))
+        return pyworker.json_response({"ok": True})
+
+    async def _delete(self, request: Request) -> Response:
+        self.delete_attempts += 1
+        if self.failing:
+            return pyworker.error_response(500, "autoscaler down (fake)")
+        self.deletes.append(self._body(request))
+        self.delete_times.append(time.monotonic())
+        return pyworker.json_response({"ok": True})
+
+    def completions(self) -> list[dict[str, Any]]:
+        """Every request entry of every accepted /delete_requests/ body, in order."""
+        return [entry for body in self.deletes for entry in body["requests"]]
+
+    def completed(self) -> dict[int, dict[str, Any]]:
+        return {entry["request_idx"]: entry for entry in self.completions()}
+
+
+# The rig #########################################################################################
+
+
+@dataclasses.dataclass
+class Rig:
+    tmp: Path
+    backend: Backend
+    worker: pyworker.Worker
+    model: HeldModel
+    platform: FakeAutoscaler
+    reqnum: int = 0
+
+    @property
+    def port(self) -> int:
+        return self.worker.port
+
+    def auth(self, layout: str = "seed", **fields: Any) -> dict[str, Any]:
+        self.reqnum += 1
+        return make_auth(layout, self.reqnum, **fields)
+
+    async def send(
+        self,
+        auth: dict[str, Any] | None,
+        prompt: str | None = "tell me about cats",
+        *,
+        route: str = "/generate",
+        **extra: Any,
+    ) -> Reply:
+        """POST `route` with `auth` and a payload (without its prompt when `prompt` is None)."""
+        payload: dict[str, Any] = {"max_response_tokens": 4}
+        if prompt is not None:
+            payload["prompt"] = prompt
+        body: dict[str, Any] = {"payload": payload, **extra}
+        if auth is not None:
+            body["auth_data"] = auth
+        return await raw(self.port, encode_request("POST", route, body))
+
+    async def generate(
+        self, layout: str = "seed", prompt: str = "hi there", **fields: Any
+    ) -> Reply:
+        return await self.send(self.auth(layout, **fields), prompt)
+
+    async def wait_ready(self, timeout: float = 10.0) -> None:
+        await until(lambda: self.backend.state is State.READY, timeout, "the worker to be ready")
+
+
+async def raw(port: int, data: bytes, timeout: float = 10.0) -> Reply:
+    """`data` sent as it is on a new connection; the reply."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        return await asyncio.wait_for(read_reply(reader), timeout)
+    finally:
+        writer.close()
+
+
+@contextlib.asynccontextmanager
+async def rig(
+    tmp: Path,
+    *,
+    master_token: str = TOKEN,
+    loaded: bool = True,
+    ready: bool = True,
+    max_queue_time: float | None = None,
+    report_addrs: list[str] | None = None,
+    model: HeldModel | None = None,
+    **settings: Any,
+) -> AsyncGenerator[Rig, None]:
+    """A worker secured by KEY (PUBKEY_FILE), reporting to a FakeAutoscaler (or `report_addrs`,
+    where "{platform}" stands for it), with short intervals; ready first unless `ready` is
+    False (or the model log holds no loaded line: `loaded` False)."""
+    pubkey = tmp / "pubkey.pem"
+    pubkey.write_text(KEY.public_pem())
+    (tmp / ".has_benchmark").write_text(str(CACHED_MAX_PERF))
+    if settings.get("model_log", "") is not None:  # model_log=None: no model log at all
+        (tmp / "model.log").write_text(FakeModel.LOADED_LINE + "\n" if loaded else "starting\n")
+    fake = model or HeldModel()
+    await fake.start()
+    platform = await FakeAutoscaler().start()
+    addrs = [a.replace("{platform}", platform.url) for a in report_addrs or ["{platform}"]]
+    fields: dict[str, Any] = {
+        "pubkey_file": str(pubkey),
+        "master_token": master_token,
+        "container_id": CONTAINER_ID,
+        "public_url": PUBLIC_URL,
+        "force_update_file": str(tmp / "force_update"),
+        "report_check_interval": 0.05,
+        "report_max_interval": 0.5,
+        "report_backoff": 0.01,
+        "report_timeout": 2.0,
+        "healthcheck_interval": 0.05,
+        "log_poll_interval": 0.02,
+        **settings,
+    }
+    config = worker_config(tmp, fake.url, addrs, **fields)
+    handler = FastGenerateHandler()
+    backend = make_backend(handler, LOG_ACTIONS, max_queue_time=max_queue_time)
+    try:
+        async with started_worker(
+            backend,
+            hello_world_routes(backend, handler),
+            config,
+            ready_within=10.0 if ready and loaded else None,
+        ) as worker:
+            yield Rig(tmp, backend, worker, fake, platform)
+    finally:
+        fake.release()
+        await fake.stop()
+        await platform.stop()
+
+
+# 1. Signature layouts ############################################################################
+
+
+def test_each_layout_accepted_and_a_wrong_signature_refused(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with rig(tmp_path) as r:
+            assert (await r.generate("url")).status == 200
+            # fields: every key but signature and __request_id is signed, extra ones too
+            fields_auth = r.auth("fields", request_idx=5, extra_key="x", nested={"a": [1, 2]})
+            assert "__request_id" in fields_auth
+            assert (await r.send(fields_auth)).status == 200
+            assert (await r.generate("seed")).status == 200
+            assert (await r.generate("seed", cost=250)).status == 200  # a number cost
+
+            # the right key over the wrong bytes, in every layout
+            for layout in ("url", "fields", "seed"):
+                auth = r.auth(layout, request_idx=9)
+                auth["signature"] = signed(KEY, layout_message(layout, auth) + " ")
+                reply = await r.send(auth)
+                assert reply.status == 401, (layout, reply)
+            tampered = r.auth("fields", request_idx=10)
+            tampered["cost"] = "1"  # signed in the fields layout: cost is covered
+            assert (await r.send(tampered)).status == 401
+            other_url = r.auth("url")
+            other_url["signature"] = signed(KEY, layout_message("url", {"url": UNUSED_URL}))
+            assert (await r.send(other_url)).status == 401
+            missing = r.auth("url")
+            del missing["signature"]
+            assert (await r.send(missing)).status in (401, 422)
+
+    run(main())
+
+
+def test_url_signature_repeats_but_seed_and_fields_replays_are_refused(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with rig(tmp_path) as r:
+            same = r.auth("url", request_idx=1)
+            for i in range(20):
+                reply = await r.send(same)
+                assert reply.status == 200, (i, reply)
+            for layout in ("seed", "fields"):
+                auth = r.auth(layout)
+                assert (await r.send(auth)).status == 200
+                reply = await r.send(auth)
+                assert reply.status == 401, (layout, reply)
+            # the url layout still works after those refusals
+            assert (await r.send(same)).status == 200
+
+    run(main())
+
+
+def test_signature_layouts_restricted_to_url(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with rig(tmp_path, signature_layouts=("url",)) as r:
+            assert (await r.generate("seed")).status == 401
+            assert (await r.generate("fields", request_idx=3)).status == 401
+            assert (await r.generate("url")).status == 200
+
+    run(main())
+
+
+def test_config_from_env_platform_variables() -> None:
+    for bad in ("url,bogus", "sha1", ","):
+        with pytest.raises(ConfigError, match="SIGNATURE_LAYOUTS"):
+            Config.from_env({"SIGNATURE_LAYOUTS": bad})
+    with pytest.raises(ConfigError, match="REPORT_FORMAT"):
+        Config.from_env({"REPORT_FORMAT": "1.2.0"})
+    with pytest.raises(ConfigError, match="MODEL_HEALTH_ENDPOINT"):
+        Config.from_env({"MODEL_HEALTH_ENDPOINT": "ftp://model/health"})
+    assert Config.from_env({"SIGNATURE_LAYOUTS": "url"}).signature_layouts == ("url",)
+    assert Config.from_env({"SIGNATURE_LAYOUTS": "seed,url"}).signature_layouts == ("seed", "url")
+    config = Config.from_env(
+        {
+            "MASTER_TOKEN": TOKEN,
+            "REPORT_FORMAT": "2024",
+            "MODEL_HEALTH_ENDPOINT": "/health",
+            "FORCE_UPDATE_FILE": "/tmp/force",
+        }
+    )
+    assert config.master_token == TOKEN
+    assert config.report_format == "2024"
+    assert config.model_health_endpoint == "/health"
+    assert config.force_update_file == "/tmp/force"
+    defaults = Config.from_env({})
+    assert defaults.master_token == ""
+    assert defaults.report_format == "auto"
+    assert defaults.signature_layouts == ("url", "fields", "seed")
+    assert defaults.model_health_endpoint is None
+    assert defaults.force_update_file == "/.force_update"
+
+
+# 2. The client body: request_idx and session_id ##################################################
+
+
+def test_request_idx_and_session_id(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with rig(tmp_path) as r:
+            assert (await r.generate("seed", request_idx=7)).status == 200
+            assert (await r.generate("url", request_idx=8)).status == 200
+            reply = await r.generate("seed", request_idx="7")
+            assert reply.status == 422, reply
+            assert "auth_data" in reply.json(), reply.json()
+            reply = await r.send(r.auth("url", request_idx=[7]))
+            assert reply.status == 422, reply
+            assert "auth_data" in reply.json(), reply.json()
+            reply = await r.send(r.auth("seed", request_idx=11), session_id=None)
+            assert reply.status == 200, reply
+            reply = await r.send(r.auth("seed", request_idx=12), session_id="abc")
+            assert reply.status == 200, reply
+
+    run(main())
+
+
+# 3. Load reports #################################################################################
+
+
+def check_1_1_0(report: dict[str, Any]) -> None:
+    assert set(report) == REPORT_1_1_0_FIELDS, sorted(set(report) ^ REPORT_1_1_0_FIELDS)
+    for name in INT_FIELDS:
+        assert is_int(report[name]), (name, report[name])
+    for name in NUMBER_FIELDS:
+        assert is_number(report[name]), (name, report[name])
+    for name in STR_FIELDS:
+        assert isinstance(report[name], str), (name, report[name])
+    idxs: Any = report["working_request_idxs"]
+    assert isinstance(idxs, list), idxs
+    assert all(is_int(i) for i in typing.cast(list[Any], idxs)), idxs
+    assert report["version"] == "1.1.0"
+    assert report["mtoken"] == TOKEN
+    assert report["id"] == CONTAINER_ID
+    assert report["url"] == PUBLIC_URL
+
+
+def test_1_1_0_report_fields_and_load_in_flight(tmp_path: Path) -> None:
+    prompts = {11: "one two three", 12: "one two three four five", 13: "a b c d e f g"}
+    expected_load = sum(workload(p) for p in prompts.values())
+
+    async def main() -> None:
+        async with rig(tmp_path) as r:
+            await until(lambda: r.platform.reports, 5.0, "a first report")
+            r.model.hold()
+            sends = [
+                asyncio.ensure_future(r.send(r.auth("seed", request_idx=i), p))
+                for i, p in prompts.items()
+            ]
+            await until(lambda: r.model.held == 3, 5.0, "three requests held at the model")
+            mark = len(r.platform.reports)
+
+            def in_flight_report() -> dict[str, Any] | None:
+                for report in r.platform.reports[mark:]:
+                    if report.get("num_requests_working") == 3:
+                        return report
+                return None
+
+            await until(in_flight_report, 5.0, "a report with the three requests in flight")
+            report = in_flight_report()
+            assert report is not None
+            check_1_1_0(report)
+            assert abs(report["cur_load"] - expected_load) < 1e-6, report
+            assert sorted(report["working_request_idxs"]) == sorted(prompts), report
+            assert report["loadtime"] > 0, report
+            assert abs(report["max_perf"] - CACHED_MAX_PERF) < 1e-6, report
+            assert report["error_msg"] == ""
+            assert report["num_requests_recieved"] >= 3
+
+            r.model.release()
+            replies = await asyncio.gather(*sends)
+            assert [x.status for x in replies] == [200, 200, 200]
+            mark = len(r.platform.reports)
+
+            def idle_report() -> dict[str, Any] | None:
+                for report in r.platform.reports[mark:]:
+                    if report.get("num_requests_working") == 0:
+                        return report
+                return None
+
+            await until(idle_report, 5.0, "a report with nothing in flight")
+            idle = idle_report()
+            assert idle is not None
+            check_1_1_0(idle)
+            assert idle["cur_load"] == 0, idle
+            assert idle["working_request_idxs"] == [], idle
+
+            # served and new load over all reports add up to the three requests
+            def total(name: str) -> float:
+                return sum(float(rep[name]) for rep in r.platform.reports)
+
+            await until(
+                lambda: abs(total("cur_perf") - expected_load) < 1e-6,
+                5.0,
+                "cur_perf over the reports to add up to the served workload",
+            )
+            await until(
+                lambda: abs(total("new_load") - expected_load) < 1e-6,
+                5.0,
+                "new_load over the reports to add up to the received workload",
+            )
+        for report in r.platform.reports:
+            check_1_1_0(report)
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    ("token", "report_format"), [("", "auto"), (TOKEN, "2024")], ids=["no-token", "2024"]
+)
+def test_2024_report_format(tmp_path: Path, token: str, report_format: str) -> None:
+    async def main() -> None:
+        async with rig(tmp_path, master_token=token, report_format=report_format) as r:
+            assert (await r.generate("seed")).status == 200
+            await until(lambda: len(r.platform.reports) >= 2, 5.0, "two reports")
+        for report in r.platform.reports:
+            assert set(report) == REPORT_2024_FIELDS, sorted(set(report) ^ REPORT_2024_FIELDS)
+            assert report["id"] == CONTAINER_ID
+
+    run(main())
+
+
+def test_1_1_0_report_without_token_when_asked(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with rig(tmp_path, master_token="", report_format="1.1.0") as r:
+            await until(lambda: r.platform.reports, 5.0, "a report")
+        for report in r.platform.reports:
+            assert set(report) == REPORT_1_1_0_FIELDS, sorted(set(report) ^ REPORT_1_1_0_FIELDS)
+            assert report["version"] == "1.1.0"
+
+    run(main())
+
+
+def test_report_addr_fallback_in_order(tmp_path: Path) -> None:
+    async def main() -> None:
+        second = await FakeAutoscaler().start()
+        try:
+            addrs = [UNUSED_URL, "{platform}", second.url]
+            async with rig(tmp_path, report_addrs=addrs) as r:
+                first = r.platform
+                first.failing = True
+                # the first address is down, the second answers 500: the third receives
+                await until(lambda: second.reports, 5.0, "reports at the third address")
+                assert first.report_attempts > 0
+                assert (await r.generate("seed", request_idx=31)).status == 200
+                await until(
+                    lambda: 31 in {e["request_idx"] for b in second.deletes for e in b["requests"]},
+                    5.0,
+                    "the completion report at the third address",
+                )
+                check_1_1_0(second.reports[-1])
+                # the second recovers: it takes the reports, the third no longer gets any
+                first.failing = False
+                await until(lambda: len(first.reports) >= 2, 5.0, "reports at the second again")
+                settled = len(second.reports)
+                await until(lambda: len(first.reports) >= 6, 5.0, "more reports at the second")
+                assert len(second.reports) == settled
+                assert (await r.generate("seed", request_idx=32)).status == 200
+                await until(lambda: 32 in first.completed(), 5.0, "completion at the second")
+                assert 32 not in {e["request_idx"] for b in second.deletes for e in b["requests"]}
+        finally:
+            await second.stop()
+
+    run(main())
+
+
+# 4. Completion reports ###########################################################################
+
+
+def check_completions(platform: FakeAutoscaler, expected: dict[int, str]) -> None:
+    """Each expected request_idx exactly once, with its status; well-formed bodies."""
+    for body in platform.deletes:
+        assert set(body) == {"worker_id", "mtoken", "requests"}, body
+        assert body["worker_id"] == CONTAINER_ID
+        assert body["mtoken"] == TOKEN
+        assert isinstance(body["requests"], list)
+        assert body["requests"], "an empty completion report"
+    entries = platform.completions()
+    counts = collections.Counter(e["request_idx"] for e in entries)
+    assert {i: n for i, n in counts.items() if n != 1} == {}, "reported more than once"
+    assert set(counts) == set(expected), (sorted(counts), sorted(expected))
+    now = time.time()
+    for entry in entries:
+        assert set(entry) == COMPLETION_FIELDS, entry
+        idx = entry["request_idx"]
+        assert is_int(idx)
+        assert entry["status"] == expected[idx], (idx, entry)
+        assert entry["success"] is (expected[idx] in ("Success", "Cancelled")), entry
+        for name in ("entered_queue_at", "work_started_at", "work_completed_at"):
+            value = entry[name]
+            assert isinstance(value, float), (name, entry)
+            assert value == 0.0 or now - 60 < value <= now + 1, (name, entry)
+        if entry["status"] == "Success":
+            assert 0 < entry["entered_queue_at"] <= entry["work_started_at"], entry
+            assert entry["work_started_at"] <= entry["work_completed_at"], entry
+
+
+def test_completion_reports_every_outcome_once(tmp_path: Path) -> None:
+    expected: dict[int, str] = {}
+    big = " ".join(["word"] * 20)  # workload 20: 10 s of queue at max_perf 2
+
+    async def main() -> None:
+        model = HeldModel(crash_after=2, tokens=6)
+        async with rig(
+            tmp_path, loaded=False, max_queue_time=1.0, model=model, report_check_interval=0.02
+        ) as r:
+            # 503 before the model is loaded: Rejected
+            reply = await r.generate("seed", request_idx=1)
+            assert reply.status == 503, reply
+            expected[1] = "Rejected"
+            append(tmp_path / "model.log", FakeModel.LOADED_LINE + "\n")
+            await r.wait_ready()
+
+            assert (await r.generate("seed", request_idx=2)).status == 200
+            expected[2] = "Success"
+            assert (await r.generate("url", request_idx=3)).status == 200
+            expected[3] = "Success"
+
+            bad = r.auth("seed", request_idx=4)
+            bad["signature"] = signed(KEY, "not the message")
+            assert (await r.send(bad)).status == 401
+            expected[4] = "Rejected"
+
+            reply = await r.send(r.auth("seed", request_idx=5), prompt=None)
+            assert reply.status == 422, reply
+            expected[5] = "Error"
+
+            r.model.fail_status = 500
+            assert (await r.generate("seed", request_idx=6)).status == 500
+            r.model.fail_status = None
+            expected[6] = "Error"
+
+            # a request held at the model, one refused for the queue, then the first's client
+            # goes away
+            r.model.hold()
+            _reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
+            body = {"auth_data": r.auth("seed", request_idx=7), "payload": {"prompt": big}}
+            writer.write(encode_request("POST", "/generate", body))
+            await until(lambda: r.model.held == 1, 5.0, "the request held at the model")
+            reply = await r.generate("seed", request_idx=8, prompt="short one")
+            assert reply.status == 429, reply
+            expected[8] = "Rejected"
+            writer.transport.abort()
+            expected[7] = "Cancelled"
+            await until(lambda: 7 in r.platform.completed(), 5.0, "the cancelled request")
+            r.model.release()
+
+            # the model hangs up in the middle of a stream
+            reply = await r.send(r.auth("seed", request_idx=9), route="/generate_stream")
+            assert reply.status == 200 and not reply.complete, reply
+            expected[9] = "Error"
+
+            # a request without request_idx is served, and not reported
+            assert (await r.generate("seed")).status == 200
+
+            await until(
+                lambda: set(r.platform.completed()) >= set(expected),
+                5.0,
+                "completion reports for every request so far",
+            )
+            # the model is gone: 502
+            await r.model.stop()
+            assert (await r.generate("seed", request_idx=10)).status == 502
+            expected[10] = "Error"
+            await until(lambda: 10 in r.platform.completed(), 5.0, "the 502's completion")
+            await asyncio.sleep(0.3)  # nothing more should come
+            check_completions(r.platform, expected)
+            times = r.platform.delete_times
+            gaps = [b - a for a, b in itertools.pairwise(times)]
+            assert all(gap > 0.8 for gap in gaps), gaps  # batches at most every second
+            rejected = sum(float(rep["rej_load"]) for rep in r.platform.reports)
+            assert rejected >= workload("short one"), r.platform.reports
+        check_completions(r.platform, expected)  # stopping sent nothing twice
+
+    run(main())
+
+
+def test_completion_reports_kept_while_the_autoscaler_fails(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with rig(tmp_path) as r:
+            r.platform.failing = True
+            assert (await r.generate("seed", request_idx=21)).status == 200
+            assert (await r.generate("url", request_idx=22)).status == 200
+            await until(lambda: r.platform.delete_attempts >= 2, 8.0, "refused deliveries")
+            assert r.platform.deletes == []
+            r.platform.failing = False
+            await until(
+                lambda: set(r.platform.completed()) == {21, 22}, 8.0, "the delayed delivery"
+            )
+            await asyncio.sleep(0.3)
+            check_completions(r.platform, {21: "Success", 22: "Success"})
+        check_completions(r.platform, {21: "Success", 22: "Success"})
+
+    run(main())
+
+
+# 5. /pyworker/update, health, fast refusals ######################################################
+
+
+def update_request(authorization: str | None) -> bytes:
+    head = "POST /pyworker/update HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n"
+    if authorization is not None:
+        head += f"Authorization: {authorization}\r\n"
+    return (head + "Connection: close\r\n\r\n").encode()
+
+
+def test_pyworker_update(tmp_path: Path) -> None:
+    async def main() -> None:
+        flag = tmp_path / "force_update"
+        async with rig(tmp_path) as r:
+            for wrong in (None, "Bearer wrong-token", f"Bearer {TOKEN}x", TOKEN, "Bearer "):
+                reply = await raw(r.port, update_request(wrong))
+                assert reply.status == 401, (wrong, reply)
+                assert not flag.exists()
+            reply = await raw(r.port, update_request(f"Bearer {TOKEN}"))
+            assert reply.status == 200, reply
+            assert reply.json() == {"ok": True}
+            assert flag.exists()
+
+    run(main())
+
+
+def test_pyworker_update_without_master_token(tmp_path: Path) -> None:
+    async def main() -> None:
+        flag = tmp_path / "force_update"
+        async with rig(tmp_path, master_token="") as r:
+            for auth in (None, "Bearer ", "Bearer x"):
+                reply = await raw(r.port, update_request(auth))
+                assert reply.status == 404, (auth, reply)
+            assert not flag.exists()
+
+    run(main())
+
+
+def test_health_endpoint_gates_readiness_and_errors_after_three_failures(tmp_path: Path) -> None:
+    async def main() -> None:
+        model = HeldModel()
+        model.health_failures = 10**6
+
+        async def more_polls(count: int) -> None:
+            target = model.health_polls + count
+            await until(lambda: model.health_polls >= target, 5.0, f"{count} more health polls")
+
+        async with rig(tmp_path, ready=False, model=model, model_health_endpoint="/health") as r:
+            await until(lambda: model.health_polls >= 8, 5.0, "health polls before the first 200")
+            assert r.backend.state not in (State.READY, State.ERRORED), r.backend.state
+            assert (await r.generate("seed")).status == 503
+            model.health_failures = 0
+            await r.wait_ready(5.0)
+            assert (await r.generate("seed")).status == 200
+            for failures in (1, 2):
+                model.health_failures = failures
+                await more_polls(6)
+                assert model.health_failures == 0
+                assert r.backend.state is State.READY, (failures, r.backend.error_msg)
+            model.health_failures = 3
+            await until(lambda: r.backend.state is State.ERRORED, 5.0, "errored after 3 failures")
+            assert (await r.generate("seed")).status == 503
+
+    run(main())
+
+
+def test_health_endpoint_alone_makes_ready_without_model_log(tmp_path: Path) -> None:
+    async def main() -> None:
+        model = HeldModel()
+        model.health_failures = 3
+        async with rig(
+            tmp_path, ready=False, model=model, model_log=None, model_health_endpoint="/health"
+        ) as r:
+            assert not (tmp_path / "model.log").exists()
+            await r.wait_ready(8.0)
+            assert model.health_polls >= 4
+            assert (await r.generate("seed", request_idx=41)).status == 200
+
+    run(main())
+
+
+def client_hello() -> bytes:
+    """The first flight of a real TLS client."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="worker.example")
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    data = outgoing.read()
+    assert data[:1] == b"\x16", data[:8]
+    return data
+
+
+def test_tls_client_hello_on_plain_port_closed_at_once(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with rig(tmp_path) as r:
+            reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
+            try:
+                start = time.monotonic()
+                writer.write(client_hello())
+                received = b""
+
+                async def until_closed() -> None:
+                    nonlocal received
+                    with contextlib.suppress(ConnectionError):
+                        while data := await reader.read(65536):
+                            received += data
+
+                await asyncio.wait_for(until_closed(), 5.0)
+                elapsed = time.monotonic() - start
+            finally:
+                writer.close()
+            assert elapsed < 0.5, f"closed after {elapsed:.2f}s"
+            assert len(received) < 4096, received[:200]
+            assert (await r.generate("seed")).status == 200  # the worker is fine
+
+    run(main())
+
+
+def test_bare_lf_request_line_gets_400_at_once(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with rig(tmp_path) as r:
+            for data in (
+                b"GET /ping HTTP/1.1\nHost: 127.0.0.1\n\n",
+                b"GET /ping HTTP/1.1\nHost: 127.0.0.1\r\n\r\n",
+            ):
+                reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
+                try:
+                    start = time.monotonic()
+                    writer.write(data)
+                    status, _ = await asyncio.wait_for(read_head(reader), 5.0)
+                    elapsed = time.monotonic() - start
+                finally:
+                    writer.close()
+                assert status == 400, (data, status)
+                assert elapsed < 0.5, f"400 after {elapsed:.2f}s"
+            reply = await raw(r.port, b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert reply.status == 200 and reply.body == b"pong"
+
+    run(main())
