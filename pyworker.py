@@ -1257,9 +1257,20 @@ class _ServerProtocol(asyncio.StreamReaderProtocol):
             self.task.cancel()
 
     def data_received(self, data: bytes) -> None:
-        if self.phase is _Phase.IDLE:  # a request begins: its head has HEAD_TIMEOUT
-            self.enter(_Phase.HEAD, HEAD_TIMEOUT)
+        if self.phase is not _Phase.IDLE:
+            super().data_received(data)
+            return
+        # A request begins: its head has HEAD_TIMEOUT. Two wrong starts are refused at once
+        # instead of waiting for a CRLF CRLF that never comes: a TLS handshake (0x16, a
+        # client speaking https to a plain port), and a request line ended by a bare LF.
+        if data[:1] == b"\x16" and self.conn_transport is not None:
+            self._server.refuse_tls(self.conn_transport)
+            return
+        self.enter(_Phase.HEAD, HEAD_TIMEOUT)
         super().data_received(data)
+        newline = data.find(b"\n")
+        if newline == 0 or (newline > 0 and data[newline - 1] != 0x0D):
+            self.reader.set_exception(HttpError(400, "bare LF line end"))
 
     def eof_received(self) -> bool | None:
         # A client that closes its side while its request is being answered has gone away:
@@ -1283,6 +1294,8 @@ class HttpServer:
         self._protocols: set[_ServerProtocol] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self.closing = False
+        self.tls_refused = 0  # connections that began with a TLS handshake
+        self._tls_warned = -math.inf
 
     async def start(
         self, host: str = "127.0.0.1", port: int = 0, *, ssl_context: ssl.SSLContext | None = None
@@ -1301,6 +1314,19 @@ class HttpServer:
         return asyncio.get_running_loop().create_task(
             self._serve_connection(proto, proto.reader, writer)
         )
+
+    def refuse_tls(self, transport: asyncio.BaseTransport) -> None:
+        """(Called by a protocol that got a TLS handshake.) Close, and say why, once a minute."""
+        _abort(transport)
+        self.tls_refused += 1
+        now = time.monotonic()
+        if now - self._tls_warned >= 60.0:
+            self._tls_warned = now
+            log.warning(
+                "a client speaks TLS (https) to this plain-HTTP port: closed (%d so far); "
+                "set USE_SSL=true to serve TLS, or have clients use http://",
+                self.tls_refused,
+            )
 
     def forget(self, proto: _ServerProtocol) -> None:
         """(Called when a connection is lost.)"""
@@ -2332,28 +2358,46 @@ class State(enum.Enum):
 
 class Lifecycle:
     """Where the worker is: loading -> benchmarking -> ready, or errored for good; the
-    benchmark's figure, and how long the worker took to become ready."""
+    benchmark's figure, and how long the worker took to become ready. With a health check
+    (needs_health), ready also waits for the model's first healthy answer."""
 
     def __init__(self) -> None:
         self.state = State.LOADING
         self.error_msg = ""
         self.max_perf = 0.0  # workload per second, from the benchmark
         self.started_at = time.monotonic()
+        self.loaded_at: float | None = None  # when the model's log said it loaded
         self.loadtime: float | None = None  # seconds from start to ready, once ready
+        self.needs_health = False
+        self.healthy = False  # the model's health endpoint answered 200 at least once
+        self._benchmarked = False
 
     def model_loaded(self) -> bool:
         """Loading -> benchmarking; False when the worker was not loading (a repeated line)."""
         if self.state is not State.LOADING:
             return False
         self.state = State.BENCHMARKING
+        self.loaded_at = time.monotonic()
         return True
 
-    def ready(self, max_perf: float) -> None:
-        if self.state is State.BENCHMARKING:
-            self.max_perf = max_perf
+    def benchmarked(self, max_perf: float) -> None:
+        self.max_perf = max_perf
+        self._benchmarked = True
+        self._maybe_ready()
+
+    def health_ok(self) -> None:
+        if not self.healthy:
+            self.healthy = True
+            self._maybe_ready()
+
+    def _maybe_ready(self) -> None:
+        if self.state is State.BENCHMARKING and self._benchmarked:
+            if self.needs_health and not self.healthy:
+                log.info("benchmark done; waiting for the model's health endpoint")
+                return
             self.state = State.READY
             self.loadtime = time.monotonic() - self.started_at
-            log.info("worker ready after %.1fs (max_perf=%.2f)", self.loadtime, max_perf)
+            log.info("worker ready after %.1fs (max_perf=%.2f)", self.loadtime, self.max_perf)
 
     def errored(self, message: str) -> None:
         if self.state is not State.ERRORED:
@@ -2750,43 +2794,76 @@ class Benchmark:
 
 
 class HealthCheck:
-    """The model's health endpoint (GET): polled every `interval` seconds once the worker is
-    ready; after a first success, a failure (non-2xx, timeout, refused) marks it errored."""
+    """The model's health endpoint (GET), polled every `interval` seconds from the start
+    (SPEC 11.6). The worker is not ready before its first 200; with a model log, that 200
+    must come within `start_timeout` seconds of the model loading, or the worker is errored.
+    Once healthy, `max_failures` failures in a row (non-2xx, timeout, refused) mark it
+    errored: one slow answer from a busy model does not lose the worker.
+
+    `endpoint` is a path on the model server (asked with `client`) or a whole URL.
+    `on_first_ok` runs at the first 200 (without a model log, that is the model loading)."""
 
     def __init__(
-        self, client: HttpClient, endpoint: str, lifecycle: Lifecycle, *, interval: float
+        self,
+        client: HttpClient,
+        endpoint: str,
+        lifecycle: Lifecycle,
+        *,
+        interval: float,
+        start_timeout: float = 300.0,
+        max_failures: int = 3,
+        on_first_ok: Callable[[], None] | None = None,
     ) -> None:
+        self.path = endpoint
         self.client = client
-        self.endpoint = endpoint
+        if not endpoint.startswith("/"):  # a URL of its own
+            self.client = HttpClient(endpoint, max_idle=1)
+            self.path = "" if self.client.prefix else "/"
         self.lifecycle = lifecycle
         self.interval = interval
+        self.start_timeout = start_timeout
+        self.max_failures = max_failures
+        self.on_first_ok = on_first_ok
 
     async def ask(self) -> Response:
         """The model's health answer as it is (the worker's /healthcheck route)."""
         try:
-            async with await self.client.request("GET", self.endpoint, timeout=10.0) as resp:
+            async with await self.client.request("GET", self.path, timeout=10.0) as resp:
                 body = await resp.read()
                 return Response(resp.status, body, content_type=resp.content_type)
         except UpstreamError as exc:
             return error_response(exc.status, "model healthcheck failed: " + str(exc))
 
+    async def probe(self) -> str | None:
+        """One health request: None when healthy (200), else why not."""
+        try:
+            async with await self.client.request("GET", self.path, timeout=10.0) as resp:
+                await resp.read()
+        except UpstreamError as exc:
+            return str(exc)
+        return None if resp.status == 200 else f"status {resp.status}"
+
     async def run(self) -> None:
         life = self.lifecycle
-        healthy_once = False
+        failures = 0
         while life.state is not State.ERRORED:
+            why = await self.probe()
+            if why is None:
+                failures = 0
+                if not life.healthy:
+                    log.info("model health endpoint %s answered 200", self.path or "/")
+                    life.health_ok()
+                    if self.on_first_ok is not None:
+                        self.on_first_ok()
+            elif life.healthy:
+                failures += 1
+                if failures >= self.max_failures:
+                    life.errored(f"model healthcheck failed {failures} times in a row: {why}")
+            elif life.loaded_at is not None:
+                waited = time.monotonic() - life.loaded_at
+                if waited > self.start_timeout:
+                    life.errored(f"model not healthy {waited:.0f}s after it loaded: {why}")
             await asyncio.sleep(self.interval)
-            if life.state is not State.READY:
-                continue
-            try:
-                async with await self.client.request("GET", self.endpoint, timeout=10.0) as resp:
-                    await resp.read()
-                ok, why = 200 <= resp.status < 300, f"status {resp.status}"
-            except UpstreamError as exc:
-                ok, why = False, str(exc)
-            if ok:
-                healthy_once = True
-            elif healthy_once:
-                life.errored(f"model healthcheck failed: {why}")
 
 
 # Backend parts: load reports #####################################################################
@@ -3437,6 +3514,22 @@ class Backend:
             return json_response({"state": life.state.value, "error_msg": life.error_msg})
         return await self.health.ask()
 
+    async def handle_update(self, request: Request) -> Response:
+        """POST /pyworker/update (SPEC 11.6), served only with a MASTER_TOKEN: the platform
+        asks for the worker's update; the flag file tells its start script to do it."""
+        expected = f"Bearer {self.config.master_token}".encode()
+        given = (request.headers.get("authorization") or "").encode("latin-1")
+        if not self.config.master_token or not hmac.compare_digest(given, expected):
+            return error_response(401, "unauthorized")
+        path = self.config.force_update_file
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o644))
+        except OSError as exc:
+            log.error("update requested, but %s cannot be created: %s", path, exc)
+            return error_response(500, "cannot create the update flag file")
+        log.info("update requested: %s created", path)
+        return json_response({"ok": True})
+
     async def handle_metrics(self, request: Request) -> Response:
         text = self.metrics.render(self.lifecycle)
         return Response(200, text.encode(), content_type="text/plain; version=0.0.4")
@@ -3470,6 +3563,19 @@ class Backend:
             self.signatures.load_file(config.pubkey_file)
         else:
             self.tasks.spawn(self.signatures.fetch(self.reporter.clients[0]))
+        health = config.model_health_endpoint or self.healthcheck_endpoint
+        if health:
+            self.lifecycle.needs_health = True
+            self.health = HealthCheck(
+                self.client,
+                health,
+                self.lifecycle,
+                interval=config.healthcheck_interval,
+                start_timeout=config.health_start_timeout,
+                max_failures=config.health_failures,
+                on_first_ok=None if self.model_log_file else self._healthy_without_log,
+            )
+            self.tasks.spawn(self.health.run())
         if self.model_log_file:
             watcher = ModelLogWatcher(
                 self.model_log_file,
@@ -3479,16 +3585,13 @@ class Backend:
                 poll_interval=config.log_poll_interval,
             )
             self.tasks.spawn(watcher.run())
+        elif health:
+            log.info("no MODEL_LOG: the model counts as loaded at its first healthy answer")
         else:
-            log.error("MODEL_LOG is not set: the worker cannot become ready")
-        if self.healthcheck_endpoint:
-            self.health = HealthCheck(
-                self.client,
-                self.healthcheck_endpoint,
-                self.lifecycle,
-                interval=config.healthcheck_interval,
-            )
-            self.tasks.spawn(self.health.run())
+            log.error("neither MODEL_LOG nor a health endpoint: the worker cannot become ready")
+
+    def _healthy_without_log(self) -> None:
+        self._model_loaded("the model's health endpoint answered 200")
 
     def _model_loaded(self, line: str) -> None:
         if self.lifecycle.model_loaded():
@@ -3507,7 +3610,7 @@ class Backend:
         if max_perf <= 0:
             self.lifecycle.errored("benchmark: no request to the model succeeded")
         else:
-            self.lifecycle.ready(max_perf)
+            self.lifecycle.benchmarked(max_perf)
 
     async def stop(self) -> None:
         """Cancel background work, send a last load report, close connections."""
@@ -3565,6 +3668,8 @@ async def start_server(
         get("/healthcheck", backend.handle_healthcheck),
         get("/metrics", backend.handle_metrics),
     ]
+    if config.master_token:
+        builtin.append(post("/pyworker/update", backend.handle_update))
     server = HttpServer([*builtin, *routes], max_body=config.max_body)
     ssl_context = None
     if config.use_ssl:
@@ -3655,12 +3760,72 @@ class _LogHandler(logging.Handler):
             self.flush()
 
 
+FAILED_START_REPORT_TIMEOUT = 10.0  # seconds a failed start may spend telling the autoscaler
+
+
+def _lenient_config(env: Mapping[str, str]) -> Config:
+    """What a failed-start report needs, from an environment Config.from_env refused: each
+    value taken if it is good, else its default."""
+    config = Config()
+    addrs = [a.strip().rstrip("/") for a in env.get("REPORT_ADDR", "").split(",") if a.strip()]
+    good: list[str] = []
+    for addr in addrs:
+        with contextlib.suppress(ValueError):
+            split_url(addr)
+            good.append(addr)
+    if "REPORT_ADDR" in env:  # only its good addresses; none good: nowhere to report
+        config.report_addrs = good
+    raw_id = env.get("CONTAINER_ID", "").strip()
+    config.container_id = int(raw_id) if raw_id.isascii() and raw_id.isdigit() else 0
+    config.master_token = env.get("MASTER_TOKEN", "").strip()
+    ip, port = env.get("PUBLIC_IPADDR", "").strip() or "127.0.0.1", env.get("WORKER_PORT", "3000")
+    config.public_url = f"http://{ip}:{port.strip()}"
+    return config
+
+
+async def report_failed_start(config: Config, message: str) -> bool:
+    """Tell the autoscaler why this worker cannot start (SPEC 11.6: the start script's own
+    failure report), so that its console shows the reason instead of "loading" for ever.
+    REPORT_ADDR's addresses are tried in order; FAILED_START_REPORT_TIMEOUT bounds it all."""
+    body = json_dumps(
+        {
+            "id": config.container_id,
+            "mtoken": config.master_token,
+            "version": PlatformReporter.VERSION,
+            "error_msg": message,
+            "url": config.public_url,
+        }
+    )
+
+    async def send() -> bool:
+        for addr in config.report_addrs:
+            client = HttpClient(addr, max_idle=0)
+            try:
+                async with await client.request("POST", "/worker_status/", body) as resp:
+                    await resp.read()
+                if 200 <= resp.status < 300:
+                    return True
+            except UpstreamError as exc:  # the reason is logged already; this is a best effort
+                log.debug("failed-start report to %s: %s", addr, exc)
+            finally:
+                await client.close()
+        return False
+
+    try:
+        return await asyncio.wait_for(send(), FAILED_START_REPORT_TIMEOUT)
+    except asyncio.TimeoutError:
+        return False
+
+
 def run(backend: Backend, routes: Iterable[Route]) -> None:
     """Run a worker until SIGTERM or SIGINT: the entry point of a worker file."""
     try:
         config = Config.from_env()
     except ConfigError as exc:
-        sys.exit(f"pyworker: bad configuration: {exc}")
+        message = f"bad configuration: {exc}"
+        print(f"pyworker: {message}", file=sys.stderr)
+        asyncio.run(report_failed_start(_lenient_config(os.environ), message))
+        sys.exit(1)
     handler = _LogHandler()
     logging.basicConfig(level=config.log_level, handlers=[handler])
     if logging.getLogger().handlers == [handler] and not access_log.handlers:
@@ -3678,6 +3843,8 @@ def run(backend: Backend, routes: Iterable[Route]) -> None:
             worker = await start_server(backend, routes, config)
         except (OSError, KeyFormatError, ssl.SSLError, ConfigError) as exc:
             log.error("cannot start: %s", exc)
+            handler.flush()
+            await report_failed_start(config, f"cannot start: {exc}")
             raise SystemExit(1) from None
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

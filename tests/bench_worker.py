@@ -3,6 +3,7 @@
     python tests/bench_worker.py                      # full run, under ~10 minutes
     python tests/bench_worker.py --quick              # about 2 minutes
     python tests/bench_worker.py --json bench.json --peer-python /path/to/venv/bin/python
+    python tests/bench_worker.py --quick --vast-python /tmp/vastvenv/bin/python
 
 It starts a fast fake model (a raw asyncio protocol, in a subprocess of this script), then
 `hello_world.py` as a subprocess in front of it, and drives load with `wrk` when it is
@@ -10,11 +11,18 @@ installed (else with pyworker's own HttpClient, and says so). One table at the e
 
 - requests/s, latency p50/p99 and CPU microseconds per request of the server process under
   test (utime + stime from /proc over the measured run: much less sensitive to other load on
-  the machine than requests/s) for `/generate` unsigned (UNSECURED=true) and signed (unique
-  pre-signed requests, a fresh reqnum each), and `/generate_stream` (16 chunks);
+  the machine than requests/s) for `/generate` unsigned (UNSECURED=true), signed (unique
+  pre-signed requests in the seed layout, a fresh reqnum each), signed in the `url` layout
+  (SPEC 11.2: ONE fixed body, the same signature on every request, as today's platform sends;
+  its rate over the unsigned rate is issue 12's goal, >= 0.9), and `/generate_stream` (16
+  chunks); `/generate` and `/generate_stream` also with today's request shape (auth_data with
+  a `request_idx`, as `post_idx.lua`);
 - the same against the fake model directly, the aiohttp peer and the thinnest asyncio-streams
   proxy (the baselines in ../shared/bench, run with --peer-python when that folder exists),
   and the ratios worker/direct, worker/peer, worker/ceiling;
+- with --vast-python (a side venv holding `vastai` 1.9.1), the platform's own worker
+  (../shared/bench/vast_sdk_peer.py, measured once it says the model is loaded) with today's
+  request shape, and the ratios worker/vast peer, both with that shape; else "not run";
 - the pure-Python signature verification rate (pyworker.RsaPublicKey.verify in a loop), and
   the signed rate as a fraction of it;
 - per-token added latency at 200 concurrent streams pacing a token every 20 ms: the fake model
@@ -283,9 +291,33 @@ class MultiPrimeSigner:
         auth.signature = base64.b64encode(self.sign(auth.message())).decode()
         return json.dumps({"auth_data": dataclasses.asdict(auth), "payload": payload}).encode()
 
+    def url_signed_body(self, payload: dict[str, Any], url: str = "http://127.0.0.1") -> bytes:
+        """A body as today's platform sends it: the whole /route/ answer as auth_data, signed
+        in the `url` layout (SPEC 11.2, spelled here from the SPEC, not from pyworker): the
+        signature covers only the worker's url, so it is the same on every request."""
+        message = json.dumps({"url": url}, indent=4, sort_keys=True).encode()
+        auth = {
+            "cost": "20",
+            "endpoint": "bench",
+            "reqnum": 1,
+            "url": url,
+            "request_idx": 1,
+            "signature": base64.b64encode(self.sign(message)).decode(),
+        }
+        return json.dumps({"auth_data": auth, "payload": payload}).encode()
 
-def unsigned_body(payload: dict[str, Any]) -> bytes:
-    auth = {"signature": "x", "cost": "20", "endpoint": "e", "reqnum": 1, "url": "http://x"}
+
+def unsigned_body(payload: dict[str, Any], request_idx: int | None = None) -> bytes:
+    """For UNSECURED servers; with `request_idx`, today's request shape (as post_idx.lua)."""
+    auth: dict[str, Any] = {
+        "signature": "x",
+        "cost": "20",
+        "endpoint": "e",
+        "reqnum": 1,
+        "url": "http://x",
+    }
+    if request_idx is not None:
+        auth["request_idx"] = request_idx
     return json.dumps({"auth_data": auth, "payload": payload}).encode()
 
 
@@ -317,6 +349,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def free_port_block(offsets: Sequence[int]) -> int:
+    """A free port P such that P + each offset is free too (vast_sdk_peer.py also listens on
+    PORT+1000 and PORT+2000)."""
+    for _ in range(100):
+        port = free_port()
+        if port + max(offsets) > 65535:
+            continue
+        try:
+            with contextlib.ExitStack() as stack:
+                for offset in offsets:
+                    s = stack.enter_context(socket.socket())
+                    s.bind(("127.0.0.1", port + offset))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError(f"no free port P with P+{list(offsets)} free")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -757,6 +807,8 @@ class Bench:
         self.model_log.write_text("infer server has started\n")
         self.plain_request = unsigned_body(GENERATE_PAYLOAD)
         self.plain_body = self.driver.bodies_file([self.plain_request])
+        self.idx_request = unsigned_body(GENERATE_PAYLOAD, request_idx=1)
+        self.idx_body = self.driver.bodies_file([self.idx_request])
 
     def note(self, text: str) -> None:
         print("note:", text, flush=True)
@@ -865,6 +917,62 @@ class Bench:
             return None
         return python
 
+    def vast_python(self) -> str | None:
+        python = self.args.vast_python
+        if python is None:
+            self.results["vast_peer"] = "not run (no --vast-python)"
+            return None
+        script = Path(self.args.baselines) / "vast_sdk_peer.py"
+        reason = None
+        if not script.exists():
+            reason = f"no {script}"
+        elif not shutil.which(python):
+            reason = f"{python} not found"
+        else:
+            check = "from vastai.serverless.server.worker import Worker"
+            if subprocess.run([python, "-c", check], capture_output=True, check=False).returncode:
+                reason = f"{python} cannot import vastai.serverless.server.worker"
+        if reason is not None:
+            self.results["vast_peer"] = f"not run ({reason})"
+            self.note(f"vast peer not run: {reason}")
+            return None
+        version = subprocess.run(
+            [python, "-c", "import importlib.metadata as m; print(m.version('vastai'))"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+        self.results["vast_peer"] = f"vastai {version or '?'}"
+        return python
+
+    def run_vast(self, python: str, model_port: int) -> None:
+        """The platform's own worker (vast_sdk_peer.py) in front of the same fake model, with
+        today's request shape (it refuses a request without request_idx). Measured once its log
+        says the model is loaded (10 s after its start-up benchmark: it reports load every
+        second from then on, as in production)."""
+        script = Path(self.args.baselines) / "vast_sdk_peer.py"
+        port = free_port_block((0, 1000, 2000))
+        cmd = [python, str(script), str(port), str(model_port), str(self.model_log)]
+        proc = self.procs.start("vast", cmd)
+        log = self.tmp / "vast.log"
+        loaded = re.compile(rb"(Wait complete|Healthcheck confirmed) - marking model as loaded")
+        try:
+            wait_until(
+                proc,
+                lambda: http_status(port, "POST", "/generate", self.idx_request) == 200,
+                "vast peer",
+            )
+            try:
+                wait_until(proc, lambda: bool(loaded.search(log.read_bytes())), "vast peer", 30)
+            except RuntimeError as exc:
+                if proc.poll() is not None:
+                    raise
+                self.note(f"{exc} (model loaded?): measured all the same")
+            self.measure("vast /generate", port, "/generate", proc.pid, self.idx_body)
+            self.measure("vast /generate_stream", port, "/generate_stream", proc.pid, self.idx_body)
+        finally:
+            self.procs.stop(proc)
+
     # The run -----------------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
@@ -895,6 +1003,8 @@ class Bench:
             self.driver.bodies_file(signed[per_run[0] :]),
         )
         print(f"  signed {len(signed):,} requests in {time.perf_counter() - started:.1f}s")
+        self.url_request = signer.url_signed_body(GENERATE_PAYLOAD)
+        self.url_body = self.driver.bodies_file([self.url_request])
 
         model, model_port = self.start_model()
         print("baselines:", flush=True)
@@ -921,6 +1031,9 @@ class Bench:
                 if name == "peer":
                     r["peer_startup"] = self.peer_startup(python, baselines, arg)
                 self.procs.stop(proc)
+        vast = self.vast_python()
+        if vast is not None:
+            self.run_vast(vast, model_port)
 
         for bare in (False, True):
             self.worker_run(bare, model_port, pubkey, signed_files)
@@ -961,6 +1074,10 @@ class Bench:
         for path in ("/generate", "/generate_stream"):
             load = self.measure(f"worker {mode} {path}", port, path, proc.pid)
             served += load.requests * (1 + s.warmup / s.seconds)  # roughly, warm-up included
+        for path in ("/generate", "/generate_stream"):  # today's request shape
+            key = f"worker {mode} idx {path}"
+            load = self.measure(key, port, path, proc.pid, self.idx_body)
+            served += load.requests * (1 + s.warmup / s.seconds)
         self.paced(f"worker {mode}", port, "/generate_stream", proc.pid)
         rate = max(self.loads[f"worker {mode} /generate"].rps, 100)
         while served < s.many_requests:
@@ -994,6 +1111,12 @@ class Bench:
         )
         if load.failed > load.requests * 0.001:
             self.note(f"signed ({mode}): {load.failed} requests failed (ran out of bodies?)")
+        status = http_status(port, "POST", "/generate", self.url_request)
+        if status != 200:
+            self.note(f"signed url ({mode}): the worker answered {status} to the url-signed body")
+        self.measure(
+            f"worker {mode} signed url /generate", port, "/generate", proc.pid, self.url_body
+        )
         self.procs.stop(proc)
 
         cmd, env, cwd = self.worker_cmd_env(bare, model_port, None)
@@ -1031,6 +1154,21 @@ def summarize(r: dict[str, Any]) -> dict[str, Any]:
                     out["ratios"][f"{mode} {path} / {base}"] = ratio
                 if worker and other and worker.cpu_us and other.cpu_us:  # per CPU second
                     out["ratios"][f"{mode} {path} / {base} CPU"] = other.cpu_us / worker.cpu_us
+            # the platform's worker, both with today's request shape (request_idx)
+            worker, other = loads.get(f"worker {mode} idx {path}"), loads.get(f"vast {path}")
+            ratio = _ratio(worker, other)
+            if ratio is not None:
+                out["ratios"][f"{mode} {path} / vast"] = ratio
+            if worker and other and worker.cpu_us and other.cpu_us:
+                out["ratios"][f"{mode} {path} / vast CPU"] = other.cpu_us / worker.cpu_us
+        url = loads.get(f"worker {mode} signed url /generate")
+        for base, key in (
+            ("unsigned", f"worker {mode} /generate"),
+            ("idx", f"worker {mode} idx /generate"),
+        ):
+            ratio = _ratio(url, loads.get(key))
+            if ratio is not None:
+                out["ratios"][f"{mode} signed url / {base}"] = ratio
         signed = loads.get(f"worker {mode} signed /generate")
         if signed is not None:
             out["ratios"][f"{mode} signed / verify rate"] = signed.rps / verify["per_second"]
@@ -1040,12 +1178,12 @@ def summarize(r: dict[str, Any]) -> dict[str, Any]:
     ratios = out["ratios"]
     token = r.get("token_latency", {}).get("worker accelerated", {})
 
-    def target(name: str, value: float | None, goal: str, met: bool | None) -> None:
-        out["targets"][name] = {"value": value, "goal": goal, "met": met}
+    def target(name: str, value: float | None, goal: str, met: bool | None, issue: int = 6) -> None:
+        out["targets"][name] = {"value": value, "goal": goal, "met": met, "issue": issue}
 
-    def at_least(name: str, key: str, goal: float) -> None:
+    def at_least(name: str, key: str, goal: float, issue: int = 6) -> None:
         value = ratios.get(key)
-        target(name, value, f">= {goal}", None if value is None else value >= goal)
+        target(name, value, f">= {goal}", None if value is None else value >= goal, issue)
 
     at_least("/generate vs peer", "accelerated /generate / peer", 3.5)
     at_least("/generate vs ceiling", "accelerated /generate / ceiling", 0.5)
@@ -1053,6 +1191,7 @@ def summarize(r: dict[str, Any]) -> dict[str, Any]:
     # get the same share of a machine that other work is also using
     at_least("signed vs verify rate (CPU)", "accelerated signed CPU: verify share", 0.8)
     at_least("/generate_stream vs peer", "accelerated /generate_stream / peer", 1.4)
+    at_least("signed url (repeated) vs unsigned", "accelerated signed url / unsigned", 0.9, 12)
     p99 = token.get("p99_ms")
     target("token latency p99 (ms)", p99, "< 1", None if p99 is None else p99 < 1)
     if bare:
@@ -1084,11 +1223,12 @@ def render(r: dict[str, Any], summary: dict[str, Any]) -> str:
     ratios: dict[str, float] = summary["ratios"]
     lines = [
         "Ratios: requests/s of the worker over the other's, in the same run (in parentheses: "
-        "the other's CPU us per request over the worker's).",
+        "the other's CPU us per request over the worker's). 'idx': today's request shape "
+        "(auth_data with request_idx, as post_idx.lua), what the vast peer is measured with.",
         "",
         "| server | route | req/s | p50 ms | p99 ms | CPU us/req "
-        "| vs direct | vs peer | vs ceiling |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| vs direct | vs peer | vs ceiling | vs vast peer |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
     def fmt(value: float | None, spec: str) -> str:
@@ -1099,30 +1239,59 @@ def render(r: dict[str, Any], summary: dict[str, Any]) -> str:
         ("direct", "fake model, direct"),
         ("peer", "aiohttp peer"),
         ("ceiling", "streams ceiling"),
+        ("vast", f"vast peer ({r['vast_peer']})" if "vast /generate" in loads else "vast peer"),
     ):
-        rows += [(f"{base} {p}", label, p) for p in ("/generate", "/generate_stream")]
+        route = "idx " if base == "vast" else ""
+        rows += [(f"{base} {p}", label, route + p) for p in ("/generate", "/generate_stream")]
     for mode in ("accelerated", "bare"):
         label = "worker, uvloop+orjson" if mode == "accelerated" else "worker, bare (-S)"
         rows.append((f"worker {mode} /generate", label, "/generate"))
-        rows.append((f"worker {mode} signed /generate", label, "/generate signed"))
+        rows.append((f"worker {mode} idx /generate", label, "idx /generate"))
+        rows.append((f"worker {mode} signed /generate", label, "/generate signed (seed, unique)"))
+        rows.append(
+            (f"worker {mode} signed url /generate", label, "/generate signed (url, repeated)")
+        )
         rows.append((f"worker {mode} /generate_stream", label, "/generate_stream"))
+        rows.append((f"worker {mode} idx /generate_stream", label, "idx /generate_stream"))
     for key, label, route in rows:
         load = loads.get(key)
         if load is None:
+            if key.startswith("vast"):  # the platform's worker is the peer of issue 12: say so
+                lines.append(f"| {label} | {route} | not run |" + " - |" * 7)
             continue
         mode = key.split()[1] if key.startswith("worker") else ""
         path = "/generate_stream" if "stream" in route else "/generate"
         cells = [label, route, fmt(load.rps, ",.0f"), fmt(load.p50_ms, ".2f")]
         cells += [fmt(load.p99_ms, ".2f"), fmt(load.cpu_us, ".0f")]
-        for base in ("direct", "peer", "ceiling"):
+        idx = " idx " in key
+        for base in ("direct", "peer", "ceiling", "vast"):
             value = cpu = None
-            if mode and "signed" not in key:
+            if mode and "signed" not in key and idx == (base == "vast"):
                 value = ratios.get(f"{mode} {path} / {base}")
                 cpu = ratios.get(f"{mode} {path} / {base} CPU")
             cells.append(
                 "-" if value is None else f"{value:.2f}x" + (f" ({cpu:.2f}x)" if cpu else "")
             )
         lines.append("| " + " | ".join(cells) + " |")
+
+    lines.append("")
+    for mode in ("accelerated", "bare"):
+        unsigned = ratios.get(f"{mode} signed url / unsigned")
+        if unsigned is not None:
+            lines.append(
+                f"Signed /generate, url layout, one repeated body ({mode}): {unsigned:.2f}x the "
+                f"unsigned /generate rate ({fmt(ratios.get(f'{mode} signed url / idx'), '.2f')}x "
+                "the unsigned rate with request_idx, the same request shape)."
+            )
+    for mode in ("accelerated", "bare"):
+        vast = [ratios.get(f"{mode} {p} / vast") for p in ("/generate", "/generate_stream")]
+        if vast[0] is not None or vast[1] is not None:
+            lines.append(
+                f"Worker ({mode}) / vast peer, request_idx bodies: /generate "
+                f"{fmt(vast[0], '.2f')}x, /generate_stream {fmt(vast[1], '.2f')}x."
+            )
+    if "vast /generate" not in loads:
+        lines.append(f"Worker / vast peer: {r.get('vast_peer', 'not run')}.")
 
     verify = r["verify"]
     lines.append("")
@@ -1171,11 +1340,11 @@ def render(r: dict[str, Any], summary: dict[str, Any]) -> str:
             f"Bare vs accelerated, CPU per request (/generate, stream, signed): {slow} as much."
         )
     lines.append("")
-    lines.append("Targets (issue 6):")
+    lines.append("Targets:")
     for name, t in summary["targets"].items():
         met = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
         value = "-" if t["value"] is None else f"{t['value']:.2f}"
-        lines.append(f"  {name:<34} {value:>8}  (goal {t['goal']})  {met}")
+        lines.append(f"  {name:<34} {value:>8}  (goal {t['goal']}, issue {t['issue']})  {met}")
     for text in r["notes"]:
         lines.append("note: " + text)
     return "\n".join(lines)
@@ -1198,6 +1367,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=str(DEFAULT_BASELINES),
         metavar="DIR",
         help="folder with aiohttp_peer.py and streams_ceiling.py (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--vast-python",
+        metavar="PATH",
+        help="interpreter of a side venv holding vastai (1.9.1): also run vast_sdk_peer.py, the "
+        "platform's own worker, as a peer (default: not run)",
     )
     parser.add_argument("--connections", type=int, default=32, help="concurrent connections")
     parser.add_argument(

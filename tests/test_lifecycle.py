@@ -496,13 +496,36 @@ def test_healthcheck_failure_after_success_errors(tmp_path: Path) -> None:
     run(main())
 
 
-def test_healthcheck_never_healthy_does_not_error(tmp_path: Path) -> None:
+def test_healthcheck_never_healthy_is_never_ready(tmp_path: Path) -> None:
+    # Today's platform (SPEC 11.6): a health endpoint's first 200 gates readiness. Never
+    # healthy -> never ready, and errored once health_start_timeout passed since loading.
     async def main() -> None:
         fake = CountingModel(log_path=str(model_log(tmp_path)))
         fake.healthy = False
+        handler = HealthHandler()
+        async with running_worker(
+            tmp_path, fake=fake, handler=handler, health_start_timeout=1.0
+        ) as rig:
+            await until(lambda: fake.health_hits >= 3, 3, "three healthchecks")
+            assert rig.backend.state is State.BENCHMARKING  # benchmarked, waiting for health
+            await until(lambda: rig.backend.state is State.ERRORED, 5, "errored")
+            assert "not healthy" in rig.backend.error_msg
+
+    run(main())
+
+
+def test_healthcheck_one_failure_is_not_fatal(tmp_path: Path) -> None:
+    # A busy model answering its health route badly once must not lose its worker.
+    async def main() -> None:
+        fake = CountingModel(log_path=str(model_log(tmp_path)))
         async with running_worker(tmp_path, fake=fake, handler=HealthHandler()) as rig:
             await rig.ready()
-            await until(lambda: fake.health_hits >= 3, 3, "three healthchecks")
+            fake.healthy = False
+            hits = fake.health_hits
+            await until(lambda: fake.health_hits >= hits + 1, 3, "one failed healthcheck")
+            fake.healthy = True
+            hits = fake.health_hits
+            await until(lambda: fake.health_hits >= hits + 4, 5, "four more healthchecks")
             assert rig.backend.state is State.READY
 
     run(main())

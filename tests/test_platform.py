@@ -216,6 +216,7 @@ class FakeAutoscaler:
         self.delete_times: list[float] = []
         self.report_attempts = 0
         self.delete_attempts = 0
+        self.delete_attempt_times: list[float] = []
         self.port = 0
         self._server = pyworker.HttpServer(
             [post("/worker_status/", self._status), post("/delete_requests/", self._delete)]
@@ -247,6 +248,7 @@ class FakeAutoscaler:
 
     async def _delete(self, request: Request) -> Response:
         self.delete_attempts += 1
+        self.delete_attempt_times.append(time.monotonic())
         if self.failing:
             return pyworker.error_response(500, "autoscaler down (fake)")
         self.deletes.append(self._body(request))
@@ -384,6 +386,7 @@ def test_each_layout_accepted_and_a_wrong_signature_refused(tmp_path: Path) -> N
             assert "__request_id" in fields_auth
             assert (await r.send(fields_auth)).status == 200
             assert (await r.generate("seed")).status == 200
+            assert (await r.generate("seed", request_idx=6, other="y")).status == 200
             assert (await r.generate("seed", cost=250)).status == 200  # a number cost
 
             # the right key over the wrong bytes, in every layout
@@ -412,7 +415,14 @@ def test_url_signature_repeats_but_seed_and_fields_replays_are_refused(tmp_path:
             for i in range(20):
                 reply = await r.send(same)
                 assert reply.status == 200, (i, reply)
+            # with request_idx a seed message is not also the fields message: each layout's
+            # own replay check is what refuses it
             for layout in ("seed", "fields"):
+                auth = r.auth(layout, request_idx=2)
+                assert (await r.send(auth)).status == 200
+                reply = await r.send(auth)
+                assert reply.status == 401, (layout, reply)
+            for layout in ("seed", "fields"):  # the 2024 auth_data, four fields alone
                 auth = r.auth(layout)
                 assert (await r.send(auth)).status == 200
                 reply = await r.send(auth)
@@ -520,18 +530,21 @@ def test_1_1_0_report_fields_and_load_in_flight(tmp_path: Path) -> None:
             await until(lambda: r.model.held == 3, 5.0, "three requests held at the model")
             mark = len(r.platform.reports)
 
-            def in_flight_report() -> dict[str, Any] | None:
-                for report in r.platform.reports[mark:]:
-                    if report.get("num_requests_working") == 3:
-                        return report
-                return None
+            def in_flight_reports() -> list[dict[str, Any]]:
+                reports = r.platform.reports[mark:]
+                return [rep for rep in reports if rep.get("num_requests_working") == 3]
 
-            await until(in_flight_report, 5.0, "a report with the three requests in flight")
-            report = in_flight_report()
-            assert report is not None
-            check_1_1_0(report)
-            assert abs(report["cur_load"] - expected_load) < 1e-6, report
-            assert sorted(report["working_request_idxs"]) == sorted(prompts), report
+            # two: cur_load is what is in flight now, not what arrived since the last report
+            await until(
+                lambda: len(in_flight_reports()) >= 2,
+                5.0,
+                "two reports with the three requests in flight",
+            )
+            for report in in_flight_reports():
+                check_1_1_0(report)
+                assert abs(report["cur_load"] - expected_load) < 1e-6, report
+                assert sorted(report["working_request_idxs"]) == sorted(prompts), report
+            report = in_flight_reports()[-1]
             assert report["loadtime"] > 0, report
             assert abs(report["max_perf"] - CACHED_MAX_PERF) < 1e-6, report
             assert report["error_msg"] == ""
@@ -748,10 +761,20 @@ def test_completion_reports_every_outcome_once(tmp_path: Path) -> None:
 def test_completion_reports_kept_while_the_autoscaler_fails(tmp_path: Path) -> None:
     async def main() -> None:
         async with rig(tmp_path) as r:
+
+            def failed_for() -> float:
+                times = r.platform.delete_attempt_times
+                return times[-1] - times[0] if times else 0.0
+
             r.platform.failing = True
             assert (await r.generate("seed", request_idx=21)).status == 200
             assert (await r.generate("url", request_idx=22)).status == 200
-            await until(lambda: r.platform.delete_attempts >= 2, 8.0, "refused deliveries")
+            # refused over more than a second: more than one round of delivery
+            await until(
+                lambda: r.platform.delete_attempts >= 2 and failed_for() > 1.2,
+                8.0,
+                "refused deliveries over more than a second",
+            )
             assert r.platform.deletes == []
             r.platform.failing = False
             await until(

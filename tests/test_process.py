@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 from support import (
     ROOT,
+    UNUSED_URL,
     WORKER_FILE,
     Runner,
     encode_request,
@@ -230,10 +231,11 @@ async def _has_ready_report(scaler: LocalAutoscaler) -> bool:
     ],
 )
 def test_bad_environment_exits_with_one_line(tmp_path: Path, name: str, value: str) -> None:
+    # REPORT_ADDR on loopback: the failed-start report must not leave the machine
     done = subprocess.run(
         [sys.executable, str(WORKER_FILE)],
         cwd=tmp_path,
-        env=child_env(**{name: value}),
+        env=child_env(**{"REPORT_ADDR": UNUSED_URL, name: value}),
         stdin=subprocess.DEVNULL,
         capture_output=True,
         timeout=30,
@@ -246,10 +248,54 @@ def test_bad_environment_exits_with_one_line(tmp_path: Path, name: str, value: s
     assert name in lines[0]
 
 
+async def _failed_start(tmp_path: Path, **env: str) -> tuple[int, str, list[dict[str, Any]]]:
+    """`python hello_world.py` that cannot start, reporting to a local autoscaler: its exit
+    status, its output, and the reports the autoscaler got."""
+    scaler = await LocalAutoscaler(signing_key()).start()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(WORKER_FILE),
+            cwd=tmp_path,
+            env=child_env(REPORT_ADDR=scaler.url, CONTAINER_ID="42", MASTER_TOKEN="tok", **env),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        output, _ = await asyncio.wait_for(proc.communicate(), 20)
+        assert proc.returncode is not None
+        return proc.returncode, output.decode(errors="replace"), scaler.reports
+    finally:
+        await scaler.stop()
+
+
+@pytest.mark.parametrize("case", ["bad environment", "port in use"])
+def test_failed_start_is_reported_to_the_autoscaler(tmp_path: Path, case: str) -> None:
+    # Guards issue 12 item 7: a worker that cannot start says why on the platform's console
+    # (one report with error_msg) instead of "loading" for ever, then exits non-zero.
+    async def main() -> None:
+        holder = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        try:
+            busy = str(holder.sockets[0].getsockname()[1])
+            env = {"WORKER_PORT": "abc"} if case == "bad environment" else {"WORKER_PORT": busy}
+            code, output, reports = await _failed_start(tmp_path, **env)
+        finally:
+            holder.close()
+        assert code != 0, output
+        assert len(reports) == 1, (reports, output)
+        report = reports[0]
+        assert set(report) == {"id", "mtoken", "version", "error_msg", "url"}
+        assert report["id"] == 42 and report["mtoken"] == "tok" and report["version"] == "1.1.0"
+        expected = "WORKER_PORT" if case == "bad environment" else "cannot start"
+        assert expected in report["error_msg"], report
+
+    run(main())
+
+
 def test_unusable_pubkey_file_exits_non_zero(tmp_path: Path) -> None:
     pem = tmp_path / "garbage.pem"
     pem.write_text("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n")
-    env = {"PUBKEY_FILE": str(pem), "WORKER_PORT": str(free_port())}
+    env = {"PUBKEY_FILE": str(pem), "WORKER_PORT": str(free_port()), "REPORT_ADDR": UNUSED_URL}
     done = subprocess.run(
         [sys.executable, str(WORKER_FILE)],
         cwd=tmp_path,
