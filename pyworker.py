@@ -2814,6 +2814,7 @@ class HealthCheck:
         max_failures: int = 3,
         on_first_ok: Callable[[], None] | None = None,
     ) -> None:
+        self.endpoint = endpoint
         self.path = endpoint
         self.client = client
         if not endpoint.startswith("/"):  # a URL of its own

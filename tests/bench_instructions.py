@@ -178,7 +178,8 @@ def steps() -> None:
     answer_head = ANSWER[: ANSWER.index(b"\r\n\r\n") + 4]
 
     def parse() -> tuple[pyworker.ApiPayload, pyworker.AuthData | None]:
-        return pyworker.parse_client_request(hello_world.InputData, REQUEST_BODY, None)
+        msg = pyworker.decode_client_json(REQUEST_BODY)
+        return pyworker.parse_client_request(hello_world.InputData, msg, None)
 
     payload, _ = parse()
 
