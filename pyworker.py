@@ -97,6 +97,7 @@ import logging
 import math
 import os
 import re
+import secrets
 import signal
 import ssl
 import sys
@@ -217,6 +218,9 @@ CONNECT_TIMEOUT = 10.0  # seconds to open a connection to the model or the autos
 SHUTDOWN_GRACE = 30.0  # seconds in-flight requests get to finish after SIGTERM
 MAX_LOG_LINE = 64 * 1024  # a model-log line is matched on its first 64 KiB (bounded memory)
 BENCHMARK_TIMEOUT = 600.0  # seconds one benchmark request may take
+MAX_SESSION_LIFETIME = 24 * 3600.0  # a session's lifetime, and how far requests extend it
+SESSION_GC_INTERVAL = 5.0  # seconds between collections of expired sessions
+SESSION_CALLBACK_TIMEOUT = 10.0  # seconds a session's close callback to the model may take
 REPORT_ATTEMPTS = 3  # tries per load report and address, backoff Config.report_backoff (0.5 s)
 LOG_FLUSH_INTERVAL = 0.5  # seconds an INFO line may wait in the log buffer
 LOG_FLUSH_LINES = 512  # ... or this many lines
@@ -870,7 +874,8 @@ class HttpClient:
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
-        scheme, self.host, self.port, self.prefix = split_url(base_url)
+        self.scheme, self.host, self.port, self.prefix = split_url(base_url)
+        scheme = self.scheme
         self.max_idle = max_idle
         self.max_body = max_body
         self._ssl: ssl.SSLContext | None = None
@@ -1989,10 +1994,10 @@ class SignatureChecker:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 60.0)
 
-    def check(self, auth: AuthData) -> str | None:
-        """Why `auth` is refused (bad signature, replay), or None; sets auth.layout. The
-        ticket is not spent: spend() it once the request is accepted, so that a 429 can be
-        retried with it."""
+    def check(self, auth: AuthData, *, replay: bool = True) -> str | None:
+        """Why `auth` is refused (bad signature, replay unless replay=False), or None; sets
+        auth.layout. The ticket is not spent: spend() it once the request is accepted, so
+        that a 429 can be retried with it."""
         if self.pubkey is None:
             return "no public key yet"
         if len(auth.signature) > MAX_SIGNATURE_B64:
@@ -2003,7 +2008,7 @@ class SignatureChecker:
             key = (auth.signature, hashlib.sha256(message).digest())
             if key in self._verified:
                 self._verified.move_to_end(key)
-                return self._fresh(auth, layout, message)
+                return self._fresh(auth, layout, message, replay)
             messages.append((layout, message, key))
         try:
             signature = base64.b64decode(auth.signature, validate=True)
@@ -2018,12 +2023,12 @@ class SignatureChecker:
                 self._verified[key] = None
                 if len(self._verified) > self.CACHE_SIZE:
                     self._verified.popitem(last=False)
-                return self._fresh(auth, layout, message)
+                return self._fresh(auth, layout, message, replay)
         return "bad signature"
 
-    def _fresh(self, auth: AuthData, layout: str, message: bytes) -> str | None:
+    def _fresh(self, auth: AuthData, layout: str, message: bytes, replay: bool) -> str | None:
         auth.layout = layout
-        if layout in REPLAYABLE_LAYOUTS:
+        if replay and layout in REPLAYABLE_LAYOUTS:
             return self.guard.check(auth.reqnum, message)
         return None  # a `url` signature signs nothing that changes: no replay check can apply
 
@@ -2059,12 +2064,17 @@ def peek_auth(msg: dict[str, Any]) -> tuple[int | None, float]:
 
 
 def parse_client_request(
-    payload_cls: type[ApiPayload], msg: dict[str, Any], signatures: SignatureChecker | None
-) -> tuple[ApiPayload, AuthData | None]:
+    parse_payload: Callable[[dict[str, Any]], _T],
+    msg: dict[str, Any],
+    signatures: SignatureChecker | None,
+    *,
+    replay: bool = True,
+) -> tuple[_T, AuthData | None]:
     """A client's `{"auth_data": ..., "session_id": ..., "payload": ...}`: auth_data checked
-    against `signatures` (None: not checked, UNSECURED), and only then the payload parsed.
-    Raises HttpError(401) for a refused signature, or JsonDataException (422) naming every
-    bad field at once."""
+    against `signatures` (None: not checked, UNSECURED; replay=False: a session's own ticket,
+    sent again by design), and only then the payload parsed with `parse_payload` (such as
+    an ApiPayload's from_json_msg). Raises HttpError(401) for a refused signature, or
+    JsonDataException (422) naming every bad field at once."""
     errors: dict[str, Any] = {}
     session_id = msg.get("session_id")
     if session_id is not None and type(session_id) is not str:
@@ -2086,16 +2096,16 @@ def parse_client_request(
     if errors:
         if "payload" not in errors:  # report the payload's bad fields in the same answer
             try:
-                payload_cls.from_json_msg(typing.cast(dict[str, Any], raw_payload))
+                parse_payload(typing.cast(dict[str, Any], raw_payload))
             except JsonDataException as exc:
                 errors["payload"] = exc.message
         raise JsonDataException(errors)
     if signatures is not None and auth is not None:
-        reason = signatures.check(auth)
+        reason = signatures.check(auth, replay=replay)
         if reason is not None:
             raise HttpError(401, reason)
     try:
-        return payload_cls.from_json_msg(typing.cast(dict[str, Any], raw_payload)), auth
+        return parse_payload(typing.cast(dict[str, Any], raw_payload)), auth
     except JsonDataException as exc:
         raise JsonDataException({"payload": exc.message}) from None
 
@@ -2263,6 +2273,8 @@ class Config:
     force_update_file: str = "/.force_update"
     health_start_timeout: float = 300.0  # seconds from loaded to the first healthy answer
     health_failures: int = 3  # failures in a row, once healthy, that mark the worker errored
+    worker_http_port: int | None = None  # /session/end in plain HTTP beside TLS; None: port + 1
+    session_gc_interval: float = SESSION_GC_INTERVAL
 
     @property
     def platform_reports(self) -> bool:
@@ -2342,6 +2354,8 @@ class Config:
                 url("MODEL_HEALTH_ENDPOINT", health)
             config.model_health_endpoint = health
         config.force_update_file = env.get("FORCE_UPDATE_FILE", "").strip() or "/.force_update"
+        if env.get("WORKER_HTTP_PORT", "").strip():
+            config.worker_http_port = integer("WORKER_HTTP_PORT", 0, 1, 65535)
         return config
 
 
@@ -2412,14 +2426,15 @@ class BackgroundTasks:
 
     def __init__(self, lifecycle: Lifecycle) -> None:
         self._lifecycle = lifecycle
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def spawn(self, coro: typing.Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         task.add_done_callback(self._done)
-        self._tasks.append(task)
+        self._tasks.add(task)
 
     def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
         if task.cancelled() or task.exception() is None:
             return
         exc = task.exception()
@@ -2427,10 +2442,11 @@ class BackgroundTasks:
         self._lifecycle.errored(f"internal error: {exc!r}")
 
     async def stop(self, timeout: float = 5.0) -> None:
-        for task in self._tasks:
+        tasks = set(self._tasks)
+        for task in tasks:
             task.cancel()
-        if self._tasks:  # bounded: a task that ignores its cancellation must not hang the exit
-            _, stuck = await asyncio.wait(self._tasks, timeout=timeout)
+        if tasks:  # bounded: a task that ignores its cancellation must not hang the exit
+            _, stuck = await asyncio.wait(tasks, timeout=timeout)
             for task in stuck:
                 log.error("background task %s did not stop", task.get_coro())
         self._tasks.clear()
@@ -2492,6 +2508,8 @@ class Metrics:
         self.cancelled = Tally()
         self.rejected = 0  # 429 answers: never accepted, so never received
         self.refused = Tally()  # 401 and 429 answers, with the workload they claimed
+        self.sessions_open = 0
+        self.sessions_ended: collections.Counter[str] = collections.Counter()  # by cause
         self.working: collections.Counter[int] = collections.Counter()  # request_idx in flight
         self.by_route_status: collections.Counter[tuple[str, int]] = collections.Counter()
         self.duration: dict[str, Histogram] = collections.defaultdict(Histogram)
@@ -2591,6 +2609,21 @@ class Metrics:
             ),
         ):
             metric(name, "histogram", help_text, hist.render(name, ""))
+        metric(
+            "pyworker_sessions_open",
+            "gauge",
+            "Sessions open.",
+            [f"pyworker_sessions_open {self.sessions_open}"],
+        )
+        metric(
+            "pyworker_sessions_ended_total",
+            "counter",
+            "Sessions ended, by cause.",
+            (
+                f'pyworker_sessions_ended_total{{cause="{cause}"}} {self.sessions_ended[cause]}'
+                for cause in ("ended", "expired", "drained")
+            ),
+        )
         state = lifecycle.state
         metric(
             "pyworker_state",
@@ -3147,12 +3180,7 @@ class PlatformReporter:
             await client.close()
 
 
-# Backend #########################################################################################
-# The request pipeline, and the wiring of the parts above.
-
-
-def _nothing() -> None:
-    return None
+# Backend parts: requests in flight ##############################################################
 
 
 Completions = Callable[[dict[str, Any]], None]  # where finished requests' reports go
@@ -3303,6 +3331,207 @@ class _AccountedStream:
         self._job.finish(outcome, status)
 
 
+# Backend parts: sessions #########################################################################
+# A client opens a session on this worker and sends several requests into it (SPEC 11.5). The
+# platform's own worker checks no signature at create and calls back any URL a client names;
+# here a session is created only with a verified auth_data, and its close callback goes to the
+# model server only.
+
+_SESSION_TARGET = re.compile(r"/[\x21-\x7e]*")  # a path: printable ASCII, no spaces
+
+
+@dataclasses.dataclass
+class SessionPayload:
+    """The `payload` of POST /session/create."""
+
+    lifetime: float = 60.0  # seconds; every request in the session extends it by as much
+    on_close_route: str | None = None  # a path on the model server, or a URL with its origin
+    on_close_payload: dict[str, Any] | None = None
+
+    @classmethod
+    def from_json_msg(cls, json_msg: dict[str, Any]) -> SessionPayload:
+        return from_json_fields(cls, json_msg)
+
+
+@dataclasses.dataclass(eq=False)
+class Session:
+    """One open session: what it was created with, and the requests being served in it."""
+
+    session_id: str
+    auth_data: Any  # as the client sent it: /session/get, /health and /end compare to it
+    auth_key: bytes  # auth_data in one canonical encoding, for a constant-time comparison
+    lifetime: float
+    expiration: float  # epoch seconds
+    created_at: float
+    on_close_route: str | None  # the path on the model server, resolved at create
+    on_close_payload: dict[str, Any]
+    job: _Job  # the session itself counts as one request in flight
+    requests: dict[_Job, asyncio.Task[Any]] = dataclasses.field(
+        default_factory=dict[_Job, "asyncio.Task[Any]"]
+    )
+
+    def details(self) -> dict[str, Any]:
+        return {
+            "session_id": self.session_id,
+            "auth_data": self.auth_data,
+            "lifetime": self.lifetime,
+            "expiration": self.expiration,
+            "created_at": self.created_at,
+            "on_close_route": self.on_close_route,
+            "on_close_payload": self.on_close_payload,
+        }
+
+
+def _auth_key(auth_data: Any) -> bytes:
+    return json.dumps(auth_data, sort_keys=True, separators=(",", ":")).encode()
+
+
+class SessionTable:
+    """The open sessions: created, looked up, extended, and ended, once each, by the client
+    (/session/end), by expiry (collected every `gc_interval` seconds) or by shutdown
+    (drained). Ending a session cancels its requests in flight and runs its close
+    callback: on_close_payload plus session_id, POSTed to the model server, bounded by
+    SESSION_CALLBACK_TIMEOUT, its failures logged."""
+
+    ENDED_REMEMBERED = 1024  # recently ended ids, to answer 410 rather than 400
+
+    def __init__(
+        self,
+        model: HttpClient,
+        metrics: Metrics,
+        *,
+        max_sessions: int,
+        gc_interval: float = SESSION_GC_INTERVAL,
+    ) -> None:
+        self.model = model
+        self.metrics = metrics
+        self.callbacks: set[asyncio.Task[None]] = set()
+        self.max_sessions = max_sessions
+        self.gc_interval = gc_interval
+        self.open: dict[str, Session] = {}
+        self.ended: collections.OrderedDict[str, None] = collections.OrderedDict()
+
+    def full(self) -> bool:
+        return 0 < self.max_sessions <= len(self.open)
+
+    def resolve_route(self, route: str | None) -> str | None:
+        """The model-server path of an on_close_route; ValueError for anything that is not
+        a path on the model server or a URL with the model server's own origin."""
+        if route is None:
+            return None
+        if not route.startswith("/"):
+            try:
+                scheme, host, port, path = split_url(route)
+            except ValueError:
+                raise ValueError("expected a path or a URL of the model server") from None
+            model = self.model
+            if (scheme, host.lower(), port) != (model.scheme, model.host.lower(), model.port):
+                raise ValueError("a URL must have the model server's origin")
+            if not path.startswith(model.prefix):
+                raise ValueError("a URL must be under the model server's URL")
+            route = path[len(model.prefix) :] or "/"  # a path: the client adds the prefix
+        if not _SESSION_TARGET.fullmatch(route):
+            raise ValueError("expected a path without spaces or control characters")
+        return route
+
+    def create(
+        self, auth_data: Any, payload: SessionPayload, route: str | None, job: _Job
+    ) -> Session:
+        now = time.time()
+        session = Session(
+            session_id=secrets.token_urlsafe(18),
+            auth_data=auth_data,
+            auth_key=_auth_key(auth_data),
+            lifetime=payload.lifetime,
+            expiration=now + payload.lifetime,
+            created_at=now,
+            on_close_route=route,
+            on_close_payload=dict(payload.on_close_payload or {}),
+            job=job,
+        )
+        self.open[session.session_id] = session
+        self.metrics.sessions_open += 1
+        return session
+
+    def get(self, session_id: str) -> Session | None:
+        """The open session of that id; an expired one is ended here and then."""
+        session = self.open.get(session_id)
+        if session is not None and session.expiration <= time.time():
+            self.end(session, "expired")
+            return None
+        return session
+
+    def authorized(self, session: Session, session_auth: Any) -> bool:
+        return hmac.compare_digest(session.auth_key, _auth_key(session_auth))
+
+    def enter(self, session: Session, job: _Job) -> None:
+        """A request served inside `session`: extends it, and is cancelled if it ends."""
+        now = time.time()
+        session.expiration = min(session.expiration + session.lifetime, now + MAX_SESSION_LIFETIME)
+        task = asyncio.current_task()
+        for done in [j for j in session.requests if j.done]:
+            del session.requests[done]
+        if task is not None:
+            session.requests[job] = task
+
+    def end(self, session: Session, cause: str) -> bool:
+        """End a session once (False if it had ended already)."""
+        if self.open.pop(session.session_id, None) is None:
+            return False
+        self.ended[session.session_id] = None
+        if len(self.ended) > self.ENDED_REMEMBERED:
+            self.ended.popitem(last=False)
+        self.metrics.sessions_open -= 1
+        self.metrics.sessions_ended[cause] += 1
+        for job, task in session.requests.items():
+            if not job.done:  # the connection's task: its model request is abandoned
+                task.cancel()
+        session.requests.clear()
+        session.job.finish("served", 200)
+        log.info("session %s... ended (%s)", session.session_id[:6], cause)
+        if session.on_close_route is not None:
+            task = asyncio.get_running_loop().create_task(self._call_back(session))
+            self.callbacks.add(task)
+            task.add_done_callback(self.callbacks.discard)
+        return True
+
+    async def _call_back(self, session: Session) -> None:
+        body = json_dumps({**session.on_close_payload, "session_id": session.session_id})
+        route = session.on_close_route or "/"
+        try:
+            async with await self.model.request(
+                "POST", route, body, timeout=SESSION_CALLBACK_TIMEOUT
+            ) as resp:
+                await resp.read()
+            if resp.status >= 400:
+                log.warning("session close callback %s: status %d", route, resp.status)
+        except Exception as exc:  # logged, never raised: the session has ended either way
+            log.warning("session close callback %s failed: %s", route, exc)
+
+    async def collect(self) -> None:
+        """End expired sessions every gc_interval seconds."""
+        while True:
+            await asyncio.sleep(self.gc_interval)
+            now = time.time()
+            for session in [s for s in self.open.values() if s.expiration <= now]:
+                self.end(session, "expired")
+
+    async def drain(self) -> None:
+        """End every session (shutdown), and give their callbacks their time."""
+        for session in list(self.open.values()):
+            self.end(session, "drained")
+        if self.callbacks:
+            await asyncio.wait(set(self.callbacks), timeout=SESSION_CALLBACK_TIMEOUT + 1)
+
+
+# Backend #########################################################################################
+# The request pipeline, and the wiring of the parts above.
+
+
+def _nothing() -> None:
+    return None
+
+
 class Backend:
     """The worker's core: the request pipeline (signature, payload, queue, model, relay) and
     the parts it wires together (Lifecycle, SignatureChecker, ModelLogWatcher, Benchmark,
@@ -3316,6 +3545,7 @@ class Backend:
     max_queue_time         seconds of estimated wait past which a request gets 429
     healthcheck_endpoint   the model's health route (GET), polled once ready; None: none
     benchmark_runs         rounds of the benchmark (8)
+    max_sessions           sessions open at once at most (10; 0: no limit)
 
     The last two default to the benchmark handler's class attributes of the same names,
     where the 2024 library kept them.
@@ -3332,6 +3562,7 @@ class Backend:
         *,
         healthcheck_endpoint: str | None = None,
         benchmark_runs: int | None = None,
+        max_sessions: int = 10,
     ) -> None:
         self.model_server_url = model_server_url
         self.model_log_file = model_log_file
@@ -3344,6 +3575,7 @@ class Backend:
             old, "healthcheck_endpoint", None
         )
         self.benchmark_runs: int = benchmark_runs or getattr(old, "benchmark_runs", 8)
+        self.max_sessions = max_sessions
         self.config = Config()
         self.metrics = Metrics()
         self.lifecycle = Lifecycle()
@@ -3352,6 +3584,7 @@ class Backend:
         self.reporter: LoadReporter | PlatformReporter | None = None
         self.completions: Completions | None = None  # today's platform: completion reports
         self.health: HealthCheck | None = None
+        self.sessions: SessionTable | None = None
         self.tasks = BackgroundTasks(self.lifecycle)
         self._client: HttpClient | None = None
 
@@ -3410,11 +3643,24 @@ class Backend:
         except HttpError as exc:
             return self._refuse(route, refusal or error_response(exc.status, exc.message))
         idx, claimed = peek_auth(msg)
+        session_id = msg.get("session_id")
+        if type(session_id) is str:
+            idx = None  # the session's own: reported once, as the session
         if refusal is not None:
             return self._refuse(route, refusal, idx)
+        session: Session | None = None
+        if type(session_id) is str and self.sessions is not None:
+            session = self.sessions.get(session_id)
+            if session is None:
+                return self._refuse(route, error_response(410, "invalid session"))
+        # Inside a session the client sends the session's ticket again, by design.
+        replay = True
+        if session is not None and self.sessions is not None:
+            replay = not self.sessions.authorized(session, msg.get("auth_data"))
         try:
             checker = None if self.config.unsecured else self.signatures
-            payload, auth = parse_client_request(payload_cls, msg, checker)
+            parse = payload_cls.from_json_msg
+            payload, auth = parse_client_request(parse, msg, checker, replay=replay)
         except HttpError as exc:
             return self._refuse(route, error_response(exc.status, exc.message), idx, claimed)
         except JsonDataException as exc:
@@ -3429,9 +3675,11 @@ class Backend:
                 why = {"error": "queue too long", "estimated_wait": round(wait, 3)}
                 answer = json_response(why, 429, [("Retry-After", retry)])
                 return self._refuse(route, answer, idx, workload)
-        if auth is not None:  # accepted: from now on this ticket is spent
+        if auth is not None and replay:  # accepted: from now on this ticket is spent
             self.signatures.spend(auth)
         job = _Job(self.metrics, route, workload, idx, self.completions)
+        if session is not None and self.sessions is not None:
+            self.sessions.enter(session, job)
         lock = self.queue_lock
         holding = False
         try:
@@ -3504,6 +3752,103 @@ class Backend:
             _access_log_line(f"{route} {response.status} (refused)")
         return response
 
+    # Sessions (SPEC 11.5) ---------------------------------------------------------------------
+
+    async def handle_session_create(self, request: Request) -> Response:
+        """POST /session/create: auth_data verified like any model request's, then a session
+        that counts as one request in flight (workload `cost`) until it ends."""
+        route = request.path
+        refusal = self._not_ready()
+        try:
+            msg = decode_client_json(request.body)
+        except HttpError as exc:
+            return self._refuse(route, refusal or error_response(exc.status, exc.message))
+        idx, claimed = peek_auth(msg)
+        if refusal is not None or self.sessions is None:
+            return self._refuse(route, refusal or error_response(503, "not started"), idx)
+        try:
+            checker = None if self.config.unsecured else self.signatures
+            parse = SessionPayload.from_json_msg
+            payload, auth = parse_client_request(parse, msg, checker)
+            on_close = self._session_fields(payload)
+        except HttpError as exc:
+            return self._refuse(route, error_response(exc.status, exc.message), idx, claimed)
+        except JsonDataException as exc:
+            return self._refuse(route, json_response(exc.message, 422), idx)
+        if self.sessions.full():
+            answer = error_response(429, "too many sessions", max_sessions=self.max_sessions)
+            return self._refuse(route, answer, idx, claimed)
+        if auth is not None:
+            self.signatures.spend(auth)
+        job = _Job(self.metrics, "/session", claimed, idx, self.completions)
+        session = self.sessions.create(msg.get("auth_data"), payload, on_close, job)
+        reply = {"session_id": session.session_id, "expiration": session.expiration}
+        return json_response(reply, 201)
+
+    def _session_fields(self, payload: SessionPayload) -> str | None:
+        """Check a session's payload beyond its types; its close route resolved."""
+        assert self.sessions is not None
+        errors: dict[str, str] = {}
+        if not 0 < payload.lifetime <= MAX_SESSION_LIFETIME:
+            errors["lifetime"] = f"expected seconds, above 0 and at most {MAX_SESSION_LIFETIME:g}"
+        route: str | None = None
+        try:
+            route = self.sessions.resolve_route(payload.on_close_route)
+        except ValueError as exc:
+            errors["on_close_route"] = str(exc)
+        if errors:
+            raise JsonDataException({"payload": errors})
+        return route
+
+    def _session_asked(self, request: Request) -> tuple[str, Session | None, Any] | Response:
+        """The session_id a /session/* request names, its open session, its session_auth."""
+        try:
+            msg = decode_client_json(request.body)
+        except HttpError as exc:
+            return error_response(exc.status, exc.message)
+        session_id = msg.get("session_id")
+        if type(session_id) is not str or not session_id:
+            return error_response(422, "missing session_id")
+        session = self.sessions.get(session_id) if self.sessions is not None else None
+        return session_id, session, msg.get("session_auth")
+
+    async def handle_session_get(self, request: Request) -> Response:
+        asked = self._session_asked(request)
+        if isinstance(asked, Response):
+            return asked
+        _, session, session_auth = asked
+        if session is None or self.sessions is None:
+            return error_response(400, "session does not exist")
+        if not self.sessions.authorized(session, session_auth):
+            return error_response(401, "session_auth is not valid")
+        return json_response(session.details())
+
+    async def handle_session_health(self, request: Request) -> Response:
+        asked = self._session_asked(request)
+        if isinstance(asked, Response):
+            return asked
+        _, session, session_auth = asked
+        if session is None or self.sessions is None:
+            return json_response({"ok": False})
+        if not self.sessions.authorized(session, session_auth):
+            return error_response(401, "session_auth is not valid")
+        return json_response({"ok": True})
+
+    async def handle_session_end(self, request: Request) -> Response:
+        asked = self._session_asked(request)
+        if isinstance(asked, Response):
+            return asked
+        session_id, session, session_auth = asked
+        if session is None or self.sessions is None:
+            if self.sessions is not None and session_id in self.sessions.ended:
+                return error_response(410, "session already closed")
+            return error_response(400, "session does not exist")
+        if not self.sessions.authorized(session, session_auth):
+            return error_response(401, "session_auth is not valid")
+        if not self.sessions.end(session, "ended"):
+            return error_response(410, "session already closed")
+        return json_response({"ended": True, "removed_session": session_id})
+
     # Built-in routes --------------------------------------------------------------------------
 
     async def handle_ping(self, request: Request) -> Response:
@@ -3543,6 +3888,13 @@ class Backend:
         self.lifecycle.started_at = time.monotonic()
         self._client = HttpClient(config.model_server_url or self.model_server_url)
         self.signatures.layouts = config.signature_layouts
+        self.sessions = SessionTable(
+            self.client,
+            self.metrics,
+            max_sessions=self.max_sessions,
+            gc_interval=config.session_gc_interval,
+        )
+        self.tasks.spawn(self.sessions.collect())
         if config.platform_reports:
             self.reporter = PlatformReporter(config, self.metrics, self.lifecycle)
             self.completions = self.reporter.completed
@@ -3614,7 +3966,10 @@ class Backend:
             self.lifecycle.benchmarked(max_perf)
 
     async def stop(self) -> None:
-        """Cancel background work, send a last load report, close connections."""
+        """End the sessions, cancel background work, send a last load report, close
+        connections."""
+        if self.sessions is not None:
+            await self.sessions.drain()
         await self.tasks.stop()
         reporter = self.reporter
         if reporter is not None:
@@ -3634,13 +3989,24 @@ class Backend:
 class Worker:
     """A running worker: the HTTP server and the backend behind it."""
 
-    def __init__(self, backend: Backend, server: HttpServer, port: int) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        server: HttpServer,
+        port: int,
+        plain: HttpServer | None = None,
+        plain_port: int | None = None,
+    ) -> None:
         self.backend = backend
         self.server = server
         self.port = port
+        self.plain = plain  # beside TLS: /session/end in plain HTTP, as the platform calls it
+        self.plain_port = plain_port
 
     async def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
         """Stop accepting, let in-flight requests finish (up to `grace`), report, close."""
+        if self.plain is not None:
+            await self.plain.shutdown(0.0)
         await self.server.shutdown(grace)
         await self.backend.stop()
 
@@ -3669,6 +4035,12 @@ async def start_server(
         get("/healthcheck", backend.handle_healthcheck),
         get("/metrics", backend.handle_metrics),
     ]
+    builtin += [
+        post("/session/create", backend.handle_session_create),
+        post("/session/get", backend.handle_session_get),
+        post("/session/health", backend.handle_session_health),
+        post("/session/end", backend.handle_session_end),
+    ]
     if config.master_token:
         builtin.append(post("/pyworker/update", backend.handle_update))
     server = HttpServer([*builtin, *routes], max_body=config.max_body)
@@ -3680,9 +4052,22 @@ async def start_server(
         config.worker_port if port is None else port,
         ssl_context=ssl_context,
     )
+    plain: HttpServer | None = None
+    plain_port: int | None = None
+    if ssl_context is not None:  # the platform ends sessions over plain HTTP (SPEC 11.5)
+        plain = HttpServer([post("/session/end", backend.handle_session_end)], max_body=64 * 1024)
+        wanted = config.worker_http_port
+        if wanted is None:
+            wanted = 0 if port == 0 else config.worker_port + 1
+        try:
+            plain_port = await plain.start(config.host if host is None else host, wanted)
+        except BaseException:
+            await server.shutdown(0.0)
+            raise
+        log.info("/session/end also served in plain HTTP on port %d", plain_port)
     await backend.start(config)
     log.info("pyworker listening on port %d (%s)", bound, "TLS" if ssl_context else "plain HTTP")
-    return Worker(backend, server, bound)
+    return Worker(backend, server, bound, plain, plain_port)
 
 
 class _LogHandler(logging.Handler):

@@ -1166,9 +1166,12 @@ def summarize(r: dict[str, Any]) -> dict[str, Any]:
             ("unsigned", f"worker {mode} /generate"),
             ("idx", f"worker {mode} idx /generate"),
         ):
-            ratio = _ratio(url, loads.get(key))
+            other = loads.get(key)
+            ratio = _ratio(url, other)
             if ratio is not None:
                 out["ratios"][f"{mode} signed url / {base}"] = ratio
+            if url and other and url.cpu_us and other.cpu_us:
+                out["ratios"][f"{mode} signed url / {base} CPU"] = other.cpu_us / url.cpu_us
         signed = loads.get(f"worker {mode} signed /generate")
         if signed is not None:
             out["ratios"][f"{mode} signed / verify rate"] = signed.rps / verify["per_second"]
@@ -1278,10 +1281,13 @@ def render(r: dict[str, Any], summary: dict[str, Any]) -> str:
     for mode in ("accelerated", "bare"):
         unsigned = ratios.get(f"{mode} signed url / unsigned")
         if unsigned is not None:
+            cpu = fmt(ratios.get(f"{mode} signed url / unsigned CPU"), ".2f")
+            idx = fmt(ratios.get(f"{mode} signed url / idx"), ".2f")
+            idx_cpu = fmt(ratios.get(f"{mode} signed url / idx CPU"), ".2f")
             lines.append(
                 f"Signed /generate, url layout, one repeated body ({mode}): {unsigned:.2f}x the "
-                f"unsigned /generate rate ({fmt(ratios.get(f'{mode} signed url / idx'), '.2f')}x "
-                "the unsigned rate with request_idx, the same request shape)."
+                f"unsigned /generate rate ({cpu}x per CPU second); {idx}x the unsigned rate "
+                f"with request_idx, the same request shape ({idx_cpu}x per CPU second)."
             )
     for mode in ("accelerated", "bare"):
         vast = [ratios.get(f"{mode} {p} / vast") for p in ("/generate", "/generate_stream")]

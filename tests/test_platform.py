@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import logging
 import ssl
 import time
 import typing
@@ -515,7 +516,10 @@ def check_1_1_0(report: dict[str, Any]) -> None:
     assert report["url"] == PUBLIC_URL
 
 
-def test_1_1_0_report_fields_and_load_in_flight(tmp_path: Path) -> None:
+def test_1_1_0_report_fields_and_load_in_flight(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
     prompts = {11: "one two three", 12: "one two three four five", 13: "a b c d e f g"}
     expected_load = sum(workload(p) for p in prompts.values())
 
@@ -584,6 +588,8 @@ def test_1_1_0_report_fields_and_load_in_flight(tmp_path: Path) -> None:
             )
         for report in r.platform.reports:
             check_1_1_0(report)
+        assert caplog.records, "nothing logged at all: the check below would prove nothing"
+        assert TOKEN not in caplog.text, "MASTER_TOKEN logged whole"
 
     run(main())
 
@@ -927,5 +933,31 @@ def test_bare_lf_request_line_gets_400_at_once(tmp_path: Path) -> None:
                 assert elapsed < 0.5, f"400 after {elapsed:.2f}s"
             reply = await raw(r.port, b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             assert reply.status == 200 and reply.body == b"pong"
+
+    run(main())
+
+
+def test_bare_lf_request_line_in_pieces_gets_400_at_once(tmp_path: Path) -> None:
+    """The same, when the request line arrives over more than one TCP segment."""
+
+    async def main() -> None:
+        async with rig(tmp_path) as r:
+            for parts in (
+                [b"GET /ping HTTP/1.1", b"\nHost: 127.0.0.1\n\n"],
+                [b"G", b"ET /ping HTTP/1.1\n"],
+            ):
+                reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
+                try:
+                    start = time.monotonic()
+                    for part in parts:
+                        writer.write(part)
+                        await writer.drain()
+                        await asyncio.sleep(0.05)
+                    status, _ = await asyncio.wait_for(read_head(reader), 5.0)
+                    elapsed = time.monotonic() - start
+                finally:
+                    writer.close()
+                assert status == 400, (parts, status)
+                assert elapsed < 0.6, f"400 after {elapsed:.2f}s"
 
     run(main())
