@@ -609,6 +609,8 @@ class LoadOptions:
     progress: bool = True
     progress_interval: float | None = None  # None: by whether the output is a terminal
     ssl_context: ssl.SSLContext | None = None  # for https workers and autoscalers
+    session: int = 0  # > 0: each client opens a session, sends this many requests in it, ends it
+    session_lifetime: float = 60.0  # seconds, asked at /session/create
 
 
 @dataclasses.dataclass
@@ -633,6 +635,20 @@ class RequestRecord:
     tokens: int = 0
     gaps: list[float] = dataclasses.field(default_factory=list[float])  # between token chunks
     last_token: float | None = None
+
+
+@dataclasses.dataclass
+class SessionRecord:
+    """One simulated client's session: opened, `requests` sent in it, ended."""
+
+    index: int
+    worker: str | None = None
+    session_id: str | None = None
+    open_time: float | None = None  # the /session/create call, answer read
+    end_time: float | None = None  # the /session/end call
+    opened: bool = False
+    ended: bool = False
+    message: str = ""  # why it failed to open or to end
 
 
 class _TokenCounter:
@@ -710,6 +726,7 @@ class LoadTester:
         self.make_payload = make_payload
         self.out = out if out is not None else sys.stdout
         self.records: list[RequestRecord] = []
+        self.sessions: list[SessionRecord] = []
         self.counts: collections.Counter[str] = collections.Counter()
         self.in_flight = 0
         self.max_in_flight = 0
@@ -764,6 +781,9 @@ class LoadTester:
             task.cancel()
 
     async def _send_all(self) -> None:
+        if self.options.session > 0:
+            await self._send_sessions()
+            return
         loop = asyncio.get_running_loop()
         interval = 1.0 / self.options.rps
         for i in range(self.options.total):
@@ -783,6 +803,112 @@ class LoadTester:
             task.add_done_callback(self._task_done)
         self.send_ended = time.monotonic()
 
+    async def _send_sessions(self) -> None:
+        """Session mode: a client every `session / rps` seconds (so requests still leave at
+        about rps), each holding one in-flight slot for its whole session."""
+        loop = asyncio.get_running_loop()
+        per = self.options.session
+        interval = per / self.options.rps
+        clients = math.ceil(self.options.total / per)
+        for c in range(clients):
+            due = self.started + c * interval
+            delay = due - time.monotonic()
+            await asyncio.sleep(max(delay, 0.0))
+            if self._slots.locked():
+                self.held_back += 1
+            await self._slots.acquire()
+            count = min(per, self.options.total - c * per)
+            task = loop.create_task(self._session_client(c, due, count))
+            self._tasks.add(task)
+            task.add_done_callback(self._task_done)
+        self.send_ended = time.monotonic()
+
+    async def _session_client(self, index: int, due: float, count: int) -> None:
+        """Route once, open a session, send `count` requests in it one after the other, end
+        it. The route call is timed in the first request's record."""
+        session = SessionRecord(index)
+        self.sessions.append(session)
+        first = RequestRecord(index=index * self.options.session, due=due)
+        self.records.append(first)
+        first.started = time.monotonic()
+        deadline = first.started + self.options.timeout
+        target = await self._target_for(first, self.make_payload().count_workload(), deadline)
+        if target is None:
+            first.finished = time.monotonic()
+            self.counts[first.outcome] += 1
+            return
+        url, auth = target
+        session.worker = url
+        sid = await self._session_call(session, url, "/session/create", auth, deadline)
+        records = [first]
+        for i in range(1, count):
+            record = RequestRecord(index=first.index + i, due=time.monotonic())
+            self.records.append(record)
+            records.append(record)
+        for i, record in enumerate(records):
+            if sid is None:
+                if i:
+                    record.started = time.monotonic()
+                record.worker = url
+                self._fail(record, "route_error", "session", f"no session: {session.message}")
+                record.finished = time.monotonic()
+                self.counts[record.outcome] += 1
+                continue
+            if i:
+                record.due = time.monotonic()  # the previous one's end: sent at once
+            await self._one(record, target=target, session_id=sid, routed=i == 0)
+        if sid is not None:
+            end_deadline = time.monotonic() + self.options.timeout
+            await self._session_call(session, url, "/session/end", auth, end_deadline, sid)
+
+    async def _session_call(
+        self,
+        session: SessionRecord,
+        url: str,
+        path: str,
+        auth: dict[str, Any],
+        deadline: float,
+        session_id: str | None = None,
+    ) -> str | None:
+        """/session/create (the new id, or None) or /session/end (the id, or None)."""
+        if session_id is None:
+            lifetime = self.options.session_lifetime
+            body: dict[str, Any] = {"auth_data": auth, "payload": {"lifetime": lifetime}}
+        else:
+            body = {"session_id": session_id, "session_auth": auth}
+        sent = time.monotonic()
+        try:
+            client = self._client_for(url)
+            response = await client.request(
+                "POST", path, json_dumps(body), timeout=max(deadline - sent, 0.001)
+            )
+            async with response:
+                answer = await response.read()
+        except (UpstreamError, ValueError) as exc:
+            session.message = f"{path}: {exc}"
+            return None
+        took = time.monotonic() - sent
+        text = answer[:MAX_ERROR_BODY].decode("utf-8", "replace")
+        try:
+            fields: Any = json_loads(answer)
+        except (ValueError, RecursionError):
+            fields = None
+        if session_id is None:
+            session.open_time = took
+            answer_fields = typing.cast(dict[str, Any], fields) if isinstance(fields, dict) else {}
+            new_id = answer_fields.get("session_id")
+            if response.status != 201 or not isinstance(new_id, str):
+                session.message = f"{path}: HTTP {response.status}: {text}"
+                return None
+            session.opened, session.session_id = True, new_id
+            return new_id
+        session.end_time = took
+        if response.status != 200:
+            session.message = f"{path}: HTTP {response.status}: {text}"
+            return None
+        session.ended = True
+        return session_id
+
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         self._slots.release()
@@ -796,12 +922,21 @@ class LoadTester:
             client = self._clients[url] = self._new_client(url)  # ValueError: a bad URL
         return client
 
-    async def _one(self, record: RequestRecord) -> None:
-        record.started = time.monotonic()
+    async def _one(
+        self,
+        record: RequestRecord,
+        *,
+        target: tuple[str, dict[str, Any]] | None = None,
+        session_id: str | None = None,
+        routed: bool = False,
+    ) -> None:
+        if not routed:  # a session's first request was started by its route call
+            record.started = time.monotonic()
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
-            await self._request(record, record.started + self.options.timeout)
+            deadline = time.monotonic() + self.options.timeout
+            await self._request(record, deadline, target, session_id)
         except asyncio.CancelledError:
             self._fail(record, "cancelled", record.stage or "route", "interrupted")
         except Exception as exc:  # a bug here must not hang the run: count it and go on
@@ -816,12 +951,13 @@ class LoadTester:
         if not record.outcome:  # the first failure is the one that counts
             record.outcome, record.stage, record.message = outcome, stage, message
 
-    async def _request(self, record: RequestRecord, deadline: float) -> None:
+    async def _target_for(
+        self, record: RequestRecord, cost: float, deadline: float
+    ) -> tuple[str, dict[str, Any]] | None:
+        """The worker's url and the auth_data to send it: routed, or made up for a direct
+        worker; None when routing failed (the record says why)."""
         options = self.options
-        payload = self.make_payload()
-        cost = payload.count_workload()
         if options.worker is not None:
-            url = options.worker
             # A complete but unsigned auth_data: a worker running UNSECURED ignores it, and
             # PyWorkers that parse it even then (the 2024 public one) find every field.
             auth: dict[str, Any] = {
@@ -829,14 +965,30 @@ class LoadTester:
                 "cost": cost,
                 "endpoint": options.endpoint or "direct",
                 "reqnum": record.index + 1,
-                "url": url,
+                "url": options.worker,
             }
-        else:
-            answer = await self._route(record, cost, deadline)
-            if answer is None:
+            return options.worker, auth
+        answer = await self._route(record, cost, deadline)
+        if answer is None:
+            return None
+        auth = {name: answer[name] for name in _AUTH_FIELDS}
+        return typing.cast(str, answer["url"]), auth
+
+    async def _request(
+        self,
+        record: RequestRecord,
+        deadline: float,
+        target: tuple[str, dict[str, Any]] | None = None,
+        session_id: str | None = None,
+    ) -> None:
+        options = self.options
+        payload = self.make_payload()
+        cost = payload.count_workload()
+        if target is None:
+            target = await self._target_for(record, cost, deadline)
+            if target is None:
                 return
-            auth = {name: answer[name] for name in _AUTH_FIELDS}
-            url = typing.cast(str, answer["url"])
+        url, auth = target
         record.stage = "worker"
         record.worker = url
         try:
@@ -844,7 +996,10 @@ class LoadTester:
         except ValueError as exc:
             self._fail(record, "route_error", "route", f"unusable worker url: {exc}")
             return
-        body = json_dumps({"auth_data": auth, "payload": payload_json(payload)})
+        message: dict[str, Any] = {"auth_data": auth, "payload": payload_json(payload)}
+        if session_id is not None:
+            message["session_id"] = session_id
+        body = json_dumps(message)
         sent = time.monotonic()
         if deadline - sent <= 0:
             self._fail(record, "timeout", "worker", "no time left after the route call")
@@ -990,6 +1145,7 @@ class LoadResult:
         self.max_in_flight = tester.max_in_flight
         self.held_back = tester.held_back
         self.interrupted = tester.interrupted
+        self.sessions = list(tester.sessions)
         self.extra: dict[str, Any] = {}  # more top-level keys for report(), e.g. "local"
 
     @property
@@ -1036,6 +1192,10 @@ class LoadResult:
                              "worker": URL | null, "message": str}]: the first failures
             error_kinds    [{"outcome": str, "stage": str, "message": str, "count": int}]:
                            failures grouped by the three, most frequent first (20 at most)
+            sessions       null, or with --session N: {"per_session": N, "clients": int,
+                            "opened": int, "ended": int, "open": summary (/session/create
+                            calls answered), "end": summary (/session/end calls answered),
+                            "failures": [str]: the first reasons a session failed}
             local          only with --local: {"directory": str, "autoscaler": URL,
                             "workers": [{"index", "url", "pid", "log", "model_log",
                             "reports": int, "loadtime": float | null,
@@ -1069,6 +1229,7 @@ class LoadResult:
             "workers": self._workers(),
             "errors": self._errors(failed),
             "error_kinds": self._error_kinds(failed),
+            "sessions": self._sessions(),
             **self.extra,
         }
 
@@ -1156,6 +1317,20 @@ class LoadResult:
             "stream_tokens_per_s": summarize(rates),
         }
 
+    def _sessions(self) -> dict[str, Any] | None:
+        if not self.options.session:
+            return None
+        sessions = self.sessions
+        return {
+            "per_session": self.options.session,
+            "clients": len(sessions),
+            "opened": sum(1 for s in sessions if s.opened),
+            "ended": sum(1 for s in sessions if s.ended),
+            "open": summarize(s.open_time for s in sessions if s.open_time is not None),
+            "end": summarize(s.end_time for s in sessions if s.end_time is not None),
+            "failures": [s.message for s in sessions if s.message][:ERROR_SAMPLES],
+        }
+
     def _workers(self) -> dict[str, dict[str, int]]:
         workers: dict[str, dict[str, int]] = {}
         for r in self.records:
@@ -1193,6 +1368,7 @@ class LoadResult:
         lines = [*self._render_head(report), *self._render_rate(report)]
         lines += self._render_latency(report)
         lines += self._render_tokens(report["stream"])
+        lines += self._render_sessions(report["sessions"])
         lines += self._render_workers(report["workers"])
         lines += self._render_errors(report)
         return "\n".join(lines)
@@ -1262,6 +1438,25 @@ class LoadResult:
             f"tokens      {stream['tokens']} in {stream['requests']} streams: "
             f"{total_rate:.1f}/s in all{per_text}"
         ]
+
+    @staticmethod
+    def _render_sessions(sessions: dict[str, Any] | None) -> list[str]:
+        if sessions is None:
+            return []
+
+        def ms(summary: dict[str, float] | None) -> str:
+            if summary is None:
+                return "-"
+            return f"p50 {summary['p50'] * 1000:.1f} ms, max {summary['max'] * 1000:.1f} ms"
+
+        lines = [
+            f"sessions    {sessions['opened']} opened of {sessions['clients']} "
+            f"({sessions['per_session']} requests each), {sessions['ended']} ended",
+            f"  open      {ms(sessions['open'])}",
+            f"  end       {ms(sessions['end'])}",
+        ]
+        lines += [f"  failed:   {message[:160]}" for message in sessions["failures"][:3]]
+        return lines
 
     @staticmethod
     def _render_workers(workers: dict[str, dict[str, int]]) -> list[str]:
@@ -1813,6 +2008,13 @@ def _add_load_options(parser: argparse.ArgumentParser) -> None:
         f"(default {DEFAULT_MAX_IN_FLIGHT})",
     )
     load.add_argument(
+        "--session",
+        type=_positive(int),
+        default=0,
+        metavar="N",
+        help="each simulated client opens a session, sends N requests in it, ends it",
+    )
+    load.add_argument(
         "--worker-module",
         metavar="FILE[:CLASS]",
         help="the worker file whose ApiPayload.for_test() makes the payloads "
@@ -1943,6 +2145,7 @@ async def run_cli(
         max_in_flight=args.max_in_flight,
         progress=not args.quiet,
         ssl_context=_ssl_context(args),
+        session=args.session,
     )
     interrupts = _Interrupts()
     with interrupts.installed(handle_signals):
