@@ -73,11 +73,23 @@ line naming the variable):
     PUBKEY_FILE       PEM public key instead of fetching {REPORT_ADDR}/pubkey/
     MAX_BODY_BYTES    largest request body accepted (16 MiB)
     LOG_LEVEL         DEBUG, INFO (default), WARNING, ERROR
+    MASTER_TOKEN      today's platform: `mtoken` in reports; the key to POST /pyworker/update
+    REPORT_FORMAT     1.1.0 (today's reports), 2024 (the seed's), auto (1.1.0 with a token)
+    SIGNATURE_LAYOUTS signed messages accepted: url, fields, seed (all three)
+    MODEL_HEALTH_ENDPOINT  the model's health route (path or URL); ready after its first 200
+    FORCE_UPDATE_FILE the flag file POST /pyworker/update creates (/.force_update)
+    WORKER_HTTP_PORT  plain-HTTP port for /session/end beside TLS (WORKER_PORT + 1)
+    BENCHMARK_CACHE   where the benchmark's figure is kept (.has_benchmark), or off
 
 Standard library only; uvloop and orjson are used when they can be imported.
 """
 
 from __future__ import annotations
+
+import sys
+
+if sys.version_info < (3, 10):  # noqa: UP036 - one line, before a 3.10 feature's traceback
+    sys.exit(f"pyworker needs Python 3.10 or newer; this is Python {sys.version.split()[0]}")
 
 import abc
 import asyncio
@@ -100,7 +112,6 @@ import re
 import secrets
 import signal
 import ssl
-import sys
 import time
 import types
 import typing
@@ -115,6 +126,7 @@ __all__ = [
     "HttpError",
     "JsonDataException",
     "LogAction",
+    "Multipart",
     "Request",
     "Response",
     "error_response",
@@ -217,6 +229,7 @@ MAX_IDLE_UPSTREAM = 128  # pooled keep-alive connections to the model kept open 
 CONNECT_TIMEOUT = 10.0  # seconds to open a connection to the model or the autoscaler
 SHUTDOWN_GRACE = 30.0  # seconds in-flight requests get to finish after SIGTERM
 MAX_LOG_LINE = 64 * 1024  # a model-log line is matched on its first 64 KiB (bounded memory)
+MISSING_LOG_WARNING = 30.0  # seconds between warnings that MODEL_LOG does not exist
 BENCHMARK_TIMEOUT = 600.0  # seconds one benchmark request may take
 MAX_SESSION_LIFETIME = 24 * 3600.0  # a session's lifetime, and how far requests extend it
 SESSION_GC_INTERVAL = 5.0  # seconds between collections of expired sessions
@@ -2178,11 +2191,67 @@ class EndpointHandler(abc.ABC, Generic[P]):
         """A payload for the benchmark; by default the payload class's for_test()."""
         return self.payload_cls().for_test()
 
+    def model_body(self, payload: P) -> dict[str, Any] | Multipart:
+        """What the model is sent: by default payload.generate_payload_json() as JSON.
+        Override to add to it (`{**payload.generate_payload_json(), "stream": True}`), or
+        return a Multipart for a model API that takes uploads (audio, images)."""
+        return payload.generate_payload_json()
+
+    def model_headers(self, payload: P) -> Sequence[tuple[str, str]]:
+        """Header fields for the model request, e.g. [("Authorization", "Bearer KEY")] for a
+        model server started with an API key (vLLM's --api-key)."""
+        return ()
+
     async def generate_client_response(
         self, client_request: Request, model_response: ClientResponse
     ) -> Response:
         """The client's answer; by default the model's, relayed as it is (see relay)."""
         return await relay(model_response)
+
+
+class Multipart:
+    """A multipart/form-data body (RFC 7578): text fields, and files as
+    (field name, file name, content type, bytes). encode() gives the Content-Type and body."""
+
+    def __init__(
+        self,
+        fields: Mapping[str, str] | None = None,
+        files: Sequence[tuple[str, str, str, bytes]] = (),
+    ) -> None:
+        self.fields = dict(fields or {})
+        self.files = list(files)
+
+    @staticmethod
+    def _quoted(text: str) -> str:
+        # RFC 7578 4.2 and the HTML form encoding: a quoted name; CR, LF and " escaped.
+        return '"' + text.replace("\r", "%0D").replace("\n", "%0A").replace('"', "%22") + '"'
+
+    def encode(self) -> tuple[str, bytes]:
+        parts: list[tuple[bytes, bytes]] = []
+        for name, value in self.fields.items():
+            head = f"Content-Disposition: form-data; name={self._quoted(name)}\r\n"
+            parts.append((head.encode("utf-8"), value.encode("utf-8")))
+        for name, filename, content_type, data in self.files:
+            if "\r" in content_type or "\n" in content_type:
+                raise ValueError(f"CR or LF in the content type of file {filename!r}")
+            head = (
+                f"Content-Disposition: form-data; name={self._quoted(name)}; "
+                f"filename={self._quoted(filename)}\r\nContent-Type: {content_type}\r\n"
+            )
+            parts.append((head.encode("utf-8"), data))
+        boundary = secrets.token_hex(16).encode()
+        while any(boundary in data for _, data in parts):  # 2**-128 odds, but checked
+            boundary = secrets.token_hex(16).encode()
+        body = b"".join(b"--%s\r\n%s\r\n%s\r\n" % (boundary, head, data) for head, data in parts)
+        body += b"--%s--\r\n" % boundary
+        return f"multipart/form-data; boundary={boundary.decode()}", body
+
+
+def model_request_body(body: dict[str, Any] | Multipart) -> tuple[str, bytes]:
+    """(Content-Type, bytes) of what a handler's model_body() returned."""
+    if isinstance(body, Multipart):
+        return body.encode()
+    return "application/json", json_dumps(body)
 
 
 def _endpoint_of(handler: EndpointHandler[Any]) -> str:
@@ -2255,6 +2324,22 @@ class ConfigError(ValueError):
     """A bad environment value; the message names the variable."""
 
 
+_HOST_NAME = re.compile(r"(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?)+")
+
+
+def _is_host(host: str) -> bool:
+    """An IP address, or a host name (RFC 1123) that is not all digits and dots (999.1.1.1
+    is neither: a mistyped address, not a name)."""
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    return bool(_HOST_NAME.fullmatch(host)) and not re.fullmatch(r"[0-9.]+", host)
+
+
 @dataclasses.dataclass
 class Config:
     """The worker's settings (SPEC section 8); Config.from_env() reads and checks them."""
@@ -2273,7 +2358,7 @@ class Config:
     pubkey_file: str | None = None
     max_body: int = MAX_BODY
     log_level: str = "INFO"
-    benchmark_cache: str = ".has_benchmark"
+    benchmark_cache: str | None = ".has_benchmark"  # BENCHMARK_CACHE; None ("off"): no cache
     report_check_interval: float = 1.0  # how often a report is considered
     report_max_interval: float = 10.0  # a report goes out at least this often
     report_timeout: float = 5.0
@@ -2326,6 +2411,8 @@ class Config:
 
         config.worker_port = integer("WORKER_PORT", 3000, 1, 65535)
         config.host = env.get("WORKER_HOST", "").strip() or config.host
+        if not _is_host(config.host):
+            raise ConfigError(f"WORKER_HOST={config.host!r}: expected an IP address or a host name")
         config.model_log = env.get("MODEL_LOG") or None
         if env.get("MODEL_SERVER_URL"):
             config.model_server_url = url("MODEL_SERVER_URL", env["MODEL_SERVER_URL"])
@@ -2340,6 +2427,12 @@ class Config:
         config.pubkey_file = env.get("PUBKEY_FILE") or None
         if config.pubkey_file and not os.path.isfile(config.pubkey_file):
             raise ConfigError(f"PUBKEY_FILE={config.pubkey_file!r}: no such file")
+        if config.pubkey_file:
+            try:
+                with open(config.pubkey_file, "rb") as f:
+                    RsaPublicKey.from_pem(f.read(64 * 1024))
+            except (OSError, KeyFormatError) as exc:
+                raise ConfigError(f"PUBKEY_FILE={config.pubkey_file!r}: {exc}") from None
         config.max_body = integer("MAX_BODY_BYTES", MAX_BODY, 1024, 2**40)
         level = env.get("LOG_LEVEL", "INFO").strip().upper()
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
@@ -2369,6 +2462,9 @@ class Config:
                 url("MODEL_HEALTH_ENDPOINT", health)
             config.model_health_endpoint = health
         config.force_update_file = env.get("FORCE_UPDATE_FILE", "").strip() or "/.force_update"
+        cache = env.get("BENCHMARK_CACHE", "").strip()
+        if cache:
+            config.benchmark_cache = None if cache.lower() == "off" else cache
         if env.get("WORKER_HTTP_PORT", "").strip():
             config.worker_http_port = integer("WORKER_HTTP_PORT", 0, 1, 65535)
         return config
@@ -2714,6 +2810,7 @@ class ModelLogWatcher:
         pos = 0
         lines = LineSplitter()
         problem = ""
+        warned = 0.0
         try:
             while True:
                 try:
@@ -2740,9 +2837,10 @@ class ModelLogWatcher:
                         continue
                     problem = ""
                 except FileNotFoundError:
-                    if not problem:
-                        log.info("waiting for the model log %s", path)
-                        problem = "missing"
+                    now = time.monotonic()
+                    if problem != "missing" or now - warned >= MISSING_LOG_WARNING:
+                        log.warning("the model log %s does not exist (yet); waiting", path)
+                        problem, warned = "missing", now
                 except OSError as exc:
                     if problem != str(exc):  # say it once, keep trying
                         log.warning("cannot read the model log %s: %s", path, exc)
@@ -2774,8 +2872,12 @@ class ModelLogWatcher:
 class Benchmark:
     """Measures the model's throughput (SPEC section 6): `runs` rounds of `concurrency`
     requests straight to the model with the handler's benchmark payloads; the best round's
-    workload per second is max_perf. The figure is cached in a file and taken from there by
-    the next start."""
+    workload per second is max_perf.
+
+    The figure is cached in a file (`cache_path`; None: no cache) with what produced it: the
+    worker file, the benchmark route and the model URL. The next start takes it from there
+    only when all three are the same, so that another worker started in the same directory
+    does not inherit a throughput it never had."""
 
     def __init__(
         self,
@@ -2784,22 +2886,51 @@ class Benchmark:
         *,
         runs: int,
         concurrency: int,
-        cache_path: str,
+        cache_path: str | None,
     ) -> None:
         self.client = client
         self.handler = handler
         self.runs = runs
         self.concurrency = concurrency
         self.cache_path = cache_path
+        module = sys.modules.get(type(handler).__module__)
+        worker = os.path.abspath(getattr(module, "__file__", None) or type(handler).__module__)
+        self.identity = {"worker": worker, "route": _endpoint_of(handler)}
+        self.identity["model"] = client.base_url
+
+    def cached(self) -> float:
+        """The cached max_perf, if this very worker measured it; else 0.0."""
+        if self.cache_path is None:
+            return 0.0
+        try:
+            with open(self.cache_path, "rb") as f:
+                data: Any = json_loads(f.read(64 * 1024))
+        except (OSError, *_JSON_DECODE_ERRORS):
+            return 0.0
+        if not isinstance(data, dict):
+            return 0.0  # an older bare number: whose, nobody knows
+        record = typing.cast(dict[str, Any], data)
+        value = record.get("max_perf")
+        if any(record.get(k) != v for k, v in self.identity.items()):
+            log.info("benchmark: %s was measured by another worker; measuring", self.cache_path)
+            return 0.0
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return 0.0
+        return float(value) if math.isfinite(value) and value > 0 else 0.0
+
+    def save(self, max_perf: float) -> None:
+        if self.cache_path is None:
+            return
+        try:
+            with open(self.cache_path, "wb") as f:
+                f.write(json_dumps({"max_perf": max_perf, **self.identity}) + b"\n")
+        except OSError as exc:
+            log.warning("benchmark: cannot write the cache %s: %s", self.cache_path, exc)
 
     async def run(self) -> float:
         """max_perf in workload per second; 0.0 when no request to the model succeeded."""
         handler = self.handler
-        cached = 0.0
-        with contextlib.suppress(OSError, ValueError), open(self.cache_path) as f:
-            cached = float(f.read().strip())
-        if not math.isfinite(cached) or cached <= 0:
-            cached = 0.0
+        cached = self.cached()
         await self._request(handler.make_benchmark_payload())  # warm-up, discarded
         if cached:
             log.info("benchmark: using cached max_perf=%.2f from %s", cached, self.cache_path)
@@ -2815,8 +2946,7 @@ class Benchmark:
         max_perf = max(rounds, default=0.0)
         if max_perf <= 0:
             return 0.0
-        with contextlib.suppress(OSError), open(self.cache_path, "w") as f:
-            f.write(f"{max_perf}\n")
+        self.save(max_perf)
         log.info(
             "benchmark: %d rounds of %d requests; workload/s best %.2f, worst %.2f",
             len(rounds),
@@ -2828,11 +2958,15 @@ class Benchmark:
 
     async def _request(self, payload: ApiPayload) -> bool:
         """Send one payload straight to the model; whether it answered 2xx in full."""
-        body = json_dumps(payload.generate_payload_json())
-        endpoint = _endpoint_of(self.handler)
+        content_type, body = model_request_body(self.handler.model_body(payload))
         try:
             async with await self.client.request(
-                "POST", endpoint, body, timeout=BENCHMARK_TIMEOUT
+                "POST",
+                self.identity["route"],
+                body,
+                headers=self.handler.model_headers(payload),
+                content_type=content_type,
+                timeout=BENCHMARK_TIMEOUT,
             ) as resp:
                 await resp.read()
                 return 200 <= resp.status < 300
@@ -3707,9 +3841,14 @@ class Backend:
                 holding = True
             job.model_start = time.monotonic()
             self.metrics.queue_wait.observe(job.model_start - job.start)
-            body = json_dumps(payload.generate_payload_json())
+            content_type, body = model_request_body(handler.model_body(payload))
             model_response = await self.client.request(
-                "POST", endpoint, body, timeout=handler.model_timeout
+                "POST",
+                endpoint,
+                body,
+                headers=handler.model_headers(payload),
+                content_type=content_type,
+                timeout=handler.model_timeout,
             )
             try:
                 response = await handler.generate_client_response(request, model_response)
@@ -4218,8 +4357,32 @@ async def report_failed_start(config: Config, message: str) -> bool:
         return False
 
 
+def usage(program: str) -> str:
+    """What `--help` prints: how to run a worker file, and the environment it reads."""
+    doc = __doc__ or ""
+    environment = doc[doc.index("Environment (") :].split("\n\n", 2)  # intro, table, rest
+    return (
+        f"usage: python {program} [-h]\n\n"
+        "Runs the worker until SIGTERM or SIGINT. It takes no arguments: everything comes\n"
+        "from the environment:\n\n" + environment[1] + "\n"
+    )
+
+
+def _arguments(argv: Sequence[str]) -> None:
+    """A worker file takes no arguments but --help: anything else is refused, not ignored
+    (a worker started by mistake would listen on all interfaces and call the autoscaler)."""
+    program = os.path.basename(argv[0]) if argv else "worker.py"
+    if any(a in ("-h", "--help") for a in argv[1:]):
+        sys.stdout.write(usage(program))
+        sys.exit(0)
+    if len(argv) > 1:
+        sys.stderr.write(f"{program}: unknown argument {argv[1]!r}\n" + usage(program))
+        sys.exit(2)
+
+
 def run(backend: Backend, routes: Iterable[Route]) -> None:
     """Run a worker until SIGTERM or SIGINT: the entry point of a worker file."""
+    _arguments(sys.argv)
     try:
         config = Config.from_env()
     except ConfigError as exc:
@@ -4259,3 +4422,15 @@ def run(backend: Backend, routes: Iterable[Route]) -> None:
         flusher.cancel()
 
     asyncio.run(main())
+
+
+if __name__ == "__main__":
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):
+        sys.stdout.write(
+            "pyworker.py is the library a worker file imports; run a worker file instead,\n"
+            "such as hello_world.py (the example; copy it to write yours).\n\n"
+            + usage("hello_world.py")
+        )
+        sys.exit(0)
+    sys.stderr.write("pyworker.py: run a worker file, such as hello_world.py; --help says more\n")
+    sys.exit(2)

@@ -179,7 +179,7 @@ def steps() -> None:
 
     def parse() -> tuple[pyworker.ApiPayload, pyworker.AuthData | None]:
         msg = pyworker.decode_client_json(REQUEST_BODY)
-        return pyworker.parse_client_request(hello_world.InputData, msg, None)
+        return pyworker.parse_client_request(hello_world.InputData.from_json_msg, msg, None)
 
     payload, _ = parse()
 

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
+import json
 import logging
 import math
 import os
@@ -131,6 +132,7 @@ async def running_worker(
     handler: pyworker.EndpointHandler[Any] | None = None,
     parallel: bool = True,
     config: Config | None = None,
+    cached_max_perf: float | None = None,
     **overrides: Any,
 ) -> AsyncGenerator[Rig, None]:
     """A FakeModel, a LocalAutoscaler (unless `autoscaler` is False) and a worker on port 0.
@@ -144,6 +146,12 @@ async def running_worker(
     scaler: LocalAutoscaler | None = None
     try:
         await fake.start()
+        if cached_max_perf is not None:  # as this very worker would have cached it
+            model = pyworker.HttpClient(fake.url)
+            bench = pyworker.Benchmark(
+                model, handler or FastHandler(), runs=1, concurrency=1, cache_path=str(cache)
+            )
+            bench.save(cached_max_perf)
         if autoscaler:
             scaler = await LocalAutoscaler(signing_key()).start()
         addr = report_addr or (scaler.url if scaler else f"http://127.0.0.1:{free_port()}")
@@ -401,8 +409,7 @@ def test_huge_line_outcome_does_not_depend_on_write_timing(tmp_path: Path) -> No
 
 def test_benchmark_uses_cached_number(tmp_path: Path) -> None:
     async def main() -> None:
-        (tmp_path / ".has_benchmark").write_text("123.5\n")
-        async with running_worker(tmp_path) as rig:
+        async with running_worker(tmp_path, cached_max_perf=123.5) as rig:
             await rig.ready()
             await asyncio.sleep(0.3)
             assert rig.backend.max_perf == 123.5
@@ -413,7 +420,15 @@ def test_benchmark_uses_cached_number(tmp_path: Path) -> None:
     run(main())
 
 
-@pytest.mark.parametrize("cached", [None, "not a number", "", "-5", "nan"])
+THIS_FILE = os.path.abspath(__file__)
+OTHER_WORKER = '{"max_perf": 8832.0, "worker": "/elsewhere/hello_world.py", "route": "/generate"}'
+
+
+# A bare number is an older cache's, nobody knows whose; OTHER_WORKER is another worker's
+# figure (the 8,832 that a vLLM worker once took from hello_world's cache for its own 504).
+@pytest.mark.parametrize(
+    "cached", [None, "not a number", "", "-5", "nan", "123.5", '{"max_perf": -1}', OTHER_WORKER]
+)
 def test_benchmark_rounds_of_ten(tmp_path: Path, cached: str | None) -> None:
     async def main() -> None:
         if cached is not None:
@@ -427,9 +442,30 @@ def test_benchmark_rounds_of_ten(tmp_path: Path, cached: str | None) -> None:
             workload = sum(hello_world.count_tokens(r["prompt"]) for r in requests[1:11])
             # A round of 10 takes at least json_delay: its throughput is at most this.
             assert 0 < rig.backend.max_perf <= workload / 0.05 * 1.5
-            assert math.isclose(float(rig.cache.read_text()), rig.backend.max_perf)
+            saved = json.loads(rig.cache.read_text())
+            assert math.isclose(saved["max_perf"], rig.backend.max_perf)
+            assert saved["route"] == "/generate" and saved["model"] == rig.fake.url
+            assert saved["worker"] == THIS_FILE  # the handler's worker file
 
     run(main())
+
+
+def test_benchmark_cache_off(tmp_path: Path) -> None:
+    # BENCHMARK_CACHE=off: measured at every start, nothing written
+    async def main() -> None:
+        async with running_worker(tmp_path, benchmark_cache=None) as rig:
+            await rig.ready()
+            assert len(rig.fake.requests) == 1 + 2 * 10
+            assert not rig.cache.exists()
+
+    run(main())
+    assert not any(p.name.startswith(".has") for p in tmp_path.iterdir())
+
+
+def test_benchmark_cache_environment() -> None:
+    assert Config.from_env({"BENCHMARK_CACHE": "off"}).benchmark_cache is None
+    assert Config.from_env({"BENCHMARK_CACHE": "/tmp/x.json"}).benchmark_cache == "/tmp/x.json"
+    assert Config.from_env({}).benchmark_cache == ".has_benchmark"
 
 
 def test_benchmark_one_at_a_time(tmp_path: Path) -> None:

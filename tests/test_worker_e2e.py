@@ -147,9 +147,14 @@ async def worker_setup(
     await fake.start()
     await autoscaler.start()
     try:
-        if cached_max_perf is not None:
-            (tmp_path / ".has_benchmark").write_text(f"{cached_max_perf}\n")
         bench_handler = handler or FastGenerateHandler()
+        if cached_max_perf is not None:  # as this very worker would have cached it
+            model = pyworker.HttpClient(model_server_url or fake.url)
+            cache = str(tmp_path / ".has_benchmark")
+            bench = pyworker.Benchmark(
+                model, bench_handler, runs=1, concurrency=1, cache_path=cache
+            )
+            bench.save(cached_max_perf)
         backend = make_backend(
             bench_handler,
             list(hello_world.backend.log_actions),  # read, never reused
