@@ -41,10 +41,12 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import hmac
 import importlib
 import importlib.util
 import inspect
 import json
+import logging
 import math
 import os
 import random
@@ -56,6 +58,7 @@ import ssl
 import sys
 import tempfile
 import time
+import types
 import typing
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Sequence
 from typing import Any
@@ -205,6 +208,27 @@ class RsaPrivateKey:
             "url": url,
         }
 
+    def sign_url(self, url: str) -> str:
+        """Today's signature (SPEC 11.2, layout `url`): base64 of the signed
+        json.dumps({"url": url}, indent=4, sort_keys=True)."""
+        import base64
+
+        message = json.dumps({"url": url}, indent=4, sort_keys=True).encode()
+        return base64.b64encode(self.sign(message)).decode()
+
+    def sign_url_auth(
+        self, *, cost: str | int | float, endpoint: str, reqnum: int, url: str, request_idx: int
+    ) -> dict[str, Any]:
+        """auth_data as today's /route/ hands it out: the `url` layout signed."""
+        return {
+            "cost": cost,
+            "endpoint": endpoint,
+            "reqnum": reqnum,
+            "request_idx": request_idx,
+            "signature": self.sign_url(url),
+            "url": url,
+        }
+
 
 # A fake LLM server: the hello_world model API ###################################################
 
@@ -224,6 +248,12 @@ class FakeModel:
     Fault modes: `crash_after` tokens, a stream is cut (connection aborted mid-stream);
     `one_at_a_time` answers 500 when a second request arrives while one is in progress;
     `fail_status` answers every request with that status.
+
+    Any other POST route answers too, for workers whose model API is not hello_world's: any
+    JSON body (no `prompt` needed), answered JSON, or as a paced SSE stream ending with an
+    OpenAI-style `data: [DONE]` when the route's path contains "stream" or the body asks
+    `"stream": true`. Any other GET path answers 200 (a health route). `loaded_lines` are the
+    lines the log gets once loaded (a worker file's ModelLoaded texts; default LOADED_LINE).
     """
 
     LOADED_LINE = "infer server has started"
@@ -242,8 +272,10 @@ class FakeModel:
         first_token_delay: float = 0.0,
         paced_json: bool = False,
         jitter: float = 0.0,
+        loaded_lines: Sequence[str] = (),
     ) -> None:
         self.log_path = log_path
+        self.loaded_lines = list(loaded_lines)
         self.load_time = load_time
         self.json_delay = json_delay
         self.token_delay = token_delay
@@ -267,6 +299,7 @@ class FakeModel:
                 get("/health", self._health),
             ]
         )
+        self._server.routes = _AnyRoute(self._server.routes, self._any_post, self._health)
         self._log_task: asyncio.Task[None] | None = None
 
     @classmethod
@@ -279,6 +312,7 @@ class FakeModel:
         first_token_delay: float = 0.05,
         token_delay: float = 0.015,
         jitter: float = 0.25,
+        loaded_lines: Sequence[str] = (),
     ) -> FakeModel:
         """A model paced like a small LLM on a GPU: 50 ms prefill, then about 65 tokens/s.
 
@@ -293,6 +327,7 @@ class FakeModel:
             token_delay=token_delay,
             paced_json=True,
             jitter=jitter,
+            loaded_lines=loaded_lines,
         )
 
     @property
@@ -321,7 +356,8 @@ class FakeModel:
     async def _write_startup_log(self) -> None:
         self.write_log('{"level":"info","message":"Downloading model shards"}\n')
         await asyncio.sleep(self.load_time)
-        self.write_log(f"{self.LOADED_LINE} on port {self.port}\n")
+        for line in self.loaded_lines or [self.LOADED_LINE]:
+            self.write_log(f"{line} on port {self.port}\n")
 
     def _accept(self, request: Request) -> tuple[dict[str, Any], Response | None]:
         payload: Any = pyworker.json_loads(request.body)
@@ -338,8 +374,11 @@ class FakeModel:
         return body, None
 
     def _count(self, payload: dict[str, Any]) -> int:
-        limit = payload.get("max_response_tokens")
-        return min(self.tokens, limit) if isinstance(limit, int) and limit > 0 else self.tokens
+        for name in ("max_response_tokens", "max_tokens", "max_new_tokens"):
+            limit = payload.get(name)
+            if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+                return min(self.tokens, limit)
+        return self.tokens
 
     def _jittered(self, seconds: float) -> float:
         if not self.jitter or seconds <= 0:
@@ -350,6 +389,9 @@ class FakeModel:
         payload, refusal = self._accept(request)
         if refusal is not None:
             return refusal
+        return await self._generate_json(payload)
+
+    async def _generate_json(self, payload: dict[str, Any]) -> Response:
         self.active += 1
         self.max_active = max(self.max_active, self.active)
         try:
@@ -373,7 +415,28 @@ class FakeModel:
         stream = _ModelStream(self, self._tokens(payload))
         return Response(content_type="text/event-stream", stream=stream)
 
-    async def _tokens(self, payload: dict[str, Any]) -> AsyncIterator[bytes]:
+    async def _any_post(self, request: Request) -> Response:
+        """Any other POST route: JSON, or a paced SSE stream when asked for one."""
+        try:
+            payload: Any = pyworker.json_loads(request.body) if request.body else {}
+        except (ValueError, RecursionError):
+            return pyworker.error_response(422, "expected JSON")
+        body = typing.cast(dict[str, Any], payload) if isinstance(payload, dict) else {}
+        self.requests.append(body)
+        if self.fail_status is not None:
+            return pyworker.error_response(self.fail_status, "model failure (fake)")
+        if self.one_at_a_time and self.active:
+            return pyworker.error_response(500, "busy: one request at a time")
+        if "stream" in request.path.lower() or body.get("stream") is True:
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+            stream = _ModelStream(self, self._tokens(body, done_marker=True))
+            return Response(content_type="text/event-stream", stream=stream)
+        return await self._generate_json(body)
+
+    async def _tokens(
+        self, payload: dict[str, Any], *, done_marker: bool = False
+    ) -> AsyncIterator[bytes]:
         for i in range(self._count(payload)):
             if self.crash_after is not None and i == self.crash_after:
                 raise ConnectionResetError("fake model crashed mid-stream")
@@ -382,11 +445,31 @@ class FakeModel:
                 await asyncio.sleep(self._jittered(delay))
             sent = time.time()
             yield b'data: {"token": "tok%d", "sent": %.6f}\n\n' % (i, sent)
+        if done_marker:
+            yield b"data: [DONE]\n\n"
 
     async def _health(self, request: Request) -> Response:
         if not self.healthy:
             return pyworker.error_response(503, "unhealthy")
         return pyworker.text_response("ok")
+
+
+class _AnyRoute(dict[str, dict[str, pyworker.Handler]]):
+    """A server's route table that answers every path: the known routes, else `fallback` for
+    POST and `health` for GET (FakeModel's stand-in for any model API)."""
+
+    def __init__(
+        self,
+        routes: dict[str, dict[str, pyworker.Handler]],
+        fallback: pyworker.Handler,
+        health: pyworker.Handler,
+    ) -> None:
+        super().__init__(routes)
+        self._other = {"POST": fallback, "GET": health}
+
+    def get(self, key: str, default: Any = None) -> Any:  # pyright: ignore[reportIncompatibleMethodOverride]
+        found = super().get(key)
+        return self._other if found is None else found
 
 
 class _ModelStream:
@@ -472,11 +555,172 @@ def _workload(cost: Any) -> float:
     return value if math.isfinite(value) and value > 0 else 0.0
 
 
-class LocalAutoscaler:
-    """The autoscaler's three routes on loopback, for a local setup and the tests.
+PLATFORMS = ("today", "2024")  # what a LocalAutoscaler and the load tester speak (SPEC 11, 1-10)
 
-    GET /pubkey/ serves the public key; POST /route/ picks the ready worker with the lowest
-    reported load and answers signed auth_data; POST /worker_status/ records each report.
+# Load report format "1.1.0" (SPEC 11.3): exactly these fields, of these types.
+_NUMBER = (int, float)
+REPORT_FIELDS: dict[str, tuple[type, ...]] = {
+    "id": (int,),
+    "mtoken": (str,),
+    "version": (str,),
+    "loadtime": _NUMBER,
+    "cur_load": _NUMBER,
+    "rej_load": _NUMBER,
+    "new_load": _NUMBER,
+    "error_msg": (str,),
+    "max_perf": _NUMBER,
+    "cur_perf": _NUMBER,
+    "cur_capacity": _NUMBER,
+    "max_capacity": _NUMBER,
+    "num_requests_working": (int,),
+    "num_requests_recieved": (int,),  # sic: the wire's spelling
+    "additional_disk_usage": _NUMBER,
+    "disk_usage": _NUMBER,
+    "working_request_idxs": (list,),
+    "url": (str,),
+}
+# A worker that cannot start reports only why (SPEC 11.6), with a non-empty error_msg.
+START_FAILURE_FIELDS = {"id", "mtoken", "version", "error_msg", "url"}
+COMPLETION_FIELDS: dict[str, tuple[type, ...]] = {
+    "request_idx": (int,),
+    "success": (bool,),
+    "status": (str,),
+    "entered_queue_at": _NUMBER,
+    "work_started_at": _NUMBER,
+    "work_completed_at": _NUMBER,
+}
+COMPLETION_STATUSES = ("Success", "Error", "Cancelled", "Rejected")
+
+
+def _type_faults(body: dict[str, Any], fields: dict[str, tuple[type, ...]]) -> list[str]:
+    """What is wrong with `body` against `fields` (exact key set; bool is not a number)."""
+    faults: list[str] = []
+    missing = sorted(set(fields) - set(body))
+    extra = sorted(set(body) - set(fields))
+    if missing:
+        faults.append(f"missing {', '.join(missing)}")
+    if extra:
+        faults.append(f"unexpected {', '.join(extra)}")
+    for name, kinds in fields.items():
+        if name not in body:
+            continue
+        value = body[name]
+        if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+            names = " or ".join(k.__name__ for k in kinds)
+            faults.append(f"{name}: {type(value).__name__} {value!r:.40}, expected {names}")
+    return faults
+
+
+def report_faults(report: dict[str, Any]) -> list[str]:
+    """What is wrong with a "1.1.0" load report against SPEC 11.3 (none: an empty list)."""
+    if set(report) == START_FAILURE_FIELDS and report.get("error_msg"):
+        return _type_faults(report, {k: REPORT_FIELDS[k] for k in START_FAILURE_FIELDS})
+    faults = _type_faults(report, REPORT_FIELDS)
+    if report.get("version") != "1.1.0":
+        faults.append(f"version {report.get('version')!r}, expected '1.1.0'")
+    idxs: Any = report.get("working_request_idxs")
+    if isinstance(idxs, list):
+        items = typing.cast(list[Any], idxs)
+        if not all(type(i) is int for i in items):
+            faults.append("working_request_idxs: expected a list of int")
+    return faults
+
+
+def completion_faults(body: dict[str, Any]) -> list[str]:
+    """What is wrong with a /delete_requests/ body against SPEC 11.4."""
+    faults = _type_faults(body, {"worker_id": (int,), "mtoken": (str,), "requests": (list,)})
+    for entry in typing.cast(list[Any], body.get("requests") or []):
+        if not isinstance(entry, dict):
+            faults.append(f"a request entry is {type(entry).__name__}, expected an object")
+            continue
+        fields = typing.cast(dict[str, Any], entry)
+        faults += [
+            f"entry {fields.get('request_idx')!r}: {f}"
+            for f in _type_faults(fields, COMPLETION_FIELDS)
+        ]
+        status = fields.get("status")
+        if status not in COMPLETION_STATUSES:
+            faults.append(f"entry {fields.get('request_idx')!r}: status {status!r}")
+        elif fields.get("success") is not (status in ("Success", "Cancelled")):
+            faults.append(f"entry {fields.get('request_idx')!r}: success does not match {status}")
+    return faults
+
+
+def expected_statuses(status: int | None, outcome: str) -> tuple[str, ...]:
+    """The completion statuses a worker may report for a request the client saw end so:
+    2xx -> Success; 401, 429, 503 -> Rejected; another failure -> Error or Cancelled."""
+    if outcome == "ok" or (status is not None and 200 <= status < 300):
+        return ("Success",)
+    if status in (401, 429, 503):
+        return ("Rejected",)
+    return ("Error", "Cancelled")
+
+
+@dataclasses.dataclass
+class Reconciliation:
+    """Each request_idx the autoscaler routed against the completion reports it got."""
+
+    routed: int = 0
+    completed: int = 0  # routed requests reported completed at least once
+    missing: list[int] = dataclasses.field(default_factory=list[int])
+    twice: list[int] = dataclasses.field(default_factory=list[int])  # reported more than once
+    mismatches: list[str] = dataclasses.field(
+        default_factory=list[str]
+    )  # "idx: got X, client saw Y"
+    unknown: list[int] = dataclasses.field(default_factory=list[int])  # reported, never routed
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.twice or self.mismatches or self.unknown)
+
+    def line(self) -> str:
+        text = (
+            f"routed {self.routed}, completed {self.completed}, missing {len(self.missing)}, "
+            f"twice {len(self.twice)}, status mismatches {len(self.mismatches)}"
+        )
+        return text + (f", unknown {len(self.unknown)}" if self.unknown else "")
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "checked": True,
+            "ok": self.ok,
+            "line": self.line(),
+            "routed": self.routed,
+            "completed": self.completed,
+            "missing": self.missing[:ERROR_SAMPLES_LOCAL],
+            "twice": self.twice[:ERROR_SAMPLES_LOCAL],
+            "mismatches": self.mismatches[:ERROR_SAMPLES_LOCAL],
+            "unknown": self.unknown[:ERROR_SAMPLES_LOCAL],
+            "counts": {
+                "missing": len(self.missing),
+                "twice": len(self.twice),
+                "mismatches": len(self.mismatches),
+                "unknown": len(self.unknown),
+            },
+        }
+
+
+ERROR_SAMPLES_LOCAL = 10  # request_idxs listed per kind in the reconciliation's JSON
+_log = logging.getLogger("test_load")
+
+
+class LocalAutoscaler:
+    """The autoscaler's routes on loopback, for a local setup and the tests.
+
+    platform "today" (default, SPEC 11): POST /route/ hands out a fresh `request_idx` per
+    request and signs the `url` layout; an answer without `url` (no worker ready yet) says
+    wait, and the client polls with the same request_idx. POST /worker_status/ and POST
+    /delete_requests/ answer 401 unless their `mtoken` is `master_token` (when one is set:
+    None accepts any, for tests whose in-process workers have none). Each "1.1.0" report and
+    each completion report is checked field by field (SPEC 11.3, 11.4): a wrong one is logged
+    as the worker's fault and counted in `faults`. `reconcile()` compares the requests routed
+    with the completions reported.
+
+    platform "2024" (SPEC 1-10): the seed's autoscaler: the four-field `seed` signature, no
+    request_idx, load reports recorded as they come, no completion reports.
+
+    GET /pubkey/ serves the public key; /route/ picks the ready worker with the lowest
+    reported load.
     """
 
     def __init__(
@@ -485,20 +729,34 @@ class LocalAutoscaler:
         *,
         api_key: str = "local-key",
         endpoint: str = "local",
+        platform: str = "today",
+        master_token: str | None = None,
     ) -> None:
+        if platform not in PLATFORMS:
+            raise ValueError(f"platform: expected one of {PLATFORMS}, not {platform!r}")
         self.key = key or RsaPrivateKey.generate()
         self.api_key = api_key
         self.endpoint = endpoint
-        self.reports: list[dict[str, Any]] = []  # every /worker_status/ body, in order
+        self.platform = platform
+        self.master_token = master_token
+        self.reports: list[dict[str, Any]] = []  # every accepted /worker_status/ body, in order
         self.report_times: list[float] = []  # time.monotonic() of each
         self.workers: dict[str, WorkerView] = {}
         self.reqnum = 0
+        self.request_idx = 0  # the last one handed out
+        self.routed: dict[int, str] = {}  # request_idx -> the worker url it was routed to
+        self.completions: dict[int, list[dict[str, Any]]] = {}  # request_idx -> its entries
+        self.completion_bodies = 0  # /delete_requests/ calls accepted
+        self.faults: list[str] = []  # wrong reports: the worker's fault
+        self.unauthorized = 0  # reports refused for their mtoken
+        self._url_signatures: dict[str, str] = {}
         self.port = 0
         self._server = HttpServer(
             [
                 get("/pubkey/", self._pubkey),
                 post("/route/", self._route),
                 post("/worker_status/", self._worker_status),
+                post("/delete_requests/", self._delete_requests),
             ]
         )
 
@@ -516,13 +774,33 @@ class LocalAutoscaler:
     async def _pubkey(self, request: Request) -> Response:
         return pyworker.text_response(self.key.public_pem())
 
+    def _fault(self, what: str) -> None:
+        self.faults.append(what)
+        _log.warning("worker fault: %s", what)
+
+    def _authorized(self, body: dict[str, Any]) -> bool:
+        if self.platform != "today" or self.master_token is None:
+            return True
+        token = body.get("mtoken")
+        if isinstance(token, str) and hmac.compare_digest(token, self.master_token):
+            return True
+        self.unauthorized += 1
+        return False
+
     async def _worker_status(self, request: Request) -> Response:
         report: Any = pyworker.json_loads(request.body)
         if not isinstance(report, dict):
             return pyworker.error_response(422, "expected a report object")
         body = typing.cast(dict[str, Any], report)
+        if not self._authorized(body):
+            return pyworker.error_response(401, "bad mtoken")
         if not isinstance(body.get("url"), str):
+            self._fault(f"a load report without url: {body!r:.200}")
             return pyworker.error_response(422, "the report has no url")
+        if self.platform == "today" and ("version" in body or self.master_token is not None):
+            faults = report_faults(body)
+            if faults:
+                self._fault(f"load report from {body['url']}: " + "; ".join(faults))
         self.reports.append(body)
         self.report_times.append(time.monotonic())
         view = self.workers.setdefault(body["url"], WorkerView(body["url"], body))
@@ -532,26 +810,108 @@ class LocalAutoscaler:
         view.routed_workload = 0.0
         return json_response({"ok": True})
 
+    async def _delete_requests(self, request: Request) -> Response:
+        if self.platform != "today":
+            return pyworker.error_response(404, "not found")
+        data: Any = pyworker.json_loads(request.body)
+        if not isinstance(data, dict):
+            return pyworker.error_response(422, "expected an object")
+        body = typing.cast(dict[str, Any], data)
+        if not self._authorized(body):
+            return pyworker.error_response(401, "bad mtoken")
+        faults = completion_faults(body)
+        if faults:
+            self._fault(
+                f"completion report of worker {body.get('worker_id')!r}: " + "; ".join(faults)
+            )
+        self.completion_bodies += 1
+        self.add_completions(body.get("requests") or [])
+        return json_response({"ok": True})
+
+    def add_completions(self, entries: Iterable[Any]) -> None:
+        """Record completion entries as /delete_requests/ does."""
+        for entry in entries:
+            if isinstance(entry, dict):
+                fields = typing.cast(dict[str, Any], entry)
+                idx = fields.get("request_idx")
+                if type(idx) is int:
+                    self.completions.setdefault(idx, []).append(fields)
+
+    def pending_completions(self) -> list[int]:
+        """The request_idxs routed and not yet reported completed."""
+        return [idx for idx in self.routed if idx not in self.completions]
+
+    def reconcile(self, client: dict[int, tuple[str, ...]]) -> Reconciliation:
+        """Every routed request_idx reported completed exactly once, with a status among those
+        `client` (request_idx -> statuses allowed by what the client saw) allows; a routed
+        request the client has no word on is checked for being reported once only."""
+        result = Reconciliation(routed=len(self.routed))
+        for idx in sorted(self.routed):
+            entries = self.completions.get(idx, [])
+            if not entries:
+                result.missing.append(idx)
+                continue
+            result.completed += 1
+            if len(entries) > 1:
+                result.twice.append(idx)
+            allowed = client.get(idx)
+            got = [str(e.get("status")) for e in entries]
+            if allowed is not None and any(status not in allowed for status in got):
+                result.mismatches.append(
+                    f"{idx}: reported {'/'.join(got)}, client saw {' or '.join(allowed)}"
+                )
+        result.unknown = sorted(idx for idx in self.completions if idx not in self.routed)
+        return result
+
     async def _route(self, request: Request) -> Response:
         msg: Any = pyworker.json_loads(request.body)
         if not isinstance(msg, dict):
             return pyworker.error_response(422, "invalid JSON")
         route = typing.cast(dict[str, Any], msg)
+        bearer = request.headers.get("authorization")
+        if bearer is not None and bearer != f"Bearer {self.api_key}":
+            return pyworker.error_response(401, "bad Authorization")
         if route.get("api_key") != self.api_key:
             return pyworker.error_response(401, "bad api_key")
         if route.get("endpoint") != self.endpoint:
             return pyworker.error_response(404, f"no endpoint named {route.get('endpoint')!r}")
+        idx: int | None = None
+        if self.platform == "today":
+            asked = route.get("request_idx")
+            if type(asked) is int and 0 < asked <= self.request_idx and asked not in self.routed:
+                idx = asked  # a poll: the same request
+            else:
+                self.request_idx += 1
+                idx = self.request_idx
         ready = [w for w in self.workers.values() if w.ready]
         if not ready:
-            return json_response({"error": "no worker ready yet", "status": "loading"})
+            waiting: dict[str, Any] = {"error": "no worker ready yet", "status": "loading"}
+            if idx is not None:
+                waiting["request_idx"] = idx
+            return json_response(waiting)
         cost = route.get("cost", 0)
         worker = min(ready, key=lambda w: w.load)
         worker.routed += 1
         worker.routed_workload += _workload(cost)
         self.reqnum += 1
-        auth = self.key.sign_auth(
-            cost=cost, endpoint=self.endpoint, reqnum=self.reqnum, url=worker.url
-        )
+        if idx is None:  # the seed's: four signed fields
+            auth = self.key.sign_auth(
+                cost=cost, endpoint=self.endpoint, reqnum=self.reqnum, url=worker.url
+            )
+        else:
+            self.routed[idx] = worker.url
+            # The `url` layout signs the same bytes for every request to a worker: signed once.
+            signature = self._url_signatures.get(worker.url)
+            if signature is None:
+                signature = self._url_signatures[worker.url] = self.key.sign_url(worker.url)
+            auth = {
+                "cost": cost,
+                "endpoint": self.endpoint,
+                "reqnum": self.reqnum,
+                "request_idx": idx,
+                "signature": signature,
+                "url": worker.url,
+            }
         auth["__request_id"] = secrets.token_hex(8)
         return json_response(auth)
 
@@ -585,6 +945,10 @@ _OUTCOME_LABELS = {
     "cancelled": "cancelled",
 }
 _AUTH_FIELDS = ("signature", "cost", "endpoint", "reqnum", "url")
+ROUTE_POLL_FIRST = 0.25  # seconds before the first poll of an answer without url; doubles
+ROUTE_POLL_MAX = 5.0  # the longest pause between polls (SPEC 11.6)
+ROUTE_REPLAY_TIMEOUT = 60.0  # sent in each route call, as today's client does
+READY_POLL = 0.5  # seconds between readiness checks of a worker (--worker)
 
 
 def outcome_label(outcome: str) -> str:
@@ -611,6 +975,8 @@ class LoadOptions:
     ssl_context: ssl.SSLContext | None = None  # for https workers and autoscalers
     session: int = 0  # > 0: each client opens a session, sends this many requests in it, ends it
     session_lifetime: float = 60.0  # seconds, asked at /session/create
+    platform: str = "today"  # "today": SPEC 11 route calls and bodies; "2024": the seed's
+    ready_timeout: float | None = None  # worker mode: wait this long for it to be ready first
 
 
 @dataclasses.dataclass
@@ -626,7 +992,10 @@ class RequestRecord:
     message: str = ""
     status: int | None = None  # the worker's HTTP status, when it answered
     worker: str | None = None
-    route_time: float | None = None  # the route call, answer read
+    route_time: float | None = None  # the route call, answer read (polls and pauses included)
+    route_wait: float = 0.0  # of which paused between polls (answers without a url)
+    route_polls: int = 0  # route calls answered without a url
+    request_idx: int | None = None  # the platform's id of this request, from the route answer
     worker_time: float | None = None  # the worker call, whole answer read
     total_time: float | None = None  # both
     stream: bool = False  # the worker answered a stream (chunked or SSE)
@@ -649,14 +1018,22 @@ class SessionRecord:
     opened: bool = False
     ended: bool = False
     message: str = ""  # why it failed to open or to end
+    request_idx: int | None = None  # the routed request the session was opened with
+    create_status: int | None = None  # /session/create's answer status
 
 
 class _TokenCounter:
-    """Counts the tokens of a stream: SSE events (`data:` lines), else one per chunk."""
+    """Counts the tokens of a stream: SSE events that carry data, else one per chunk.
+
+    An SSE event is counted when the blank line that ends it arrives, once however many
+    `data:` lines it has, and only when its data is not empty and not OpenAI's end marker
+    `[DONE]`. Comments and events without data are not tokens.
+    """
 
     def __init__(self, sse: bool) -> None:
         self.sse = sse
         self._partial = b""
+        self._data: list[bytes] = []  # the data lines of the event being read
 
     def feed(self, data: bytes) -> int:
         if not self.sse:
@@ -664,8 +1041,19 @@ class _TokenCounter:
         lines = (self._partial + data).split(b"\n")
         self._partial = lines.pop()
         if len(self._partial) > 64 * 1024:
-            self._partial = self._partial[:8]  # only a line's start matters; memory stays bounded
-        return sum(1 for line in lines if line.startswith(b"data:"))
+            self._partial = self._partial[:16]  # only a line's start matters; memory stays bounded
+        events = 0
+        for raw in lines:
+            line = raw.rstrip(b"\r")
+            if not line:  # the end of an event
+                text = b"\n".join(self._data).strip()
+                if text and text != b"[DONE]":
+                    events += 1
+                self._data = []
+            elif line.startswith(b"data:") and len(self._data) < 4:
+                # A few lines are enough to tell data from [DONE]; memory stays bounded.
+                self._data.append(line[5:][:64])
+        return events
 
 
 def percentile(ordered: Sequence[float], q: float) -> float:
@@ -747,17 +1135,22 @@ class LoadTester:
         loop = asyncio.get_running_loop()
         if self.options.server is not None:
             self._route_client = self._new_client(self.options.server)
-        progress = loop.create_task(self._progress()) if self.options.progress else None
-        self.started = time.monotonic()
-        self._sender = loop.create_task(self._send_all())
+        progress: asyncio.Task[None] | None = None
         try:
+            if self.options.worker is not None and self.options.ready_timeout:
+                await self.wait_ready(self.options.worker, self.options.ready_timeout)
+            if self.options.progress:
+                progress = loop.create_task(self._progress())
+            self.started = time.monotonic()
+            self._sender = loop.create_task(self._send_all())
             await asyncio.wait({self._sender})  # returns when it is done or cancelled
             if self.send_ended is None:
                 self.send_ended = time.monotonic()
             while self._tasks:  # the stragglers (the cap keeps their number bounded)
                 await asyncio.gather(*list(self._tasks), return_exceptions=True)
         finally:
-            self._sender.cancel()
+            if self._sender is not None:
+                self._sender.cancel()
             for task in list(self._tasks):
                 task.cancel()
             if self._tasks:
@@ -772,6 +1165,72 @@ class LoadTester:
                     await client.close()
         return LoadResult(self)
 
+    async def wait_ready(self, url: str, timeout: float) -> bool:
+        """Until the worker at `url` is ready: GET /healthcheck says state "ready", or (when
+        it says no state: a model's health relayed, an older worker) the model route answers
+        anything but 503. Said on the progress line; False after `timeout` seconds (the load
+        is sent anyway, and the report shows what a worker not ready answers)."""
+        client = self._client_for(url)
+        started = time.monotonic()
+        deadline = started + timeout
+        why = "no answer yet"
+        shown = -math.inf
+        while not self.interrupted:
+            why = await self._readiness(client, deadline)
+            now = time.monotonic()
+            if not why:
+                self._say_waiting(f"worker ready after {now - started:.1f}s", final=True)
+                return True
+            if now >= deadline:
+                self._say_waiting(
+                    f"worker not ready after {timeout:g}s ({why}): sending anyway", final=True
+                )
+                return False
+            interval = PROGRESS_TTY_INTERVAL if self._tty else PROGRESS_PLAIN_INTERVAL
+            if now - shown >= interval:
+                shown = now
+                self._say_waiting(
+                    f"waiting for the worker to be ready ... {now - started:.1f}s ({why})",
+                    final=False,
+                )
+            await asyncio.sleep(min(READY_POLL, max(deadline - now, 0.0)))
+        return False
+
+    async def _readiness(self, client: HttpClient, deadline: float) -> str:
+        """ "" when the worker is ready, else why not."""
+        timeout = max(min(5.0, deadline - time.monotonic()), 0.05)
+        try:
+            async with await client.request("GET", "/healthcheck", timeout=timeout) as resp:
+                body = await resp.read()
+            state: Any = None
+            with contextlib.suppress(ValueError, RecursionError):
+                answer: Any = json_loads(body)
+                if isinstance(answer, dict):
+                    state = typing.cast(dict[str, Any], answer).get("state")
+            if isinstance(state, str):
+                return "" if state == "ready" else f"state {state}"
+            # No state: ask the model route itself, as a client would.
+            payload = payload_json(self.make_payload())
+            auth = {"signature": "", "cost": 0, "endpoint": "ready-check", "reqnum": 0}
+            probe = json_dumps({"auth_data": {**auth, "url": client.base_url}, "payload": payload})
+            timeout = max(deadline - time.monotonic(), 0.05)
+            async with await client.request(
+                "POST", self.options.route, probe, timeout=timeout
+            ) as resp:
+                await resp.read()
+            return f"{self.options.route} answers 503" if resp.status == 503 else ""
+        except UpstreamError as exc:
+            return str(exc)[:120]
+
+    def _say_waiting(self, text: str, *, final: bool) -> None:
+        if not self.options.progress:
+            return
+        if self._tty:
+            self.out.write("\r" + text + "\x1b[K" + ("\n" if final else ""))
+        else:
+            self.out.write(text + "\n")
+        self.out.flush()
+
     def interrupt(self) -> None:
         """Stop sending and cancel the requests in flight; run() then returns what it has."""
         self.interrupted = True
@@ -781,6 +1240,8 @@ class LoadTester:
             task.cancel()
 
     async def _send_all(self) -> None:
+        if self.interrupted:  # while waiting for the worker
+            return
         if self.options.session > 0:
             await self._send_sessions()
             return
@@ -839,6 +1300,7 @@ class LoadTester:
             return
         url, auth = target
         session.worker = url
+        session.request_idx = first.request_idx
         sid = await self._session_call(session, url, "/session/create", auth, deadline)
         records = [first]
         for i in range(1, count):
@@ -895,6 +1357,7 @@ class LoadTester:
             fields = None
         if session_id is None:
             session.open_time = took
+            session.create_status = response.status
             answer_fields = typing.cast(dict[str, Any], fields) if isinstance(fields, dict) else {}
             new_id = answer_fields.get("session_id")
             if response.status != 201 or not isinstance(new_id, str):
@@ -971,7 +1434,10 @@ class LoadTester:
         answer = await self._route(record, cost, deadline)
         if answer is None:
             return None
-        auth = {name: answer[name] for name in _AUTH_FIELDS}
+        if options.platform == "2024":  # the seed's client sent the five signed fields
+            auth = {name: answer[name] for name in _AUTH_FIELDS}
+        else:  # today's sends the whole answer (SPEC 11.1)
+            auth = dict(answer)
         return typing.cast(str, answer["url"]), auth
 
     async def _request(
@@ -996,9 +1462,10 @@ class LoadTester:
         except ValueError as exc:
             self._fail(record, "route_error", "route", f"unusable worker url: {exc}")
             return
-        message: dict[str, Any] = {"auth_data": auth, "payload": payload_json(payload)}
-        if session_id is not None:
+        message: dict[str, Any] = {"auth_data": auth}
+        if session_id is not None or (options.platform == "today" and options.worker is None):
             message["session_id"] = session_id
+        message["payload"] = payload_json(payload)
         body = json_dumps(message)
         sent = time.monotonic()
         if deadline - sent <= 0:
@@ -1042,11 +1509,68 @@ class LoadTester:
         """POST /route/: the signed auth_data and the worker's url, or None (record failed)."""
         record.stage = "route"
         options = self.options
+        today = options.platform == "today"
+        request_idx = 0
+        pause = ROUTE_POLL_FIRST
+        while True:
+            fields = await self._route_call(record, cost, deadline, request_idx)
+            if fields is None:
+                return None
+            if fields.get("url"):
+                break
+            text = json_dumps(fields)[:MAX_ERROR_BODY].decode("utf-8", "replace")
+            if not today:  # the seed's autoscaler: no url is a failure, not a wait
+                self._fail(record, "route_error", "route", f"no worker url: {text}")
+                return None
+            # Today's: wait and ask again for the same request (SPEC 11.6), a jittered pause
+            # of at most ROUTE_POLL_MAX seconds, within the request's deadline.
+            idx = fields.get("request_idx")
+            if type(idx) is int:
+                request_idx = idx
+            record.route_polls += 1
+            delay = min(pause * random.uniform(0.5, 1.0), ROUTE_POLL_MAX)
+            left = deadline - time.monotonic()
+            if left <= delay:
+                record.route_wait += max(left, 0.0)
+                await asyncio.sleep(max(left, 0.0))
+                record.route_time = time.monotonic() - record.started
+                self._fail(record, "timeout", "route", f"still no worker url: {text}")
+                return None
+            await asyncio.sleep(delay)
+            record.route_wait += delay
+            pause = min(pause * 2, ROUTE_POLL_MAX)
+        text = json_dumps(fields)[:MAX_ERROR_BODY].decode("utf-8", "replace")
+        missing = [name for name in _AUTH_FIELDS if name not in fields]
+        if missing or not isinstance(fields["url"], str):
+            self._fail(record, "route_error", "route", f"answer lacks {missing}: {text}")
+            return None
+        idx = fields.get("request_idx")
+        record.request_idx = idx if type(idx) is int else None
+        return fields
+
+    async def _route_call(
+        self, record: RequestRecord, cost: float, deadline: float, request_idx: int
+    ) -> dict[str, Any] | None:
+        """One POST /route/: its answer as a JSON object, or None (the record failed)."""
+        options = self.options
         assert self._route_client is not None
-        message = {"endpoint": options.endpoint, "api_key": options.api_key, "cost": cost}
+        message: dict[str, Any] = {
+            "endpoint": options.endpoint,
+            "api_key": options.api_key,
+            "cost": cost,
+        }
+        headers: list[tuple[str, str]] = []
+        if options.platform == "today":
+            message["request_idx"] = request_idx
+            message["replay_timeout"] = ROUTE_REPLAY_TIMEOUT
+            headers.append(("Authorization", f"Bearer {options.api_key}"))
         try:
             response = await self._route_client.request(
-                "POST", "/route/", json_dumps(message), timeout=deadline - time.monotonic()
+                "POST",
+                "/route/",
+                json_dumps(message),
+                headers=headers,
+                timeout=max(deadline - time.monotonic(), 0.001),
             )
             async with response:
                 body = await response.read()
@@ -1068,15 +1592,7 @@ class LoadTester:
         if not isinstance(answer, dict):
             self._fail(record, "route_error", "route", f"not a JSON object: {text}")
             return None
-        fields = typing.cast(dict[str, Any], answer)
-        if not fields.get("url"):  # the autoscaler has no worker ready (yet)
-            self._fail(record, "route_error", "route", f"no worker url: {text}")
-            return None
-        missing = [name for name in _AUTH_FIELDS if name not in fields]
-        if missing or not isinstance(fields["url"], str):
-            self._fail(record, "route_error", "route", f"answer lacks {missing}: {text}")
-            return None
-        return fields
+        return typing.cast(dict[str, Any], answer)
 
     @staticmethod
     def _is_stream(response: ClientResponse) -> bool:
@@ -1181,6 +1697,10 @@ class LoadResult:
             latency        {"route": summary (route calls answered), "worker": summary
                             (ok requests: worker call sent -> answer read), "total": summary
                             (ok requests: route call sent -> answer read)}
+            route_wait     null (--worker), or {"requests": int (route calls answered "wait",
+                            without a url, at least once), "polls": int (such answers),
+                            "wait": summary (per such request: the pauses before polling
+                            again, part of its route time)}
             stream         null, or for ok requests answered as a stream:
                            {"requests": int, "tokens": int, "tokens_per_s": float (all tokens
                             over elapsed), "ttft": summary (worker call sent -> first token),
@@ -1202,6 +1722,12 @@ class LoadResult:
                             "under_load_report": {...} | null (the last one received
                             before the test stopped sending), "last_report": {...} | null}]}
                            where a report is the worker's /worker_status/ body (SPEC 7)
+            reconciliation only with --local: {"checked": false, "reason": str} (--platform
+                            2024), or {"checked": true, "ok": bool, "line": str, "routed": int,
+                            "completed": int, "missing", "twice", "unknown": [request_idx]
+                            (the first ones), "mismatches": [str], "counts": {"missing",
+                            "twice", "mismatches", "unknown": int}, "report_faults": [str]
+                            (wrong load or completion reports), "unauthorized": int}
         """
         records = self.records
         ok = [r for r in records if r.outcome == "ok"]
@@ -1225,6 +1751,7 @@ class LoadResult:
             "elapsed": elapsed,
             "in_flight": self._in_flight(),
             "latency": self._latency(ok),
+            "route_wait": self._route_wait(),
             "stream": self._stream(ok, elapsed),
             "workers": self._workers(),
             "errors": self._errors(failed),
@@ -1292,6 +1819,36 @@ class LoadResult:
             "worker": summarize(r.worker_time for r in ok if r.worker_time is not None),
             "total": summarize(r.total_time for r in ok if r.total_time is not None),
         }
+
+    def _route_wait(self) -> dict[str, Any] | None:
+        # Today's /route/ may answer "wait" (no url): the pauses before asking again are part
+        # of the route time, and shown on their own here.
+        if self.options.server is None:
+            return None
+        polled = [r for r in self.records if r.route_polls]
+        return {
+            "requests": len(polled),
+            "polls": sum(r.route_polls for r in polled),
+            "wait": summarize(r.route_wait for r in polled),
+        }
+
+    def client_statuses(self) -> dict[int, tuple[str, ...]]:
+        """request_idx -> the completion statuses the worker may report, by what this client
+        saw (expected_statuses); with --session, a session is one request, ended as a
+        success once it opened."""
+        view: dict[int, tuple[str, ...]] = {}
+        if self.options.session:
+            for session in self.sessions:
+                if session.request_idx is not None:
+                    allowed = ("Success",) if session.opened else None
+                    view[session.request_idx] = allowed or expected_statuses(
+                        session.create_status, ""
+                    )
+            return view
+        for r in self.records:
+            if r.request_idx is not None:
+                view[r.request_idx] = expected_statuses(r.status, r.outcome)
+        return view
 
     @staticmethod
     def _stream(ok: Sequence[RequestRecord], elapsed: float) -> dict[str, Any] | None:
@@ -1370,6 +1927,7 @@ class LoadResult:
         lines += self._render_tokens(report["stream"])
         lines += self._render_sessions(report["sessions"])
         lines += self._render_workers(report["workers"])
+        lines += self._render_reconciliation(report.get("reconciliation"))
         lines += self._render_errors(report)
         return "\n".join(lines)
 
@@ -1413,8 +1971,10 @@ class LoadResult:
     @staticmethod
     def _render_latency(report: dict[str, Any]) -> list[str]:
         latency = report["latency"]
-        table = [("route", latency["route"]), ("worker", latency["worker"])]
-        table.append(("total", latency["total"]))
+        table = [("route", latency["route"])]
+        if report.get("route_wait") is not None:
+            table.append(("route wait", report["route_wait"]["wait"]))
+        table += [("worker", latency["worker"]), ("total", latency["total"])]
         stream = report["stream"]
         if stream is not None:
             table += [("first token", stream["ttft"]), ("inter-token", stream["itl"])]
@@ -1466,6 +2026,26 @@ class LoadResult:
         return lines
 
     @staticmethod
+    def _render_reconciliation(reconciliation: dict[str, Any] | None) -> list[str]:
+        if reconciliation is None:
+            return []
+        if not reconciliation["checked"]:
+            return [f"reconciled  not checked: {reconciliation['reason']}"]
+        lines = [f"reconciled  {reconciliation['line']}"]
+        for kind in ("missing", "twice", "unknown"):
+            if reconciliation[kind]:
+                shown = ", ".join(str(i) for i in reconciliation[kind])
+                lines.append(f"  {kind}: request_idx {shown}")
+        lines += [f"  mismatch: {m}" for m in reconciliation["mismatches"][:5]]
+        faults: list[Any] = reconciliation.get("report_faults") or []
+        if faults:
+            lines.append(f"  wrong reports from the workers: {len(faults)}")
+            lines += [f"    {' '.join(str(f).split())[:200]}" for f in faults[:5]]
+        if reconciliation.get("unauthorized"):
+            lines.append(f"  reports refused (wrong mtoken): {reconciliation['unauthorized']}")
+        return lines
+
+    @staticmethod
     def _render_errors(report: dict[str, Any]) -> list[str]:
         if not report["error_kinds"]:
             return []
@@ -1483,12 +2063,9 @@ class LoadResult:
 # Payloads from a worker file ######################################################################
 
 
-def load_payload_class(spec: str | None = None) -> type[ApiPayload]:
-    """The ApiPayload subclass of a worker: `FILE.py`, `FILE.py:Class` or a module name.
-
-    Default: hello_world.py beside this file. When the file defines several payload classes,
-    the one its backend benchmarks with is taken, unless `:Class` names one.
-    """
+def load_worker_module(spec: str | None = None) -> tuple[types.ModuleType, str, str]:
+    """A worker's module, imported once, from `FILE.py`, `FILE.py:Class` or a module name
+    (default hello_world.py beside this file): (module, its path or name, the Class part)."""
     spec = spec or os.path.join(_HERE, "hello_world.py")
     path, class_name = spec, ""
     if not os.path.exists(spec) and ":" in spec:
@@ -1511,6 +2088,37 @@ def load_payload_class(spec: str | None = None) -> type[ApiPayload]:
             loader_spec.loader.exec_module(module)
     else:
         module = importlib.import_module(path)
+    return module, path, class_name
+
+
+def worker_first_route(module: types.ModuleType) -> str | None:
+    """The path of the first POST route in a worker module's `routes` list."""
+    routes: list[Any] = list(getattr(module, "routes", None) or [])
+    for route in routes:
+        if isinstance(route, pyworker.Route) and route.method == "POST":
+            return route.path
+    return None
+
+
+def worker_loaded_lines(module: types.ModuleType) -> list[str]:
+    """The texts a worker module's backend takes, in its model log, for "model loaded"."""
+    actions: Any = getattr(getattr(module, "backend", None), "log_actions", None) or []
+    lines: list[str] = []
+    for action in typing.cast(list[Any], actions):
+        if isinstance(action, tuple) and len(typing.cast(tuple[Any, ...], action)) == 2:
+            kind, text = typing.cast(tuple[Any, Any], action)
+            if kind is pyworker.LogAction.ModelLoaded and isinstance(text, str):
+                lines.append(text)
+    return lines
+
+
+def load_payload_class(spec: str | None = None) -> type[ApiPayload]:
+    """The ApiPayload subclass of a worker: `FILE.py`, `FILE.py:Class` or a module name.
+
+    Default: hello_world.py beside this file. When the file defines several payload classes,
+    the one its backend benchmarks with is taken, unless `:Class` names one.
+    """
+    module, path, class_name = load_worker_module(spec)
     found = [
         obj
         for obj in vars(module).values()
@@ -1547,6 +2155,7 @@ def load_payload_class(spec: str | None = None) -> type[ApiPayload]:
 READY_TIMEOUT = 60.0  # seconds for a worker to load and benchmark before the setup gives up
 STOP_GRACE = 10.0  # seconds a worker gets after SIGTERM before SIGKILL
 LAST_REPORT_WAIT = 2.5  # seconds to wait after the test for each worker's next load report
+COMPLETION_WAIT = 5.0  # seconds to wait after the test for the completion reports (1-2 s late)
 LOG_TAIL_LINES = 15  # lines of a failed worker's log shown in the error
 # The environment a local worker gets is the user's minus these, so that a shell exporting
 # UNSECURED or another worker's settings cannot change what the local setup tests.
@@ -1563,6 +2172,10 @@ _WORKER_VARIABLES = (
     "UNSECURED",
     "PUBKEY_FILE",
     "MAX_BODY_BYTES",
+    "MASTER_TOKEN",
+    "REPORT_FORMAT",
+    "SIGNATURE_LAYOUTS",
+    "WORKER_HTTP_PORT",
 )
 
 
@@ -1642,7 +2255,13 @@ class LocalSetup:
         endpoint: str = "local",
         key_bits: int = 1024,
         out: typing.TextIO | None = None,
+        platform: str = "today",
     ) -> None:
+        if platform not in PLATFORMS:
+            raise ValueError(f"platform: expected one of {PLATFORMS}, not {platform!r}")
+        self.platform = platform
+        # Today's platform gives each worker a MASTER_TOKEN; its reports must carry it.
+        self.master_token = secrets.token_hex(16) if platform == "today" else None
         self.count = workers
         self.key_bits = key_bits
         self.directory = directory
@@ -1668,10 +2287,15 @@ class LocalSetup:
         # takes 1024-8192 bits), the same way. A local, throwaway key.
         key = RsaPrivateKey.generate(self.key_bits)
         self.autoscaler = await LocalAutoscaler(
-            key, api_key=self.api_key, endpoint=self.endpoint
+            key,
+            api_key=self.api_key,
+            endpoint=self.endpoint,
+            platform=self.platform,
+            master_token=self.master_token,
         ).start()
+        platform = "today's platform" if self.platform == "today" else "the 2024 platform"
         self._say(
-            f"local setup in {self.directory}: autoscaler {self.autoscaler.url}, "
+            f"local setup in {self.directory}: autoscaler {self.autoscaler.url} ({platform}), "
             f"{self.count} worker(s) running {os.path.basename(self.worker_file)}"
         )
         for index in range(1, self.count + 1):
@@ -1702,6 +2326,8 @@ class LocalSetup:
             CONTAINER_ID=str(worker.index),
             PYTHONUNBUFFERED="1",
         )
+        if self.master_token is not None:
+            env["MASTER_TOKEN"] = self.master_token
         # pyworker.py beside this file, for a worker file kept elsewhere.
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), _HERE]))
         # A bare interpreter (-S, no site-packages) runs its workers bare too.
@@ -1755,6 +2381,30 @@ class LocalSetup:
             if all(views[url].reports > count for url, count in before.items()):
                 return
             await asyncio.sleep(0.1)
+
+    async def settle_completions(self, timeout: float = COMPLETION_WAIT) -> None:
+        """Wait (bounded) until every routed request was reported completed: completion
+        reports leave a worker about every second."""
+        assert self.autoscaler is not None
+        deadline = time.monotonic() + timeout
+        while self.autoscaler.pending_completions() and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+
+    def reconciliation(self, client: dict[int, tuple[str, ...]]) -> dict[str, Any]:
+        """The "reconciliation" part of the report: what the autoscaler routed against the
+        completion reports, with `client` (LoadResult.client_statuses()) for the statuses;
+        plus the wrong reports the autoscaler saw."""
+        assert self.autoscaler is not None
+        if self.platform == "2024":
+            return {
+                "checked": False,
+                "reason": "--platform 2024: the seed's autoscaler hands out no request_idx "
+                "and takes no completion reports",
+            }
+        result = self.autoscaler.reconcile(client).report()
+        result["report_faults"] = self.autoscaler.faults[:ERROR_SAMPLES_LOCAL]
+        result["unauthorized"] = self.autoscaler.unauthorized
+        return result
 
     def describe(self, under_load_until: float | None = None) -> dict[str, Any]:
         """The "local" part of the JSON report. `under_load_until` (a time.monotonic() value,
@@ -1945,14 +2595,17 @@ def _add_fake_model_options(parser: _ArgumentAdder, prefix: str = "") -> None:
 
 
 def _fake_model(
-    args: argparse.Namespace, prefix: str = "", log_path: str | None = None
+    args: argparse.Namespace,
+    prefix: str = "",
+    log_path: str | None = None,
+    loaded_lines: Sequence[str] = (),
 ) -> FakeModel:
     """A realistic FakeModel paced as the options of `_add_fake_model_options` ask."""
     pacing = {
         name.replace("-", "_"): getattr(args, (prefix + name).replace("-", "_"))
         for name, *_ in _FAKE_MODEL_OPTIONS
     }
-    return FakeModel.realistic(log_path=log_path, **pacing)
+    return FakeModel.realistic(log_path=log_path, loaded_lines=loaded_lines, **pacing)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1989,8 +2642,9 @@ def _add_load_options(parser: argparse.ArgumentParser) -> None:
     )
     load.add_argument(
         "--route",
-        default="/generate",
-        help="the worker route to call: /generate (default) or /generate_stream",
+        default=None,
+        help="the worker route to call, e.g. /generate_stream (default: the worker file's "
+        "first POST route, /generate for hello_world.py)",
     )
     load.add_argument(
         "--timeout",
@@ -2033,11 +2687,12 @@ def _add_target_options(parser: argparse.ArgumentParser) -> None:
         metavar="URL",
         help=f"the autoscaler's base URL (default {DEFAULT_SERVER})",
     )
-    where.add_argument(
+    target.add_argument(
         "-l",
         "--local-autoscaler",
         action="store_true",
-        help=f"an autoscaler at {LOCAL_SERVER} (see `test_load.py autoscaler`)",
+        help=f"an autoscaler at {LOCAL_SERVER} (see `test_load.py autoscaler`; --server "
+        "for another address), key and endpoint by default local-key and local",
     )
     where.add_argument(
         "--worker",
@@ -2062,6 +2717,22 @@ def _add_target_options(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("ENDPOINT_NAME", ""),
         help="endpoint name (default $ENDPOINT_NAME)",
     )
+    target.add_argument(
+        "--platform",
+        choices=PLATFORMS,
+        default="today",
+        help="the autoscaler's protocol: today's (SPEC 11: request_idx, polling, completion "
+        "reports; default), or 2024, the seed's; with --local the local autoscaler and the "
+        "workers speak it too",
+    )
+    target.add_argument(
+        "--ready-timeout",
+        type=_positive(float),
+        default=READY_TIMEOUT,
+        metavar="S",
+        help="--local: seconds for the workers to get ready; --worker: seconds to wait for "
+        f"the worker to be ready before sending (default {READY_TIMEOUT:g})",
+    )
     target.add_argument("--cafile", metavar="PEM", help="also trust this CA (https workers)")
     target.add_argument("--insecure", action="store_true", help="do not verify TLS certificates")
 
@@ -2076,13 +2747,6 @@ def _add_local_options(parser: argparse.ArgumentParser) -> None:
         help="worker processes, each with its own fake model (default 1)",
     )
     local.add_argument(
-        "--ready-timeout",
-        type=_positive(float),
-        default=READY_TIMEOUT,
-        metavar="S",
-        help=f"seconds for the workers to get ready (default {READY_TIMEOUT:g})",
-    )
-    local.add_argument(
         "--keep",
         action="store_true",
         help="keep the working directory (logs) even when all went well",
@@ -2094,10 +2758,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """The load tester's arguments; exits with status 2 and a message on bad ones."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.route.startswith("/"):
+    if args.route is not None and not args.route.startswith("/"):
         parser.error(f"--route must start with /: {args.route!r}")
     if args.workers > 64:
         parser.error("--workers: 64 at most")
+    if args.local_autoscaler and (args.local or args.worker):
+        parser.error("-l: not with --local or --worker")
+    if args.local_autoscaler:  # `test_load.py autoscaler` takes these by default
+        args.api_key = args.api_key or "local-key"
+        args.endpoint = args.endpoint or "local"
     if not (args.local or args.worker):
         if not args.api_key:
             parser.error("no API key: give -k KEY or set API_KEY")
@@ -2129,14 +2798,16 @@ async def run_cli(
     stream: typing.TextIO = out if out is not None else sys.stdout
     try:
         payload_cls = load_payload_class(args.worker_module)
+        module = load_worker_module(args.worker_module)[0]
     except Exception as exc:  # the worker file's own import errors included
         stream.write(f"test_load.py: --worker-module: {exc}\n")
         return 2
+    route = args.route or worker_first_route(module) or "/generate"
     server = args.server or (LOCAL_SERVER if args.local_autoscaler else DEFAULT_SERVER)
     options = LoadOptions(
         total=args.n,
         rps=args.rps,
-        route=args.route,
+        route=route,
         server=None if args.worker else server,
         worker=args.worker,
         api_key=args.api_key,
@@ -2146,11 +2817,14 @@ async def run_cli(
         progress=not args.quiet,
         ssl_context=_ssl_context(args),
         session=args.session,
+        platform=args.platform,
+        ready_timeout=args.ready_timeout if args.worker else None,
     )
     interrupts = _Interrupts()
     with interrupts.installed(handle_signals):
         if args.local:
-            return await _run_local(args, options, payload_cls, interrupts, stream)
+            loaded = worker_loaded_lines(module)
+            return await _run_local(args, options, payload_cls, interrupts, stream, loaded)
         tester = LoadTester(options, payload_cls.for_test, stream)
         interrupts.gentle = interrupts.hurry = tester.interrupt
         result = await tester.run()
@@ -2173,11 +2847,12 @@ async def _run_local(
     payload_cls: type[ApiPayload],
     interrupts: _Interrupts,
     out: typing.TextIO,
+    loaded_lines: Sequence[str] = (),
 ) -> int:
     directory = tempfile.mkdtemp(prefix="pyworker-local-")
 
     def model(log_path: str) -> FakeModel:
-        return _fake_model(args, prefix="model-", log_path=log_path)
+        return _fake_model(args, prefix="model-", log_path=log_path, loaded_lines=loaded_lines)
 
     setup = LocalSetup(
         args.workers,
@@ -2187,6 +2862,7 @@ async def _run_local(
         api_key=args.api_key or "local-key",
         endpoint=args.endpoint or "local",
         out=out,
+        platform=args.platform,
     )
     options.server = None  # known once the autoscaler listens
     options.api_key, options.endpoint = setup.api_key, setup.endpoint
@@ -2212,10 +2888,20 @@ async def _run_local(
         interrupts.gentle = tester.interrupt
         result = await tester.run()
         if not result.interrupted:
-            await setup.settle_reports()
+            await setup.settle_completions()
+            await setup.settle_reports()  # and any completion report sent twice
         local = result.extra["local"] = setup.describe(under_load_until=result.send_ended)
+        reconciled: dict[str, Any]
+        if result.interrupted:
+            reconciled = {"checked": False, "reason": "interrupted"}
+        else:
+            reconciled = setup.reconciliation(result.client_statuses())
+        result.extra["reconciliation"] = reconciled
         status = _finish(args, result, out)
         out.write(setup.render_reports(local) + "\n")
+        failed = not reconciled.get("ok") or reconciled.get("report_faults")
+        if status == 0 and reconciled["checked"] and failed:
+            status = 1  # the workers' reports disagree with what the client saw
         return status
     finally:
         interrupts.gentle = setup.kill  # Ctrl-C while stopping: do not wait for them
@@ -2297,15 +2983,43 @@ def autoscaler_main(argv: Sequence[str]) -> int:
     parser.add_argument("--port", type=int, default=8081, help="port (default 8081)")
     parser.add_argument("-k", "--api-key", default="local-key")
     parser.add_argument("-e", "--endpoint", default="local")
+    parser.add_argument(
+        "--platform",
+        choices=PLATFORMS,
+        default="today",
+        help="today's platform (request_idx, `url` signatures, MASTER_TOKEN, completion "
+        "reports; default) or the seed's 2024 one",
+    )
+    parser.add_argument(
+        "--master-token",
+        metavar="TOKEN",
+        help="the MASTER_TOKEN workers must report with (default: a new random one, printed)",
+    )
     args = parser.parse_args(argv)
 
     async def start() -> Callable[[], Awaitable[None]]:
-        autoscaler = LocalAutoscaler(api_key=args.api_key, endpoint=args.endpoint)
+        token = None
+        if args.platform == "today":
+            token = args.master_token or secrets.token_hex(16)
+        autoscaler = LocalAutoscaler(
+            api_key=args.api_key,
+            endpoint=args.endpoint,
+            platform=args.platform,
+            master_token=token,
+        )
         await autoscaler.start(args.port)
+        env = f"MASTER_TOKEN={token} " if token else ""
+        defaults = args.api_key == "local-key" and args.endpoint == "local"
+        load = "-l" if defaults else f"-l -k {args.api_key} -e {args.endpoint}"
+        if args.port != 8081:
+            load += f" --server {autoscaler.url}"
+        if args.platform == "2024":
+            load += " --platform 2024"
         print(
-            f"local autoscaler on {autoscaler.url}\n"
-            f"  a worker:  REPORT_ADDR={autoscaler.url} MODEL_LOG=... python hello_world.py\n"
-            f"  load it:   python test_load.py -l -k {args.api_key} -e {args.endpoint}",
+            f"local autoscaler on {autoscaler.url} ({args.platform})\n"
+            f"  a worker:  {env}REPORT_ADDR={autoscaler.url} MODEL_LOG=... "
+            "python hello_world.py\n"
+            f"  load it:   python test_load.py {load}",
             flush=True,
         )
         loop = asyncio.get_running_loop()
@@ -2321,7 +3035,7 @@ def autoscaler_main(argv: Sequence[str]) -> int:
 
 
 async def _print_reports(autoscaler: LocalAutoscaler) -> None:
-    seen = 0
+    seen = faults = 0
     while True:
         await asyncio.sleep(1.0)
         for report in autoscaler.reports[seen:]:
@@ -2333,6 +3047,9 @@ async def _print_reports(autoscaler: LocalAutoscaler) -> None:
                 flush=True,
             )
         seen = len(autoscaler.reports)
+        for fault in autoscaler.faults[faults:]:
+            print(f"worker fault: {fault}", flush=True)
+        faults = len(autoscaler.faults)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -490,8 +490,10 @@ def test_request_idx_and_session_id(tmp_path: Path) -> None:
             assert "auth_data" in reply.json(), reply.json()
             reply = await r.send(r.auth("seed", request_idx=11), session_id=None)
             assert reply.status == 200, reply
+            # a session_id the worker never created: SPEC 11.5's 410
             reply = await r.send(r.auth("seed", request_idx=12), session_id="abc")
-            assert reply.status == 200, reply
+            assert reply.status == 410, reply
+            assert reply.json() == {"error": "invalid session"}
 
     run(main())
 

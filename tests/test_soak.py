@@ -217,3 +217,226 @@ def test_soak_has_bounded_growth(tmp_path: Path) -> None:
 
 async def _ping(port: int) -> tuple[int, bytes]:
     return await fetch(f"http://127.0.0.1:{port}", "GET", "/ping", timeout=5)
+
+
+def test_soak_sessions_leave_nothing_behind(tmp_path: Path) -> None:
+    """Guards against leaks in sessions (SPEC 11.5): 1,000 sessions opened and ended against
+    a live worker, some with requests inside (JSON and streams), some with a close callback,
+    some left to expire, some ended under a stream in flight. Descriptors, tasks and traced
+    memory after the last 900 stay within a small bound of what they were after the first
+    100; the bookkeeping balances; no session is left open; and once the worker has
+    stopped, no task of its is left."""
+    from support import encode_request, read_chunk, read_head
+
+    sessions, warmup, concurrency = 1000, 100, 8
+    expire_every, cut_every = 25, 50  # left to expire; ended under a stream in flight
+
+    async def main() -> dict[str, Any]:
+        mine = set(asyncio.all_tasks())  # the test's own (Runner's wait_for)
+        fake = await FakeModel(tokens=400, token_delay=0.002).start()
+        loaded_model_log(tmp_path)
+        backend = pyworker.Backend(
+            fake.url,
+            None,
+            True,
+            FastGenerateHandler(),
+            [(pyworker.LogAction.ModelLoaded, FakeModel.LOADED_LINE)],
+            max_sessions=64,
+        )
+        routes = hello_world_routes(backend, FastGenerateHandler())
+        config = worker_config(
+            tmp_path,
+            fake.url,
+            ["http://127.0.0.1:9"],  # nothing listens: reports fail, quietly
+            unsecured=True,
+            report_check_interval=60.0,
+            report_max_interval=60.0,
+            log_poll_interval=0.05,
+            session_gc_interval=0.05,
+        )
+        worker = await pyworker.start_server(backend, routes, config, port=0)
+        clients: list[pyworker.HttpClient] = []  # the current phase's, closed at its end
+        outcomes: dict[str, int] = {}
+
+        def count(outcome: str) -> None:
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+
+        async def post(route: str, body: dict[str, Any]) -> tuple[int, bytes]:
+            data = json.dumps(body).encode()
+            async with await clients[-1].request("POST", route, data, timeout=10) as resp:
+                return resp.status, await resp.read()
+
+        async def cut(session_id: str, auth: dict[str, Any]) -> None:
+            """A long stream inside the session, ended by /session/end after its first chunk."""
+            body = {
+                "auth_data": auth,
+                "session_id": session_id,
+                "payload": {"prompt": "cut me off", "max_response_tokens": 400},
+            }
+            reader, writer = await asyncio.open_connection("127.0.0.1", worker.port)
+            try:
+                writer.write(encode_request("POST", "/generate_stream", body))
+                status, _ = await asyncio.wait_for(read_head(reader), 5)
+                first = await asyncio.wait_for(read_chunk(reader), 5)
+                ask = {"session_id": session_id, "session_auth": auth}
+                ended, _ = await post("/session/end", ask)
+                while (chunk := await asyncio.wait_for(read_chunk(reader), 5)) is not None:
+                    if chunk == b"":
+                        break
+                ok = status == 200 and bool(first) and ended == 200 and chunk is None
+                count("cut" if ok else f"bad cut {status} {ended} {chunk!r}")
+            finally:
+                writer.close()
+
+        async def one(i: int) -> None:
+            auth = {"cost": "3", "reqnum": i}
+            payload: dict[str, Any] = {"lifetime": 0.2 if i % expire_every == 1 else 30}
+            if i % 10 == 0:
+                payload["on_close_route"] = "/generate"
+                payload["on_close_payload"] = {"prompt": f"closed {i}", "max_response_tokens": 1}
+            status, data = await post("/session/create", {"auth_data": auth, "payload": payload})
+            if status != 201:
+                count(f"create {status}")
+                return
+            session_id = json.loads(data)["session_id"]
+            ask = {"session_id": session_id, "session_auth": auth}
+            inside = {"prompt": f"session {i}", "max_response_tokens": 4}
+            body = {"auth_data": auth, "session_id": session_id, "payload": inside}
+            if i % 5 == 0:
+                status, data = await post("/generate", body)
+                count("inside" if status == 200 and b'"tokens":4' in data else f"json {status}")
+            if i % 10 == 0:
+                status, data = await post("/generate_stream", body)
+                ok = status == 200 and data.count(b"data:") == 4
+                count("inside" if ok else f"stream {status}")
+            if i % 7 == 0:
+                status, data = await post("/session/health", ask)
+                count("health" if json.loads(data) == {"ok": True} else f"health {status}")
+            if i % expire_every == 1:
+                count("left to expire")
+            elif i % cut_every == 3:
+                await cut(session_id, auth)
+            else:
+                status, _ = await post("/session/end", ask)
+                count("ended" if status == 200 else f"end {status}")
+
+        async def phase(start: int, stop: int) -> dict[str, Any]:
+            queue = iter(range(start, stop))
+            clients.append(
+                pyworker.HttpClient(f"http://127.0.0.1:{worker.port}", max_idle=concurrency)
+            )
+
+            async def worker_client() -> None:
+                for i in queue:
+                    await one(i)
+
+            try:
+                await asyncio.gather(*(worker_client() for _ in range(concurrency)))
+            finally:
+                await clients[-1].close()
+            # Let expiries, callbacks and closed connections settle.
+            sessions_table = backend.sessions
+            assert sessions_table is not None
+            for _ in range(200):
+                metrics = backend.metrics
+                if (
+                    metrics.sessions_open == 0
+                    and metrics.in_flight.requests == 0
+                    and not sessions_table.callbacks
+                    and worker.server.connections == 0
+                ):
+                    break
+                await asyncio.sleep(0.02)
+            fake.requests.clear()  # the fake model's own record, not the worker's memory
+            gc.collect()
+            return {
+                "fds": open_fds(),
+                "tasks": len(asyncio.all_tasks()),
+                "pooled": backend.client.idle_connections,
+                "server_connections": worker.server.connections,
+                "traced_bytes": tracemalloc.get_traced_memory()[0],
+                "in_flight": backend.metrics.in_flight.requests,
+                "sessions_open": backend.metrics.sessions_open,
+                "callbacks": len(sessions_table.callbacks),
+            }
+
+        tracemalloc.start()
+        try:
+            await wait_ready(backend, 10.0, interval=0.025)
+            started = time.monotonic()
+            base = await phase(0, warmup)
+            after = await phase(warmup, sessions)
+            elapsed = time.monotonic() - started
+            metrics = backend.metrics
+            result: dict[str, Any] = {
+                "base": base,
+                "after": after,
+                "outcomes": outcomes,
+                "elapsed": elapsed,
+                "ping": await _ping(worker.port),
+                "consistent": metrics.consistent(),
+                "ended": dict(metrics.sessions_ended),
+                "received": metrics.received.requests,
+                "served": metrics.served.requests,
+                "cancelled": metrics.cancelled.requests,
+                "errored": metrics.errored.requests,
+            }
+        finally:
+            tracemalloc.stop()
+            for client in clients:
+                await client.close()
+            await worker.stop(grace=1)
+            await fake.stop()
+        # Nothing of the worker's (or the fake model's) is left running.
+        for _ in range(100):
+            left = asyncio.all_tasks() - mine
+            if not left:
+                break
+            await asyncio.sleep(0.02)
+        result["tasks_left"] = [repr(t) for t in asyncio.all_tasks() - mine]
+        result["drained"] = backend.metrics.sessions_ended["drained"]
+        return result
+
+    quiet = logging.getLogger("pyworker")  # cut streams log warnings; pytest keeps them all
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        r = run(main())
+    finally:
+        quiet.setLevel(level)
+    base, after, outcomes = r["base"], r["after"], r["outcomes"]
+    expired = len(range(1, sessions, expire_every))
+    cut_off = len([i for i in range(sessions) if i % cut_every == 3 and i % expire_every != 1])
+    inside = len(range(0, sessions, 5)) + len(range(0, sessions, 10))
+    expected = {
+        "ended": sessions - expired - cut_off,
+        "left to expire": expired,
+        "cut": cut_off,
+        "inside": inside,
+        "health": len(range(0, sessions, 7)),
+    }
+    assert outcomes == expected, outcomes
+    assert r["ping"] == (200, b"pong")
+    # Every session ended once, by its client or by expiry; none was left for the drain.
+    assert r["ended"] == {"ended": sessions - expired, "expired": expired}, r["ended"]
+    assert r["drained"] == 0
+    assert r["consistent"], r
+    assert after["in_flight"] == 0 and after["sessions_open"] == 0, after
+    assert after["callbacks"] == 0, after
+    # sessions + requests inside them; the cut streams cancelled, nothing errored
+    assert r["received"] == r["served"] + r["cancelled"] + r["errored"], r
+    assert r["received"] == sessions + inside + cut_off, r
+    assert r["cancelled"] == cut_off, r
+    assert r["errored"] == 0, r
+    assert r["tasks_left"] == [], r["tasks_left"]
+    # Bounded growth between the warm-up and the end.
+    assert after["server_connections"] == 0, after
+    assert after["fds"] - 2 * after["pooled"] <= base["fds"] - 2 * base["pooled"] + 4, (base, after)
+    assert after["tasks"] - after["pooled"] <= base["tasks"] - base["pooled"] + 2, (base, after)
+    growth = after["traced_bytes"] - base["traced_bytes"]
+    assert growth < 1024 * 1024, (growth, base, after)  # < 1 MiB over 900 sessions
+    print(
+        f"session soak: {sessions} sessions in {r['elapsed']:.1f}s, {outcomes}; fds "
+        f"{base['fds']}->{after['fds']}, tasks {base['tasks']}->{after['tasks']}, traced "
+        f"memory growth {growth / 1024:.0f} KiB"
+    )
