@@ -1246,6 +1246,7 @@ class _ServerProtocol(asyncio.StreamReaderProtocol):
         self.task: asyncio.Task[None] | None = None
         self.conn_transport: asyncio.BaseTransport | None = None
         self.phase = _Phase.IDLE
+        self._request_line: bytes | None = None  # a request line's end not seen yet
         # When the connection is dropped unless the client makes progress; the server's
         # sweeper checks it (one float per connection instead of a timer per phase).
         self.deadline = self._loop.time() + HEAD_TIMEOUT
@@ -1276,6 +1277,8 @@ class _ServerProtocol(asyncio.StreamReaderProtocol):
 
     def data_received(self, data: bytes) -> None:
         if self.phase is not _Phase.IDLE:
+            if self._request_line is not None:
+                self._check_request_line(data)
             super().data_received(data)
             return
         # A request begins: its head has HEAD_TIMEOUT. Two wrong starts are refused at once
@@ -1285,9 +1288,20 @@ class _ServerProtocol(asyncio.StreamReaderProtocol):
             self._server.refuse_tls(self.conn_transport)
             return
         self.enter(_Phase.HEAD, HEAD_TIMEOUT)
+        self._request_line = b""
+        self._check_request_line(data)
         super().data_received(data)
-        newline = data.find(b"\n")
-        if newline == 0 or (newline > 0 and data[newline - 1] != 0x0D):
+
+    def _check_request_line(self, data: bytes) -> None:
+        """Until the request line ended: refuse it at once if it ends in a bare LF (the
+        error goes to the reader before the bytes, so its waiting task sees it)."""
+        line = (self._request_line or b"") + data
+        newline = line.find(b"\n")
+        if newline < 0:
+            self._request_line = line[-1:]  # its last byte is all the check needs
+            return
+        self._request_line = None
+        if newline == 0 or line[newline - 1] != 0x0D:
             self.reader.set_exception(HttpError(400, "bare LF line end"))
 
     def eof_received(self) -> bool | None:

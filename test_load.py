@@ -949,6 +949,7 @@ ROUTE_POLL_FIRST = 0.25  # seconds before the first poll of an answer without ur
 ROUTE_POLL_MAX = 5.0  # the longest pause between polls (SPEC 11.6)
 ROUTE_REPLAY_TIMEOUT = 60.0  # sent in each route call, as today's client does
 READY_POLL = 0.5  # seconds between readiness checks of a worker (--worker)
+READY_REFUSED_GRACE = 5.0  # a worker unreachable this long is not there: send anyway
 
 
 def outcome_label(outcome: str) -> str:
@@ -1175,12 +1176,18 @@ class LoadTester:
         deadline = started + timeout
         why = "no answer yet"
         shown = -math.inf
+        answered = False
         while not self.interrupted:
-            why = await self._readiness(client, deadline)
+            why, reached = await self._readiness(client, deadline)
+            answered = answered or reached
             now = time.monotonic()
             if not why:
                 self._say_waiting(f"worker ready after {now - started:.1f}s", final=True)
                 return True
+            if not answered and now - started >= READY_REFUSED_GRACE:
+                # A PyWorker listens at once, loading or not: nothing there is no worker.
+                self._say_waiting(f"no worker answers ({why}): sending anyway", final=True)
+                return False
             if now >= deadline:
                 self._say_waiting(
                     f"worker not ready after {timeout:g}s ({why}): sending anyway", final=True
@@ -1196,31 +1203,34 @@ class LoadTester:
             await asyncio.sleep(min(READY_POLL, max(deadline - now, 0.0)))
         return False
 
-    async def _readiness(self, client: HttpClient, deadline: float) -> str:
-        """ "" when the worker is ready, else why not."""
+    async def _readiness(self, client: HttpClient, deadline: float) -> tuple[str, bool]:
+        """("", True) when the worker is ready, else why not and whether it answered."""
         timeout = max(min(5.0, deadline - time.monotonic()), 0.05)
         try:
             async with await client.request("GET", "/healthcheck", timeout=timeout) as resp:
                 body = await resp.read()
-            state: Any = None
-            with contextlib.suppress(ValueError, RecursionError):
-                answer: Any = json_loads(body)
-                if isinstance(answer, dict):
-                    state = typing.cast(dict[str, Any], answer).get("state")
-            if isinstance(state, str):
-                return "" if state == "ready" else f"state {state}"
-            # No state: ask the model route itself, as a client would.
-            payload = payload_json(self.make_payload())
-            auth = {"signature": "", "cost": 0, "endpoint": "ready-check", "reqnum": 0}
-            probe = json_dumps({"auth_data": {**auth, "url": client.base_url}, "payload": payload})
+        except UpstreamError as exc:
+            return str(exc)[:120], False
+        state: Any = None
+        with contextlib.suppress(ValueError, RecursionError):
+            answer: Any = json_loads(body)
+            if isinstance(answer, dict):
+                state = typing.cast(dict[str, Any], answer).get("state")
+        if isinstance(state, str):
+            return ("" if state == "ready" else f"state {state}"), True
+        # No state (a model's health relayed, another worker): ask the model route itself.
+        payload = payload_json(self.make_payload())
+        auth = {"signature": "", "cost": 0, "endpoint": "ready-check", "reqnum": 0}
+        probe = json_dumps({"auth_data": {**auth, "url": client.base_url}, "payload": payload})
+        try:
             timeout = max(deadline - time.monotonic(), 0.05)
             async with await client.request(
                 "POST", self.options.route, probe, timeout=timeout
             ) as resp:
                 await resp.read()
-            return f"{self.options.route} answers 503" if resp.status == 503 else ""
         except UpstreamError as exc:
-            return str(exc)[:120]
+            return str(exc)[:120], True
+        return (f"{self.options.route} answers 503" if resp.status == 503 else ""), True
 
     def _say_waiting(self, text: str, *, final: bool) -> None:
         if not self.options.progress:
@@ -1519,14 +1529,15 @@ class LoadTester:
             if fields.get("url"):
                 break
             text = json_dumps(fields)[:MAX_ERROR_BODY].decode("utf-8", "replace")
-            if not today:  # the seed's autoscaler: no url is a failure, not a wait
+            idx = fields.get("request_idx")
+            if not today or type(idx) is not int:
+                # The seed's autoscaler (or an answer with nothing to poll with): no url is a
+                # failure, not a wait.
                 self._fail(record, "route_error", "route", f"no worker url: {text}")
                 return None
             # Today's: wait and ask again for the same request (SPEC 11.6), a jittered pause
             # of at most ROUTE_POLL_MAX seconds, within the request's deadline.
-            idx = fields.get("request_idx")
-            if type(idx) is int:
-                request_idx = idx
+            request_idx = idx
             record.route_polls += 1
             delay = min(pause * random.uniform(0.5, 1.0), ROUTE_POLL_MAX)
             left = deadline - time.monotonic()

@@ -52,7 +52,7 @@ KEY = load_private_key("test_key.pem")
 TOKEN = "mtoken-0123456789abcdef"
 CONTAINER_ID = 4242
 PUBLIC_URL = "http://203.0.113.7:41234"  # what the worker reports as `url`, and auth_data's url
-CACHED_MAX_PERF = 2.0  # .has_benchmark: no benchmark rounds, a known max_perf
+CACHED_MAX_PERF = 2.0  # max_perf set once ready: a known queue estimate
 LOG_ACTIONS = [(LogAction.ModelLoaded, FakeModel.LOADED_LINE)]
 
 # SPEC 11.3, exactly
@@ -308,6 +308,11 @@ class Rig:
 
     async def wait_ready(self, timeout: float = 10.0) -> None:
         await until(lambda: self.backend.state is State.READY, timeout, "the worker to be ready")
+        self.set_max_perf()
+
+    def set_max_perf(self) -> None:
+        """A known max_perf, whatever the benchmark measured (the queue estimate uses it)."""
+        self.backend.max_perf = CACHED_MAX_PERF
 
 
 async def raw(port: int, data: bytes, timeout: float = 10.0) -> Reply:
@@ -337,7 +342,6 @@ async def rig(
     False (or the model log holds no loaded line: `loaded` False)."""
     pubkey = tmp / "pubkey.pem"
     pubkey.write_text(KEY.public_pem())
-    (tmp / ".has_benchmark").write_text(str(CACHED_MAX_PERF))
     if settings.get("model_log", "") is not None:  # model_log=None: no model log at all
         (tmp / "model.log").write_text(FakeModel.LOADED_LINE + "\n" if loaded else "starting\n")
     fake = model or HeldModel()
@@ -368,7 +372,10 @@ async def rig(
             config,
             ready_within=10.0 if ready and loaded else None,
         ) as worker:
-            yield Rig(tmp, backend, worker, fake, platform)
+            the_rig = Rig(tmp, backend, worker, fake, platform)
+            if ready and loaded:
+                the_rig.set_max_perf()
+            yield the_rig
     finally:
         fake.release()
         await fake.stop()
