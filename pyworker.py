@@ -2058,7 +2058,10 @@ class SignatureChecker:
         if block is None:
             return "bad signature"
         for layout in self.layouts:
-            message = auth.message(layout)
+            try:
+                message = auth.message(layout)
+            except (RecursionError, ValueError):  # nested past json's depth: never signed
+                continue
             # compare_digest: the block is public, but the habit costs nothing here.
             if hmac.compare_digest(block, self.pubkey.expected_block(message)):
                 if layout == "url":  # the only layout whose signature recurs
@@ -3545,8 +3548,13 @@ class Session:
         }
 
 
-def _auth_key(auth_data: Any) -> bytes:
-    return json.dumps(auth_data, sort_keys=True, separators=(",", ":")).encode()
+def _auth_key(auth_data: Any) -> bytes | None:
+    """auth_data in one canonical encoding; None when it cannot be encoded (nested past
+    the encoder's depth), which no session's key can equal."""
+    try:
+        return json.dumps(auth_data, sort_keys=True, separators=(",", ":")).encode()
+    except (RecursionError, ValueError, TypeError):
+        return None
 
 
 class SessionTable:
@@ -3575,6 +3583,8 @@ class SessionTable:
         self.ended: collections.OrderedDict[str, None] = collections.OrderedDict()
 
     def full(self) -> bool:
+        if 0 < self.max_sessions <= len(self.open):
+            self._end_expired()  # an expired session must not hold its slot until the next GC
         return 0 < self.max_sessions <= len(self.open)
 
     def resolve_route(self, route: str | None) -> str | None:
@@ -3598,13 +3608,13 @@ class SessionTable:
         return route
 
     def create(
-        self, auth_data: Any, payload: SessionPayload, route: str | None, job: _Job
+        self, auth_data: Any, key: bytes, payload: SessionPayload, route: str | None, job: _Job
     ) -> Session:
         now = time.time()
         session = Session(
             session_id=secrets.token_urlsafe(18),
             auth_data=auth_data,
-            auth_key=_auth_key(auth_data),
+            auth_key=key,
             lifetime=payload.lifetime,
             expiration=now + payload.lifetime,
             created_at=now,
@@ -3625,7 +3635,8 @@ class SessionTable:
         return session
 
     def authorized(self, session: Session, session_auth: Any) -> bool:
-        return hmac.compare_digest(session.auth_key, _auth_key(session_auth))
+        key = _auth_key(session_auth)
+        return key is not None and hmac.compare_digest(session.auth_key, key)
 
     def enter(self, session: Session, job: _Job) -> None:
         """A request served inside `session`: extends it, and is cancelled if it ends."""
@@ -3675,9 +3686,12 @@ class SessionTable:
         """End expired sessions every gc_interval seconds."""
         while True:
             await asyncio.sleep(self.gc_interval)
-            now = time.time()
-            for session in [s for s in self.open.values() if s.expiration <= now]:
-                self.end(session, "expired")
+            self._end_expired()
+
+    def _end_expired(self) -> None:
+        now = time.time()
+        for session in [s for s in self.open.values() if s.expiration <= now]:
+            self.end(session, "expired")
 
     async def drain(self) -> None:
         """End every session (shutdown), and give their callbacks their time."""
@@ -3943,13 +3957,22 @@ class Backend:
             return self._refuse(route, error_response(exc.status, exc.message), idx, claimed)
         except JsonDataException as exc:
             return self._refuse(route, json_response(exc.message, 422), idx)
+        auth_data = msg.get("auth_data")
+        key = _auth_key(auth_data)
+        try:
+            json_dumps(auth_data)  # /session/get answers it: it must encode
+        except Exception:
+            key = None
+        if key is None:
+            why = {"auth_data": "nested too deeply to keep"}
+            return self._refuse(route, json_response(why, 422), idx)
         if self.sessions.full():
             answer = error_response(429, "too many sessions", max_sessions=self.max_sessions)
             return self._refuse(route, answer, idx, claimed)
         if auth is not None:
             self.signatures.spend(auth)
         job = _Job(self.metrics, "/session", claimed, idx, self.completions)
-        session = self.sessions.create(msg.get("auth_data"), payload, on_close, job)
+        session = self.sessions.create(auth_data, key, payload, on_close, job)
         reply = {"session_id": session.session_id, "expiration": session.expiration}
         return json_response(reply, 201)
 
