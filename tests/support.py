@@ -1,8 +1,10 @@
 """Helpers shared by the test files (and tests/soak.py): bounded event loops and polling, keys,
-an in-process worker rig, a `python hello_world.py` child process, and a raw HTTP/1.1 client.
+the one in-process worker rig (worker_rig, Rig), a `python hello_world.py` child process
+(spawned_worker), and the one raw HTTP/1.1 client (RawClient, request, exchange).
 
 Not a test module (pytest collects only test_*.py); the test files import it as `support`,
-the way they import test_load and each other (tests/ is on sys.path).
+the way they import test_load and each other (tests/ is on sys.path: pyproject.toml's
+pytest `pythonpath`).
 """
 
 from __future__ import annotations
@@ -17,16 +19,18 @@ import json
 import os
 import socket
 import ssl
+import struct
+import subprocess
 import sys
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
 import hello_world
 import pyworker
 from pyworker import Backend, Config, State
-from test_load import FakeModel, RsaPrivateKey
+from test_load import FakeModel, LocalAutoscaler, RsaPrivateKey
 
 T = TypeVar("T")
 
@@ -120,49 +124,39 @@ def load_private_key(name: str) -> RsaPrivateKey:
 
 
 @functools.cache
-def generated_key(name: str) -> RsaPrivateKey:
-    """A fresh 2048-bit RSA key per name per test run (pure-Python generation takes about a
-    second); different names give different keys."""
-    del name
-    return RsaPrivateKey.generate(2048)
-
-
 def signing_key() -> RsaPrivateKey:
-    """The autoscaler's key, where a test file needs only one."""
-    return generated_key("signer")
+    """The autoscaler's key, where a test file needs only one: tests/data/test_key.pem (a
+    pure-Python 2048-bit key generation would take about a second)."""
+    return load_private_key("test_key.pem")
 
 
-# The worker in-process ###########################################################################
+# The worker in-process: the rig ##################################################################
+
+REPORT_BACKOFF = 0.01  # the rig's Config.report_backoff: a last load report to an autoscaler
+# that is gone (a test stopped it, or there never was one) fails in milliseconds, not 1.5 s
+
+MODEL_ERROR = "Exception: corrupted model file"  # hello_world's model-error line
+LOG_ACTIONS = [  # hello_world's, written out: the rig's default
+    (pyworker.LogAction.ModelLoaded, FakeModel.LOADED_LINE),
+    (pyworker.LogAction.ModelError, MODEL_ERROR),
+    (pyworker.LogAction.Info, '"message":"Download'),
+]
 
 
 class FastGenerateHandler(hello_world.GenerateHandler):
     benchmark_runs = 1  # the benchmark is not what these tests measure
 
 
+def model_log(directory: Path) -> Path:
+    """Where the rig's worker reads its model log: directory/model.log."""
+    return directory / "model.log"
+
+
 def loaded_model_log(directory: Path) -> Path:
     """directory/model.log, holding the line that marks the model loaded."""
-    path = directory / "model.log"
+    path = model_log(directory)
     path.write_text(FakeModel.LOADED_LINE + "\n")
     return path
-
-
-def make_backend(
-    handler: pyworker.EndpointHandler[Any],
-    log_actions: list[tuple[pyworker.LogAction, str]],
-    *,
-    model_url: str = UNUSED_URL,  # Config.model_server_url overrides it
-    parallel: bool = True,
-    max_queue_time: float | None = None,
-) -> Backend:
-    """A Backend benchmarking with `handler`; the model log is read by the worker's Config."""
-    return Backend(
-        model_server_url=model_url,
-        model_log_file=None,
-        allow_parallel_requests=parallel,
-        benchmark_handler=handler,
-        log_actions=log_actions,
-        max_queue_time=max_queue_time,
-    )
 
 
 def hello_world_routes(
@@ -175,34 +169,6 @@ def hello_world_routes(
             "/generate_stream", backend.create_handler(hello_world.GenerateStreamHandler())
         ),
     ]
-
-
-def worker_config(
-    tmp: Path,
-    model_url: str,
-    report_addrs: list[str],
-    /,
-    *,
-    base: Config | None = None,
-    **settings: Any,
-) -> Config:
-    """A Config on 127.0.0.1 with tmp/model.log and tmp/.has_benchmark; `settings` (or, under
-    them, `base`) fill in the rest."""
-    fields: dict[str, Any] = {
-        "host": "127.0.0.1",
-        "model_server_url": model_url,
-        "model_log": str(tmp / "model.log"),
-        "benchmark_cache": str(tmp / ".has_benchmark"),
-        "report_addrs": report_addrs,
-        **settings,
-    }
-    return dataclasses.replace(base if base is not None else Config(), **fields)
-
-
-async def wait_ready(backend: Backend, timeout: float, interval: float = 0.02) -> None:
-    await until(
-        lambda: backend.state is State.READY, timeout, "the worker to be ready", interval=interval
-    )
 
 
 async def stop_worker(worker: pyworker.Worker, grace: float = 1.0, stack_limit: int = 6) -> None:
@@ -219,43 +185,13 @@ async def stop_worker(worker: pyworker.Worker, grace: float = 1.0, stack_limit: 
     stopping.result()
 
 
-@contextlib.asynccontextmanager
-async def started_worker(
-    backend: Backend,
-    routes: list[pyworker.Route],
-    config: Config,
-    *,
-    ready_within: float | None = None,
-    ready_interval: float = 0.02,
-    bounded_stop: bool = True,
-    stack_limit: int = 6,
-) -> AsyncGenerator[pyworker.Worker, None]:
-    """A worker on port 0; ready first when `ready_within` is given; stopped on the way out
-    (with stop_worker's bound when `bounded_stop`, else a plain Worker.stop(grace=1.0))."""
-    worker = await pyworker.start_server(backend, routes, config, port=0)
-    try:
-        if ready_within is not None:
-            await wait_ready(backend, ready_within, ready_interval)
-        yield worker
-    finally:
-        if bounded_stop:
-            await stop_worker(worker, stack_limit=stack_limit)
-        else:
-            await worker.stop(grace=1.0)
-
-
-class WorkerAddress:
-    """`port` and `url` of the `worker` attribute, for the dataclasses around a worker."""
-
-    worker: pyworker.Worker
-
-    @property
-    def port(self) -> int:
-        return self.worker.port
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+async def _let_closed_connections_go(worker: pyworker.Worker, bound: float = 0.05) -> None:
+    """Wait (`bound` at most) for the connections the test closed to leave the server: a
+    close takes a few loop steps to arrive, and Worker.stop finding none left spares every
+    test its 50 ms shutdown poll. Connections still open are Worker.stop's business."""
+    deadline = time.monotonic() + bound
+    while worker.server.connections and time.monotonic() < deadline:
+        await asyncio.sleep(0.001)
 
 
 def signed_auth(
@@ -265,6 +201,171 @@ def signed_auth(
     values: dict[str, Any] = {"cost": cost, "endpoint": "hello", "reqnum": reqnum, "url": url}
     values.update(fields)
     return signer.sign_auth(**values)
+
+
+@dataclasses.dataclass
+class Rig:
+    """A worker running in this event loop on 127.0.0.1, and what surrounds it (worker_rig)."""
+
+    backend: Backend
+    worker: pyworker.Worker
+    fake: FakeModel  # the rig's model server (the worker may be pointed elsewhere: model_url)
+    autoscaler: LocalAutoscaler | None  # None when the test named report_addrs itself
+    client: pyworker.HttpClient  # keep-alive connections to the worker
+    log: Path  # the model log the worker tails
+    cache: Path  # the benchmark cache (max_perf)
+    signer: RsaPrivateKey | None  # the autoscaler's key, for auth()
+    cost: str = "100"  # what auth() signs as the request's cost
+    reqnum: int = 0  # the last reqnum auth() signed
+
+    @property
+    def port(self) -> int:
+        return self.worker.port
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def reports(self) -> list[dict[str, Any]]:
+        """The load reports the rig's autoscaler received."""
+        assert self.autoscaler is not None
+        return self.autoscaler.reports
+
+    def auth(self, signer: RsaPrivateKey | None = None, **fields: Any) -> dict[str, Any]:
+        """auth_data as the autoscaler's /route/ hands it out, with a fresh reqnum (and the
+        __request_id /route/ adds, which the worker ignores); `fields` override what is signed."""
+        key = signer or self.signer
+        assert key is not None, "the rig has no signer"
+        self.reqnum += 1
+        auth = signed_auth(key, self.cost, self.reqnum, self.url, **fields)
+        auth["__request_id"] = f"req-{self.reqnum}"
+        return auth
+
+    def body(self, prompt: str = "tell me about cats", **payload: Any) -> bytes:
+        """A signed request body for the hello_world routes."""
+        request = {"auth_data": self.auth(), "payload": {"prompt": prompt, **payload}}
+        return json.dumps(request).encode()
+
+    async def post(
+        self, route: str, body: bytes | dict[str, Any], *, timeout: float = 20.0
+    ) -> Reply:
+        """POST with pyworker.HttpClient (keep-alive); a dict body is sent as JSON."""
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        async with await self.client.request("POST", route, data, timeout=timeout) as resp:
+            return Reply(resp.status, Fields(resp.headers.items()), await resp.read())
+
+    async def get(self, route: str, *, timeout: float = 20.0) -> Reply:
+        async with await self.client.request("GET", route, timeout=timeout) as resp:
+            return Reply(resp.status, Fields(resp.headers.items()), await resp.read())
+
+    async def wait_ready(self, timeout: float = 10.0) -> None:
+        """Until the worker serves: ready, and holding the public key unless UNSECURED."""
+        backend = self.backend
+        await until(
+            lambda: (
+                backend.state is State.READY
+                and (backend.config.unsecured or backend.pubkey is not None)
+            ),
+            timeout,
+            "the worker to be ready",
+            interval=0.01,
+        )
+
+    def settled(self) -> bool:
+        """Nothing in flight, and every request in exactly one outcome."""
+        metrics = self.backend.metrics
+        return metrics.in_flight.requests == 0 and metrics.consistent()
+
+
+@contextlib.asynccontextmanager
+async def worker_rig(
+    tmp: Path,
+    *,
+    fake: FakeModel | None = None,
+    model_url: str | None = None,
+    autoscaler: LocalAutoscaler | None = None,
+    report_addrs: list[str] | None = None,
+    signer: RsaPrivateKey | None = None,
+    cost: str = "100",
+    handler: pyworker.EndpointHandler[Any] | None = None,
+    routes: Callable[[Backend], list[pyworker.Route]] | None = None,
+    log_actions: list[tuple[pyworker.LogAction, str]] | None = None,
+    parallel: bool = True,
+    max_queue_time: float | None = None,
+    cached_max_perf: float | None = None,
+    ready: bool = True,
+    base: Config | None = None,
+    **settings: Any,
+) -> AsyncGenerator[Rig, None]:
+    """A worker on port 0 with a FakeModel and a LocalAutoscaler; all stopped on the way out.
+
+    fake            the model server, started and stopped here; by default one that writes
+                    tmp/model.log (the model is loaded at once)
+    model_url       the worker's model URL instead of the fake's
+    autoscaler      the report target, started and stopped here; by default a LocalAutoscaler
+                    with `signer` (signing_key() if none)
+    report_addrs    the report targets instead of an autoscaler (the rig starts none)
+    signer, cost    what Rig.auth() signs with
+    handler         the benchmark handler (FastGenerateHandler: one round)
+    routes          the model routes for a backend (hello_world's, /generate with `handler`)
+    log_actions     LOG_ACTIONS (hello_world's) unless given
+    parallel, max_queue_time   the Backend's
+    cached_max_perf a benchmark cache written first: the benchmark is not run
+    ready           wait until the worker serves (Rig.wait_ready) before yielding
+    base, settings  Config fields: `settings` over `base` over the rig's: host 127.0.0.1,
+                    tmp/model.log, tmp/.has_benchmark, the report targets, REPORT_BACKOFF
+    """
+    log, cache = model_log(tmp), tmp / ".has_benchmark"
+    fake = fake if fake is not None else FakeModel(log_path=str(log))
+    handler = handler or FastGenerateHandler()
+    if report_addrs is None and autoscaler is None:
+        autoscaler = LocalAutoscaler(signer or signing_key())
+    started: list[FakeModel | LocalAutoscaler] = []
+    try:
+        started.append(await fake.start())
+        if cached_max_perf is not None:  # as this very worker would have cached it
+            model = pyworker.HttpClient(model_url or fake.url)
+            bench = pyworker.Benchmark(model, handler, runs=1, concurrency=1, cache_path=str(cache))
+            bench.save(cached_max_perf)
+        if autoscaler is not None:
+            started.append(await autoscaler.start())
+            report_addrs = [autoscaler.url]
+        assert report_addrs is not None
+        fields: dict[str, Any] = {
+            "host": "127.0.0.1",
+            "model_server_url": model_url or fake.url,
+            "model_log": str(log),
+            "benchmark_cache": str(cache),
+            "report_addrs": report_addrs,
+            "report_backoff": REPORT_BACKOFF,
+            **settings,
+        }
+        config = dataclasses.replace(base if base is not None else Config(), **fields)
+        backend = Backend(
+            model_server_url=model_url or fake.url,  # Config.model_server_url overrides it
+            model_log_file=None,  # Config.model_log gives it
+            allow_parallel_requests=parallel,
+            benchmark_handler=handler,
+            log_actions=LOG_ACTIONS if log_actions is None else log_actions,
+            max_queue_time=max_queue_time,
+        )
+        model_routes = routes(backend) if routes else hello_world_routes(backend, handler)
+        worker = await pyworker.start_server(backend, model_routes, config, port=0)
+        client = pyworker.HttpClient(f"http://127.0.0.1:{worker.port}")
+        key = signer or (autoscaler.key if autoscaler is not None else None)
+        rig = Rig(backend, worker, fake, autoscaler, client, log, cache, key, cost)
+        try:
+            if ready:
+                await rig.wait_ready()
+            yield rig
+        finally:
+            await client.close()
+            await _let_closed_connections_go(worker)
+            await stop_worker(worker)
+    finally:
+        for server in started:
+            await server.stop()
 
 
 async def fetch(
@@ -279,22 +380,86 @@ async def fetch(
         await client.close()
 
 
+class StalledServer:
+    """An 'autoscaler' on loopback that accepts connections, reads, and never answers."""
+
+    def __init__(self) -> None:
+        self.conns: list[asyncio.StreamWriter] = []  # every connection it accepted
+        self._server: asyncio.Server | None = None
+        self.url = ""
+
+    async def start(self) -> StalledServer:
+        self._server = await asyncio.start_server(self._swallow, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def _swallow(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.conns.append(writer)
+        with contextlib.suppress(Exception):
+            while await reader.read(65536):
+                pass
+
+    async def close(self) -> None:
+        """Stop listening and close every connection (again: a no-op)."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+            for writer in self.conns:
+                writer.close()
+            await server.wait_closed()
+
+
 # The worker as a process #########################################################################
+
+# Variables a developer's shell may have set that would change the child's behaviour.
+WORKER_VARS = (
+    "WORKER_PORT",
+    "MODEL_LOG",
+    "MODEL_SERVER_URL",
+    "REPORT_ADDR",
+    "PUBKEY_FILE",
+    "UNSECURED",
+    "USE_SSL",
+    "WORKER_SSL_CERT",
+    "WORKER_SSL_KEY",
+    "CONTAINER_ID",
+    "PUBLIC_IPADDR",
+    "LOG_LEVEL",
+    "MAX_BODY_BYTES",
+)
+
+
+def child_env(**env: str) -> dict[str, str]:
+    """This process's environment without the worker's variables, pyworker importable,
+    output unbuffered; `env` adds or replaces variables."""
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in WORKER_VARS and not k.startswith("VAST_TCP_PORT_")
+    }
+    base["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), base.get("PYTHONPATH")]))
+    base["PYTHONUNBUFFERED"] = "1"
+    base.update(env)
+    return base
+
+
+def unsecured_vars(
+    model_log: Path | str, model_url: str, report_addr: str = UNUSED_URL, **extra: str
+) -> dict[str, str]:
+    """The variables of an UNSECURED `python hello_world.py` (load reports to nowhere by
+    default: they fail, quietly); `extra` adds or replaces variables."""
+    return {
+        "MODEL_LOG": str(model_log),
+        "MODEL_SERVER_URL": model_url,
+        "REPORT_ADDR": report_addr,
+        "UNSECURED": "true",
+        **extra,
+    }
 
 
 def unsecured_env(port: int, model_log: Path, model_url: str, **extra: str) -> dict[str, str]:
-    """This process's environment for an UNSECURED `python hello_world.py` on `port`, whose
-    load reports go nowhere (they fail, quietly); `extra` adds or replaces variables."""
-    return {
-        **os.environ,
-        "WORKER_PORT": str(port),
-        "MODEL_LOG": str(model_log),
-        "MODEL_SERVER_URL": model_url,
-        "UNSECURED": "true",
-        "REPORT_ADDR": UNUSED_URL,
-        "PYTHONPATH": str(ROOT),
-        **extra,
-    }
+    """The whole child_env of an UNSECURED `python hello_world.py` on `port`."""
+    return child_env(WORKER_PORT=str(port), **unsecured_vars(model_log, model_url, **extra))
 
 
 async def launch_hello_world(
@@ -317,24 +482,144 @@ async def launch_hello_world(
     )
 
 
+@dataclasses.dataclass
+class WorkerProcess:
+    """A `python hello_world.py` child (spawned_worker), its output in `log_file`."""
+
+    proc: asyncio.subprocess.Process
+    port: int
+    log_file: Path
+
+    def output(self) -> str:
+        return self.log_file.read_text(errors="replace")[-4000:]
+
+    async def until(self, check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> float:
+        """Poll `check` until it is true; the seconds it took. Fails early if the child died."""
+        start = time.monotonic()
+        while not await check():
+            if self.proc.returncode is not None:
+                raise AssertionError(f"worker exited ({self.proc.returncode}):\n{self.output()}")
+            if time.monotonic() - start > timeout:
+                raise AssertionError(f"waited {timeout}s for {what}:\n{self.output()}")
+            await asyncio.sleep(0.05)
+        return time.monotonic() - start
+
+    async def ping(self) -> bool:
+        try:
+            reply = await request(self.port, "GET", "/ping", timeout=2.0)
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+            return False
+        return reply.status == 200 and reply.body == b"pong"
+
+    async def is_ready(self) -> bool:
+        reply = await request(self.port, "POST", "/generate", generate())
+        assert reply.status in (200, 503), reply
+        return reply.status == 200
+
+    async def wait_ready(self, timeout: float = 15.0) -> None:
+        """Until /ping answers, then until an UNSECURED /generate is served."""
+        await self.until(self.ping, timeout, "/ping")
+        await self.until(self.is_ready, timeout, "ready")
+
+
+@contextlib.asynccontextmanager
+async def spawned_worker(workdir: Path, **env: str) -> AsyncGenerator[WorkerProcess, None]:
+    """`python hello_world.py` in `workdir` with child_env(**env) (WORKER_PORT is picked if
+    absent), its output in workdir/worker.out; killed and reaped on the way out."""
+    os.makedirs(workdir, exist_ok=True)
+    env.setdefault("WORKER_PORT", str(free_port()))
+    log_file = workdir / "worker.out"
+    with open(log_file, "wb") as out:
+        proc = await launch_hello_world(
+            workdir,
+            child_env(**env),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        yield WorkerProcess(proc, int(env["WORKER_PORT"]), log_file)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+
+
 # A raw HTTP/1.1 client: the client side owes nothing to the code under test ######################
+
+READ_TIMEOUT = 5.0  # seconds each read of a RawClient may take by default
+
+
+class Fields:
+    """Header fields as they arrived: (name, value) pairs in order. `[name]` and `get(name)`
+    find the first by name in any case; `in` takes a name (any case) or an exact pair."""
+
+    def __init__(self, pairs: Iterable[tuple[str, str]] = ()) -> None:
+        self.pairs = list(pairs)
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        lower = name.lower()
+        return next((v for k, v in self.pairs if k.lower() == lower), default)
+
+    def __getitem__(self, name: str) -> str:
+        value = self.get(name)
+        if value is None:
+            raise KeyError(name)
+        return value
+
+    def __contains__(self, item: object) -> bool:
+        if isinstance(item, str):
+            return self.get(item) is not None
+        return item in self.pairs
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return iter(self.pairs)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __repr__(self) -> str:
+        return f"Fields({self.pairs!r})"
 
 
 @dataclasses.dataclass
 class Reply:
     status: int
-    headers: dict[str, str]
+    headers: Fields
     body: bytes
     complete: bool = True  # a chunked body ended with its last chunk (always so for a sized one)
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name)
 
     def json(self) -> Any:
         return json.loads(self.body)
 
 
-def encode_request(method: str, path: str, body: Any = None, *, close: bool = True) -> bytes:
-    """A request with `body` as JSON (none when None), asking for Connection: close."""
-    data = b"" if body is None else json.dumps(body).encode()
-    head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+def parse_head(head: bytes) -> tuple[int, Fields]:
+    """The status and the header fields of a response head (CRLF CRLF included)."""
+    lines = head.decode("latin-1").split("\r\n")
+    version, status, *_ = [*lines[0].split(" ", 2), ""]
+    if version != "HTTP/1.1" or not (status.isascii() and status.isdigit()):
+        raise ValueError(f"not an HTTP/1.1 status line: {lines[0]!r}")
+    fields: list[tuple[str, str]] = []
+    for line in lines[1:]:
+        if line:
+            name, _, value = line.partition(":")
+            fields.append((name, value.strip()))
+    return int(status), Fields(fields)
+
+
+def encode_request(
+    method: str, path: str, body: Any = None, *, close: bool = True, host: str = "127.0.0.1"
+) -> bytes:
+    """A request with `body` (bytes as they are, anything else as JSON; none when None),
+    asking for Connection: close unless `close` is False."""
+    if body is None:
+        data = b""
+    else:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    head = f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n"
     if body is not None:
         head += f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
     if close:
@@ -342,42 +627,168 @@ def encode_request(method: str, path: str, body: Any = None, *, close: bool = Tr
     return (head + "\r\n").encode() + data
 
 
-async def read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
-    """The status and the headers (names in lower case) of a response."""
-    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
-    lines = head.split("\r\n")
-    status = int(lines[0].split()[1])
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        if line:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-    return status, headers
+class RawClient:
+    """One connection to 127.0.0.1 speaking raw bytes; each read is bounded by `timeout`."""
 
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        timeout: float = READ_TIMEOUT,
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.timeout = timeout
 
-async def read_chunk(reader: asyncio.StreamReader) -> bytes | None:
-    """One chunk's data; b"" for the last chunk; None if the stream was cut."""
-    try:
-        size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+    @classmethod
+    async def connect(
+        cls,
+        port: int,
+        *,
+        timeout: float = READ_TIMEOUT,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> RawClient:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1",
+            port,
+            limit=1 << 20,
+            ssl=ssl_context,
+            server_hostname="127.0.0.1" if ssl_context else None,
+        )
+        return cls(reader, writer, timeout)
+
+    async def send(self, data: bytes, *, pace: float = 0.0) -> None:
+        """Write `data` (one byte every `pace` seconds when pace > 0) and drain."""
+        if not pace:
+            self.writer.write(data)
+            await self.writer.drain()
+            return
+        for i in range(len(data)):
+            self.writer.write(data[i : i + 1])
+            await self.writer.drain()
+            await asyncio.sleep(pace)
+
+    async def send_request(
+        self, method: str, path: str, body: Any = None, *, close: bool = False
+    ) -> None:
+        await self.send(encode_request(method, path, body, close=close))
+
+    async def _bounded(self, step: Awaitable[T]) -> T:
+        return await asyncio.wait_for(step, self.timeout)
+
+    async def head_bytes(self) -> bytes:
+        """The next response head as it arrived, up to and with its CRLF CRLF."""
+        return await self._bounded(self.reader.readuntil(b"\r\n\r\n"))
+
+    async def head(self) -> tuple[int, Fields]:
+        return parse_head(await self.head_bytes())
+
+    async def chunk(self) -> bytes:
+        """One chunk's data, b"" for the last chunk (its empty trailer section read too);
+        asyncio.IncompleteReadError when the connection ends before it is whole."""
+        size = int((await self._bounded(self.reader.readuntil(b"\r\n"))).split(b";")[0], 16)
         if size == 0:
-            await reader.readuntil(b"\r\n")
+            assert await self._bounded(self.reader.readuntil(b"\r\n")) == b"\r\n"
             return b""
-        return (await reader.readexactly(size + 2))[:-2]
-    except (asyncio.IncompleteReadError, ConnectionError):
-        return None
+        data = await self._bounded(self.reader.readexactly(size + 2))
+        assert data.endswith(b"\r\n")
+        return data[:-2]
 
+    async def chunk_or_none(self) -> bytes | None:
+        """chunk(), or None when the connection ended (EOF or reset) before it was whole."""
+        try:
+            return await self.chunk()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return None
 
-async def read_reply(reader: asyncio.StreamReader) -> Reply:
-    status, headers = await read_head(reader)
-    if headers.get("transfer-encoding", "").lower() == "chunked":
+    async def chunked_body(self) -> bytes:
+        """A chunked body to its last chunk; a cut raises (asyncio.IncompleteReadError)."""
         parts: list[bytes] = []
-        while True:
-            chunk = await read_chunk(reader)
-            if not chunk:
-                return Reply(status, headers, b"".join(parts), chunk == b"")
+        while chunk := await self.chunk():
             parts.append(chunk)
-    body = await reader.readexactly(int(headers.get("content-length", "0")))
-    return Reply(status, headers, body, True)
+        return b"".join(parts)
+
+    async def response(self) -> Reply:
+        """The next final response (1xx skipped), its body read by its framing; a chunked
+        body cut before its last chunk gives complete=False."""
+        status, headers = await self.head()
+        while 100 <= status < 200:
+            status, headers = await self.head()
+        if status in (204, 304):
+            return Reply(status, headers, b"")
+        if (headers.get("transfer-encoding") or "").lower() == "chunked":
+            parts: list[bytes] = []
+            while chunk := await self.chunk_or_none():
+                parts.append(chunk)
+            return Reply(status, headers, b"".join(parts), chunk == b"")
+        length = headers.get("content-length")
+        if length is not None:
+            body = await self._bounded(self.reader.readexactly(int(length)))
+        else:
+            body = await self.read_to_eof()
+        return Reply(status, headers, body)
+
+    async def read_to_eof(self) -> bytes:
+        """Everything until the peer closes; a timeout if it does not."""
+        return await self._bounded(self.reader.read())
+
+    async def until_closed(self, timeout: float) -> tuple[bytes, bool]:
+        """What arrives until the peer closes (or resets) or `timeout` passes; the bytes, and
+        whether it closed."""
+        received = bytearray()
+        closed = False
+
+        async def receive() -> None:
+            nonlocal closed
+            try:
+                while chunk := await self.reader.read(65536):
+                    received.extend(chunk)
+            except (ConnectionError, OSError):
+                pass
+            closed = True
+
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(receive(), timeout)
+        return bytes(received), closed
+
+    async def closed_by_peer(self, timeout: float | None = None) -> bool:
+        """Whether the peer closed the connection (EOF or reset) within `timeout`, with
+        nothing more sent."""
+        try:
+            data = await asyncio.wait_for(
+                self.reader.read(1 << 20), self.timeout if timeout is None else timeout
+            )
+        except asyncio.TimeoutError:
+            return False
+        except ConnectionError:
+            return True
+        return data == b""
+
+    def abort(self) -> None:
+        """Drop the connection at once, unsent bytes and all."""
+        self.writer.transport.abort()
+
+    def reset(self) -> None:
+        """Close with RST (SO_LINGER 0), as a killed client or a proxy timeout does."""
+        sock: socket.socket = self.writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.writer.transport.abort()
+
+    async def close(self) -> None:
+        """An ordinary close (FIN)."""
+        self.writer.close()
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            await self.writer.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def raw_client(port: int, **options: Any) -> AsyncGenerator[RawClient, None]:
+    """RawClient.connect(port, **options), closed on the way out."""
+    client = await RawClient.connect(port, **options)
+    try:
+        yield client
+    finally:
+        await client.close()
 
 
 async def request(
@@ -389,30 +800,50 @@ async def request(
     timeout: float = 10.0,
     ssl_context: ssl.SSLContext | None = None,
 ) -> Reply:
-    """One request on a new connection to 127.0.0.1:`port`; the reply within `timeout`."""
-    reader, writer = await asyncio.open_connection(
-        "127.0.0.1", port, ssl=ssl_context, server_hostname="127.0.0.1" if ssl_context else None
-    )
+    """One request (Connection: close) on a new connection; the reply within `timeout`."""
+    client = await RawClient.connect(port, timeout=timeout, ssl_context=ssl_context)
     try:
-        writer.write(encode_request(method, path, body))
-        return await asyncio.wait_for(read_reply(reader), timeout)
+        await client.send_request(method, path, body, close=True)
+        return await asyncio.wait_for(client.response(), timeout)
     finally:
-        writer.close()
+        client.writer.close()
+
+
+@dataclasses.dataclass
+class Exchange:
+    data: bytes  # everything the peer sent
+    closed: bool  # the peer closed (or reset) the connection
+
+    @property
+    def status(self) -> int | None:
+        if not self.data.startswith(b"HTTP/1.1 "):
+            return None
+        return int(self.data[9:12])
+
+
+async def exchange(
+    port: int, data: bytes, *, pace: float = 0.0, timeout: float = READ_TIMEOUT
+) -> Exchange:
+    """Send raw bytes (one byte per `pace` seconds when pace > 0) on a new connection while
+    reading until the peer closes or `timeout` passes. Write errors are expected: the peer
+    may close mid-send."""
+    client = await RawClient.connect(port)
+
+    async def send() -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            await client.send(data, pace=pace)
+
+    sender = asyncio.ensure_future(send())
+    try:
+        received, closed = await client.until_closed(timeout)
+    finally:
+        sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sender
+        client.abort()
+    return Exchange(received, closed)
 
 
 def generate(prompt: str = "hello there world") -> dict[str, Any]:
     """An unsigned client body for the hello_world routes (for a worker running UNSECURED)."""
     return {"payload": {"prompt": prompt, "max_response_tokens": 4}}
-
-
-async def stalled_server() -> tuple[asyncio.Server, list[asyncio.StreamWriter]]:
-    """An 'autoscaler' that accepts connections, reads, and never answers."""
-    writers: list[asyncio.StreamWriter] = []
-
-    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writers.append(writer)
-        with contextlib.suppress(Exception):
-            while await reader.read(65536):
-                pass
-
-    return await asyncio.start_server(swallow, "127.0.0.1", 0), writers

@@ -18,172 +18,91 @@ import json
 import os
 import resource
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
 import pytest
 from support import (
-    FastGenerateHandler,
+    RawClient,
+    Rig,
     Runner,
-    WorkerAddress,
+    exchange,
     fetch,
-    free_port,
-    generated_key,
-    hello_world_routes,
-    launch_hello_world,
+    load_private_key,
     loaded_model_log,
-    make_backend,
-    signed_auth,
-    started_worker,
-    unsecured_env,
-    worker_config,
+    model_log,
+    spawned_worker,
+    unsecured_vars,
+    worker_rig,
 )
 
 import pyworker
-from pyworker import Backend
-from test_load import FakeModel, LocalAutoscaler, RsaPrivateKey
+from test_load import FakeModel
 
 MARK = "SMUGGLED"  # in the prompt of every hostile request: the model must never see it
 MAX_BODY = 256 * 1024  # the worker's body limit in these tests (the default is 16 MiB)
 PROMPT_SERVE = 2.0  # seconds a valid request may take while the worker is under abuse
 READ_TIMEOUT = 5.0  # seconds to wait for an answer or a close
 
-key = generated_key  # one RSA key per name
+WORKER_KEY = load_private_key("test_key.pem")  # the autoscaler's, which the worker trusts
+OTHER_KEY = load_private_key("other_key.pem")  # the wrong key
 run = Runner(timeout=60.0)
 
 
 # The live worker #################################################################################
 
 
-@dataclasses.dataclass
-class Live(WorkerAddress):
-    backend: Backend
-    worker: pyworker.Worker
-    fake: FakeModel
-    reqnum: int = 0
-
-    def auth(self, signer: RsaPrivateKey | None = None, **fields: Any) -> dict[str, Any]:
-        """Signed auth_data with a fresh reqnum; `fields` override what is signed."""
-        self.reqnum += 1
-        return signed_auth(signer or key("worker"), "100", self.reqnum, self.url, **fields)
-
-    def body(self, prompt: str = MARK, **auth_fields: Any) -> bytes:
-        payload = {"prompt": prompt, "max_response_tokens": 4}
-        return json.dumps({"auth_data": self.auth(**auth_fields), "payload": payload}).encode()
-
-    def smuggled(self) -> list[str]:
-        """Prompts with the mark that reached the model (must stay empty)."""
-        return [str(r.get("prompt")) for r in self.fake.requests if MARK in str(r.get("prompt"))]
-
-    async def post(
-        self, body: bytes, route: str = "/generate", timeout: float = READ_TIMEOUT
-    ) -> tuple[int, bytes]:
-        """POST on a new connection; (status, body)."""
-        return await fetch(self.url, "POST", route, body, timeout=timeout)
-
-    async def assert_still_serving(self) -> float:
-        """A valid request on a fresh connection is served, promptly; returns its time."""
-        before = len(self.fake.requests)
-        started = time.monotonic()
-        status, body = await self.post(self.body(prompt="a valid prompt"))
-        elapsed = time.monotonic() - started
-        assert status == 200, (status, body)
-        assert json.loads(body)["tokens"] == 4
-        assert len(self.fake.requests) == before + 1
-        assert elapsed < PROMPT_SERVE, elapsed
-        return elapsed
-
-    def consistent(self) -> None:
-        assert self.backend.metrics.consistent()
+def live_worker(tmp: Path, *, max_body: int = MAX_BODY) -> AbstractAsyncContextManager[Rig]:
+    """The rig, secured with a PUBKEY_FILE of WORKER_KEY, in front of a FakeModel."""
+    pem = tmp / "pubkey.pem"
+    pem.write_text(WORKER_KEY.public_pem())
+    return worker_rig(
+        tmp,
+        fake=FakeModel(tokens=4, log_path=str(model_log(tmp))),
+        signer=WORKER_KEY,
+        pubkey_file=str(pem),
+        max_body=max_body,
+        # Load reports are not what these tests are about.
+        report_check_interval=60.0,
+        report_max_interval=60.0,
+        log_poll_interval=0.05,
+    )
 
 
-@contextlib.asynccontextmanager
-async def live_worker(tmp: Path, *, max_body: int = MAX_BODY) -> AsyncGenerator[Live, None]:
-    fake = await FakeModel(tokens=4).start()
-    autoscaler = await LocalAutoscaler(key("worker")).start()
-    try:
-        loaded_model_log(tmp)
-        pem = tmp / "pubkey.pem"
-        pem.write_text(key("worker").public_pem())
-        backend = make_backend(
-            FastGenerateHandler(),
-            [(pyworker.LogAction.ModelLoaded, FakeModel.LOADED_LINE)],
-            model_url=fake.url,
-        )
-        config = worker_config(
-            tmp,
-            fake.url,
-            [autoscaler.url],
-            pubkey_file=str(pem),
-            max_body=max_body,
-            # Load reports are not what these tests are about; a report in flight when the
-            # worker stops can hang Worker.stop() (see test_faults.py's cancellation test).
-            report_check_interval=60.0,
-            report_max_interval=60.0,
-            log_poll_interval=0.05,
-        )
-        routes = hello_world_routes(backend, FastGenerateHandler())
-        async with started_worker(
-            backend, routes, config, ready_within=5.0, ready_interval=0.025
-        ) as worker:
-            yield Live(backend, worker, fake)
-    finally:
-        await fake.stop()
-        await autoscaler.stop()
+def marked(live: Rig, prompt: str = MARK) -> bytes:
+    """A correctly signed body whose prompt (by default) carries the mark."""
+    return live.body(prompt, max_response_tokens=4)
 
 
-@dataclasses.dataclass
-class RawReply:
-    data: bytes
-    closed: bool  # the worker closed (or reset) the connection
-
-    @property
-    def status(self) -> int | None:
-        if not self.data.startswith(b"HTTP/1.1 "):
-            return None
-        return int(self.data[9:12])
+def smuggled(live: Rig) -> list[str]:
+    """Prompts with the mark that reached the model (must stay empty)."""
+    return [str(r.get("prompt")) for r in live.fake.requests if MARK in str(r.get("prompt"))]
 
 
-async def raw_exchange(
-    port: int, data: bytes, *, pace: float = 0.0, timeout: float = READ_TIMEOUT
-) -> RawReply:
-    """Send raw bytes (one byte per `pace` seconds when pace > 0), then read until the worker
-    closes or `timeout` passes. Write errors are expected: the worker may close mid-send."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    received = bytearray()
-    closed = False
+async def post(
+    live: Rig, body: bytes, route: str = "/generate", timeout: float = READ_TIMEOUT
+) -> tuple[int, bytes]:
+    """POST on a new connection; (status, body)."""
+    return await fetch(live.url, "POST", route, body, timeout=timeout)
 
-    async def send() -> None:
-        with contextlib.suppress(ConnectionError, OSError):
-            if pace:
-                for i in range(len(data)):
-                    writer.write(data[i : i + 1])
-                    await writer.drain()
-                    await asyncio.sleep(pace)
-            else:
-                writer.write(data)
-                await writer.drain()
 
-    async def receive() -> None:
-        nonlocal closed
-        try:
-            while chunk := await reader.read(65536):
-                received.extend(chunk)
-        except (ConnectionError, OSError):
-            pass
-        closed = True
+async def assert_still_serving(live: Rig) -> float:
+    """A valid request on a fresh connection is served, promptly; returns its time."""
+    before = len(live.fake.requests)
+    started = time.monotonic()
+    status, body = await post(live, marked(live, prompt="a valid prompt"))
+    elapsed = time.monotonic() - started
+    assert status == 200, (status, body)
+    assert json.loads(body)["tokens"] == 4
+    assert len(live.fake.requests) == before + 1
+    assert elapsed < PROMPT_SERVE, elapsed
+    return elapsed
 
-    sender = asyncio.ensure_future(send())
-    try:
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(receive(), timeout)
-    finally:
-        sender.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sender
-        writer.transport.abort()
-    return RawReply(bytes(received), closed)
+
+def consistent(live: Rig) -> None:
+    assert live.backend.metrics.consistent()
 
 
 # Framing abuse ###################################################################################
@@ -407,17 +326,17 @@ def test_framing_abuse_is_refused(abuse: Abuse, tmp_path: Path) -> None:
     async def main() -> None:
         async with live_worker(tmp_path) as live:
             received = live.backend.metrics.received.requests
-            reply = await raw_exchange(live.port, abuse.build(live.body()))
+            reply = await exchange(live.port, abuse.build(marked(live)))
             assert reply.closed, reply
             if reply.status is None:
                 assert abuse.may_just_close and not reply.data, reply
             else:
                 assert reply.status in abuse.statuses, reply.data[:300]
                 assert reply.data.count(b"HTTP/1.1 ") == 1, reply.data[:300]  # no 2nd answer
-            assert live.smuggled() == []
+            assert smuggled(live) == []
             assert live.backend.metrics.received.requests == received
-            await live.assert_still_serving()
-            live.consistent()
+            await assert_still_serving(live)
+            consistent(live)
 
     run(main())
 
@@ -438,9 +357,9 @@ def test_valid_framings_of_the_same_body_are_served(tmp_path: Path) -> None:
                 lambda b: head(_cl(b), _cl(b), "Connection: close") + b,
             ]
             for i, frame in enumerate(framings):
-                reply = await raw_exchange(live.port, frame(live.body(prompt=f"{MARK} {i}")))
+                reply = await exchange(live.port, frame(marked(live, prompt=f"{MARK} {i}")))
                 assert reply.status == 200, reply.data[:300]
-            assert len(live.smuggled()) == len(framings)
+            assert len(smuggled(live)) == len(framings)
 
     run(main())
 
@@ -458,21 +377,21 @@ def test_slow_loris_head_is_cut_and_others_are_served(
 
     async def main() -> None:
         async with live_worker(tmp_path) as live:
-            data = head(_cl(live.body())) + live.body()
+            data = head(_cl(marked(live))) + marked(live)
             started = time.monotonic()
             loris = [
-                asyncio.ensure_future(raw_exchange(live.port, data, pace=0.1, timeout=5.0))
+                asyncio.ensure_future(exchange(live.port, data, pace=0.1, timeout=5.0))
                 for _ in range(50)
             ]
             await asyncio.sleep(0.2)
-            await live.assert_still_serving()
+            await assert_still_serving(live)
             replies = await asyncio.gather(*loris)
             elapsed = time.monotonic() - started
             assert all(r.closed and r.data == b"" for r in replies), replies[:3]
             assert elapsed < 0.6 + 2.0, elapsed  # cut at the head timeout, not at the end
-            assert live.smuggled() == []
+            assert smuggled(live) == []
             assert live.worker.server.connections == 0
-            await live.assert_still_serving()
+            await assert_still_serving(live)
 
     run(main())
 
@@ -487,30 +406,29 @@ def test_body_slower_than_body_timeout_is_cut(
 
     async def main() -> None:
         async with live_worker(tmp_path) as live:
-            body = live.body()
-            reader, writer = await asyncio.open_connection("127.0.0.1", live.port)
+            body = marked(live)
+            client = await RawClient.connect(live.port, timeout=3.0)
             try:
-                writer.write(head(_cl(body)))
+                await client.send(head(_cl(body)))
                 started = time.monotonic()
                 with contextlib.suppress(ConnectionError, OSError):
                     for i in range(len(body)):
-                        writer.write(body[i : i + 1])
-                        await writer.drain()
+                        await client.send(body[i : i + 1])
                         await asyncio.sleep(0.05)
-                        if reader.at_eof() or writer.transport.is_closing():
+                        if client.reader.at_eof() or client.writer.transport.is_closing():
                             break
                 try:
-                    data = await asyncio.wait_for(reader.read(), 3.0)
+                    data = await client.read_to_eof()
                 except (ConnectionError, OSError):
                     data = b""  # reset by the worker: also a close
                 elapsed = time.monotonic() - started
             finally:
-                writer.transport.abort()
+                client.abort()
             assert data == b"" or data.startswith(b"HTTP/1.1 408"), data
             assert 0.4 < elapsed < 2.5, elapsed
-            assert live.smuggled() == []
+            assert smuggled(live) == []
             assert live.backend.metrics.received.requests == 0
-            await live.assert_still_serving()
+            await assert_still_serving(live)
 
     run(main())
 
@@ -542,12 +460,12 @@ def test_thousands_of_idle_connections(tmp_path: Path, monkeypatch: pytest.Monke
     async def main() -> None:
         async with live_worker(tmp_path) as live:
             fds_before = len(os.listdir("/proc/self/fd"))
-            conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+            conns: list[RawClient] = []
             try:
                 for start in range(0, count, 250):
                     batch = min(250, count - start)
                     conns += await asyncio.gather(
-                        *(asyncio.open_connection("127.0.0.1", live.port) for _ in range(batch))
+                        *(RawClient.connect(live.port) for _ in range(batch))
                     )
                 for _ in range(100):
                     if live.worker.server.connections >= count:
@@ -556,10 +474,10 @@ def test_thousands_of_idle_connections(tmp_path: Path, monkeypatch: pytest.Monke
                 assert live.worker.server.connections >= count
                 # Each fresh connection is served while all of them are held open.
                 for _ in range(3):
-                    await live.assert_still_serving()
+                    await assert_still_serving(live)
                 # The head timeout closes every idle one.
                 eofs = await asyncio.wait_for(
-                    asyncio.gather(*(reader.read() for reader, _ in conns)), 15.0
+                    asyncio.gather(*(client.reader.read() for client in conns)), 15.0
                 )
                 assert all(e == b"" for e in eofs)
                 for _ in range(100):
@@ -568,11 +486,11 @@ def test_thousands_of_idle_connections(tmp_path: Path, monkeypatch: pytest.Monke
                     await asyncio.sleep(0.05)
                 assert live.worker.server.connections == 0
             finally:
-                for _, writer in conns:
-                    writer.transport.abort()
+                for client in conns:
+                    client.abort()
             await asyncio.sleep(0.1)
             assert len(os.listdir("/proc/self/fd")) <= fds_before + 10
-            await live.assert_still_serving()
+            await assert_still_serving(live)
 
     run(main(), timeout=60.0)
 
@@ -584,11 +502,11 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-SignatureCase = Callable[[Live], dict[str, Any]]
+SignatureCase = Callable[[Rig], dict[str, Any]]
 
 
 def _tampered(field: str, value: Any) -> SignatureCase:
-    def build(live: Live) -> dict[str, Any]:
+    def build(live: Rig) -> dict[str, Any]:
         auth = live.auth()
         auth[field] = value(auth[field]) if callable(value) else value
         return auth
@@ -601,7 +519,7 @@ def _plus_one(value: int) -> int:
 
 
 def _with_signature(signature: Callable[[str], Any]) -> SignatureCase:
-    def build(live: Live) -> dict[str, Any]:
+    def build(live: Rig) -> dict[str, Any]:
         auth = live.auth()
         auth["signature"] = signature(auth["signature"])
         return auth
@@ -615,7 +533,7 @@ def _urlsafe(signature: str) -> str:
 
 
 def _without(field: str) -> SignatureCase:
-    def build(live: Live) -> dict[str, Any]:
+    def build(live: Rig) -> dict[str, Any]:
         auth = live.auth()
         del auth[field]
         return auth
@@ -634,7 +552,7 @@ SIGNATURE_401: dict[str, SignatureCase] = {
     "endpoint tampered": _tampered("endpoint", "other"),
     "reqnum tampered": _tampered("reqnum", _plus_one),
     "url tampered": _tampered("url", "http://127.0.0.1:1"),
-    "wrong key": lambda live: live.auth(signer=key("other")),
+    "wrong key": lambda live: live.auth(signer=OTHER_KEY),
     "truncated by 4 characters": _with_signature(lambda s: s[:-4]),
     "truncated by 1 character": _with_signature(lambda s: s[:-1]),
     "truncated to 10 characters": _with_signature(lambda s: s[:10]),
@@ -680,9 +598,9 @@ SIGNATURE_422: dict[str, SignatureCase] = {
 }
 
 
-def _post_auth(live: Live, auth: Any) -> Awaitable[tuple[int, bytes]]:
+def _post_auth(live: Rig, auth: Any) -> Awaitable[tuple[int, bytes]]:
     body = {"auth_data": auth, "payload": {"prompt": MARK, "max_response_tokens": 4}}
-    return live.post(json.dumps(body).encode())
+    return post(live, json.dumps(body).encode())
 
 
 def test_bad_signatures_are_401_or_422_never_500(tmp_path: Path) -> None:
@@ -698,11 +616,11 @@ def test_bad_signatures_are_401_or_422_never_500(tmp_path: Path) -> None:
                     status, body = await _post_auth(live, build(live))
                     if status != expected:
                         failures.append(f"{name}: {status} {body[:200]!r}")
-                await live.assert_still_serving()
+                await assert_still_serving(live)
             assert failures == [], failures
-            assert live.smuggled() == []
+            assert smuggled(live) == []
             assert live.backend.metrics.received.requests == live.backend.metrics.served.requests
-            live.consistent()
+            consistent(live)
 
     run(main())
 
@@ -715,18 +633,18 @@ def test_replayed_and_stale_signatures_are_401(tmp_path: Path) -> None:
         async with live_worker(tmp_path) as live:
             auth = live.auth()
             body = {"auth_data": auth, "payload": {"prompt": "once", "max_response_tokens": 4}}
-            first = await live.post(json.dumps(body).encode())
-            again = await live.post(json.dumps(body).encode())
+            first = await post(live, json.dumps(body).encode())
+            again = await post(live, json.dumps(body).encode())
             # The replay must not slip through with unknown extra keys either.
             body["auth_data"] = {**auth, "__request_id": "different"}
-            extra = await live.post(json.dumps(body).encode())
+            extra = await post(live, json.dumps(body).encode())
             assert (first[0], again[0], extra[0]) == (200, 401, 401), (first, again, extra)
             assert [r["prompt"] for r in live.fake.requests].count("once") == 1
             live.reqnum = 1000
-            await live.assert_still_serving()  # reqnum 1001 accepted
+            await assert_still_serving(live)  # reqnum 1001 accepted
             stale = await _post_auth(live, live.auth(reqnum=800))
             assert stale[0] == 401, stale
-            assert live.smuggled() == []
+            assert smuggled(live) == []
 
     run(main())
 
@@ -739,9 +657,9 @@ def test_huge_reqnum_digits_are_422(tmp_path: Path) -> None:
             auth = json.dumps(live.auth())
             auth = auth.replace(f'"reqnum": {live.reqnum}', '"reqnum": 1' + "0" * 5000)
             body = f'{{"auth_data": {auth}, "payload": {{"prompt": "{MARK}"}}}}'
-            status, reply = await live.post(body.encode())
+            status, reply = await post(live, body.encode())
             assert status == 422, reply[:200]
-            await live.assert_still_serving()
+            await assert_still_serving(live)
 
     run(main())
 
@@ -753,7 +671,7 @@ def _nested(depth: int) -> str:
     return "[" * depth + "]" * depth
 
 
-def _payload_bodies(live: Live) -> dict[str, bytes]:
+def _payload_bodies(live: Rig) -> dict[str, bytes]:
     """Request bodies with a valid signature and a poisonous payload or shape."""
 
     def with_payload(payload_json: str) -> bytes:
@@ -812,15 +730,15 @@ def test_poisonous_payloads_are_422_never_500(tmp_path: Path) -> None:
         async with live_worker(tmp_path, max_body=4 * 1024 * 1024) as live:
             failures: list[str] = []
             for name, body in _payload_bodies(live).items():
-                status, reply = await live.post(body)
+                status, reply = await post(live, body)
                 if status != 422:
                     failures.append(f"{name}: {status} {reply[:200]!r}")
                 elif not isinstance(json.loads(reply), dict):
                     failures.append(f"{name}: 422 without a JSON object")
-            await live.assert_still_serving()
+            await assert_still_serving(live)
             assert failures == [], failures
-            assert live.smuggled() == []
-            live.consistent()
+            assert smuggled(live) == []
+            consistent(live)
 
     run(main())
 
@@ -848,41 +766,33 @@ def test_deeply_nested_json_is_422_and_the_worker_process_survives(tmp_path: Pat
 
     async def main() -> None:
         fake = await FakeModel(tokens=4).start()
-        port = free_port()
-        env = unsecured_env(port, loaded_model_log(tmp_path), fake.url)
-        proc = await launch_hello_world(
-            tmp_path, env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
-        )
-        client = pyworker.HttpClient(f"http://127.0.0.1:{port}")
+        env = unsecured_vars(loaded_model_log(tmp_path), fake.url)
         try:
-            for _ in range(300):  # the benchmark (8 quick rounds) then ready
-                with contextlib.suppress(pyworker.UpstreamError):
-                    body = json.dumps({"payload": {"prompt": "hi"}}).encode()
-                    async with await client.request("POST", "/generate", body, timeout=2) as r:
-                        await r.read()
-                        if r.status == 200:
-                            break
-                await asyncio.sleep(0.05)
-            else:
-                raise AssertionError("the worker process did not become ready")
-            outcomes: dict[str, str] = {}
-            for name, body in DEEP_BODIES.items():
+            async with spawned_worker(tmp_path, **env) as worker:
+                await worker.wait_ready()  # the benchmark (8 quick rounds) then ready
+                proc = worker.proc
+                client = pyworker.HttpClient(f"http://127.0.0.1:{worker.port}")
                 try:
-                    async with await client.request("POST", "/generate", body, timeout=10) as r:
-                        outcomes[name] = str(r.status)
-                        await r.read()
-                except pyworker.UpstreamError as exc:
-                    outcomes[name] = f"no answer ({type(exc).__name__})"
-                if proc.returncode is not None or await _exited(proc):
-                    outcomes[name] += f", worker process died (exit status {proc.returncode})"
-                    break
+                    outcomes: dict[str, str] = {}
+                    for name, body in DEEP_BODIES.items():
+                        try:
+                            async with await client.request(
+                                "POST", "/generate", body, timeout=10
+                            ) as r:
+                                outcomes[name] = str(r.status)
+                                await r.read()
+                        except pyworker.UpstreamError as exc:
+                            outcomes[name] = f"no answer ({type(exc).__name__})"
+                        if proc.returncode is not None or await _exited(proc):
+                            outcomes[name] += (
+                                f", worker process died (exit status {proc.returncode})"
+                            )
+                            break
+                finally:
+                    await client.close()
             assert outcomes == {name: "422" for name in DEEP_BODIES}, outcomes
             assert not any(MARK in str(r.get("prompt")) for r in fake.requests)
         finally:
-            await client.close()
-            if proc.returncode is None:
-                proc.kill()
-            await proc.wait()
             await fake.stop()
 
     run(main(), timeout=90.0)

@@ -13,26 +13,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import os
 import time
 import tracemalloc
-from collections.abc import AsyncGenerator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 from support import (
-    FastGenerateHandler,
+    MODEL_ERROR,
+    UNUSED_URL,
+    RawClient,
+    Rig,
     Runner,
-    WorkerAddress,
     append,
     fetch,
-    make_backend,
-    started_worker,
+    model_log,
     until,
-    worker_config,
+    worker_rig,
 )
 
 import hello_world
@@ -41,8 +41,8 @@ from pyworker import Backend, State
 from test_load import FakeModel
 
 MODEL_TIMEOUT = 0.5  # seconds, the timed route's model_timeout
-LOADED = "infer server has started"
-ERROR = "Exception: corrupted model file"
+LOADED = FakeModel.LOADED_LINE
+ERROR = MODEL_ERROR
 
 run = Runner(timeout=60.0)
 
@@ -198,57 +198,51 @@ class TimedStreamHandler(hello_world.GenerateStreamHandler):
     model_timeout = 2.0
 
 
-@dataclasses.dataclass
-class Live(WorkerAddress):
-    backend: Backend
-    worker: pyworker.Worker
-    log_path: Path
-
-    async def call(self, route: str = "/generate", timeout: float = 10.0) -> tuple[int, bytes]:
-        """POST a valid request on a new connection; (status, body). A cut body raises."""
-        body = json.dumps({"payload": {"prompt": "hello there", "max_response_tokens": 3}})
-        return await fetch(self.url, "POST", route, body.encode(), timeout=timeout)
-
-    async def settled(self) -> None:
-        """Nothing in flight, and every request in exactly one outcome."""
-        metrics = self.backend.metrics
-        await until(lambda: metrics.in_flight.requests == 0, 5.0, "in_flight back to 0")
-        assert metrics.consistent(), vars(metrics)
-
-
-@contextlib.asynccontextmanager
-async def live_worker(
-    tmp: Path, model_url: str, report_url: str = "http://127.0.0.1:9", **config: Any
-) -> AsyncGenerator[Live, None]:
-    log_path = tmp / "model.log"
-    if not log_path.exists():
-        log_path.write_text(LOADED + "\n")
-    backend = make_backend(
-        FastGenerateHandler(),
-        [(pyworker.LogAction.ModelLoaded, LOADED), (pyworker.LogAction.ModelError, ERROR)],
-        model_url=model_url,
-    )
-    routes = [
+def timed_routes(backend: Backend) -> list[pyworker.Route]:
+    return [
         pyworker.post("/generate", backend.create_handler(TimedGenerateHandler())),
         pyworker.post("/generate_untimed", backend.create_handler(hello_world.GenerateHandler())),
         pyworker.post("/generate_stream", backend.create_handler(TimedStreamHandler())),
     ]
-    settings: dict[str, Any] = {
-        "unsecured": True,
-        "report_check_interval": 0.1,
-        "report_max_interval": 1.0,
-        "report_timeout": 0.5,
-        "log_poll_interval": 0.05,
-    }
-    settings.update(config)
-    async with started_worker(
-        backend,
-        routes,
-        worker_config(tmp, model_url, [report_url], **settings),
-        ready_within=10.0,
-        stack_limit=4,
-    ) as worker:
-        yield Live(backend, worker, log_path)
+
+
+def live_worker(
+    tmp: Path,
+    report_url: str = UNUSED_URL,
+    *,
+    model_url: str | None = None,
+    fake: FakeModel | None = None,
+) -> AbstractAsyncContextManager[Rig]:
+    """The rig, UNSECURED, with the timed routes, reporting to `report_url`; the model is
+    `fake` or whatever listens at `model_url`; the model log says loaded."""
+    log_path = model_log(tmp)
+    if not log_path.exists():
+        log_path.write_text(LOADED + "\n")
+    return worker_rig(
+        tmp,
+        fake=fake or FakeModel(),
+        model_url=model_url,
+        report_addrs=[report_url],
+        routes=timed_routes,
+        unsecured=True,
+        report_check_interval=0.1,
+        report_max_interval=1.0,
+        report_timeout=0.5,
+        log_poll_interval=0.05,
+    )
+
+
+async def call(live: Rig, route: str = "/generate", timeout: float = 10.0) -> tuple[int, bytes]:
+    """POST a valid request on a new connection; (status, body). A cut body raises."""
+    body = json.dumps({"payload": {"prompt": "hello there", "max_response_tokens": 3}})
+    return await fetch(live.url, "POST", route, body.encode(), timeout=timeout)
+
+
+async def settled(live: Rig) -> None:
+    """Nothing in flight, and every request in exactly one outcome."""
+    metrics = live.backend.metrics
+    await until(lambda: metrics.in_flight.requests == 0, 5.0, "in_flight back to 0")
+    assert metrics.consistent(), vars(metrics)
 
 
 # Model server faults #############################################################################
@@ -281,20 +275,20 @@ def test_model_fault_answers_502_or_504_and_the_worker_recovers(
     async def main() -> None:
         model = await RawModel().start()
         try:
-            async with live_worker(tmp_path, model.url) as live:
+            async with live_worker(tmp_path, model_url=model.url) as live:
                 model.mode = mode
                 started = time.monotonic()
-                results = await asyncio.gather(*(live.call(route) for _ in range(3)))
+                results = await asyncio.gather(*(call(live, route) for _ in range(3)))
                 elapsed = time.monotonic() - started
                 assert {status for status, _ in results} <= statuses, results
                 assert elapsed < 5.0, elapsed
-                await live.settled()
+                await settled(live)
                 assert live.backend.metrics.errored.requests == 3
                 model.mode = "ok"
                 for path in ("/generate", "/generate_stream"):
-                    status, body = await live.call(path)
+                    status, body = await call(live, path)
                     assert status == 200, (path, body)
-                await live.settled()
+                await settled(live)
                 assert live.backend.metrics.served.requests == 2
         finally:
             await model.stop()
@@ -309,17 +303,17 @@ def test_model_dies_mid_stream_cuts_the_clients_stream(tmp_path: Path) -> None:
     async def main() -> None:
         model = await RawModel().start()
         try:
-            async with live_worker(tmp_path, model.url) as live:
+            async with live_worker(tmp_path, model_url=model.url) as live:
                 model.mode = "die_mid_stream"
                 for _ in range(3):
                     with pytest.raises(pyworker.UpstreamError):
-                        await live.call("/generate_stream")
-                await live.settled()
+                        await call(live, "/generate_stream")
+                await settled(live)
                 assert live.backend.metrics.errored.requests == 3
                 model.mode = "ok"
-                status, body = await live.call("/generate_stream")
+                status, body = await call(live, "/generate_stream")
                 assert status == 200 and body.count(b"data:") == 3, body
-                await live.settled()
+                await settled(live)
         finally:
             await model.stop()
 
@@ -333,14 +327,14 @@ def test_model_slow_byte_by_byte_but_in_time_is_relayed_whole(tmp_path: Path) ->
     async def main() -> None:
         model = await RawModel().start()
         try:
-            async with live_worker(tmp_path, model.url) as live:
+            async with live_worker(tmp_path, model_url=model.url) as live:
                 model.mode, model.byte_delay = "slow", 0.005
                 json_reply, stream_reply = await asyncio.gather(
-                    live.call("/generate_untimed"), live.call("/generate_stream")
+                    call(live, "/generate_untimed"), call(live, "/generate_stream")
                 )
                 assert json_reply == (200, JSON_BODY)
                 assert stream_reply[0] == 200 and stream_reply[1].count(b"data:") == 3
-                await live.settled()
+                await settled(live)
                 assert live.backend.metrics.served.requests == 2
         finally:
             await model.stop()
@@ -356,19 +350,19 @@ def test_model_refused_then_back(tmp_path: Path) -> None:
         model = await RawModel().start()
         port = model.port
         try:
-            async with live_worker(tmp_path, model.url) as live:
-                assert (await live.call())[0] == 200  # leaves a pooled connection
+            async with live_worker(tmp_path, model_url=model.url) as live:
+                assert (await call(live))[0] == 200  # leaves a pooled connection
                 await model.stop()
                 started = time.monotonic()
-                results = await asyncio.gather(*(live.call() for _ in range(5)))
+                results = await asyncio.gather(*(call(live) for _ in range(5)))
                 assert [s for s, _ in results] == [502] * 5, results
                 assert time.monotonic() - started < 2.0
                 model = await RawModel().start(port)
-                assert [(await live.call(p))[0] for p in ("/generate", "/generate_stream")] == [
+                assert [(await call(live, p))[0] for p in ("/generate", "/generate_stream")] == [
                     200,
                     200,
                 ]
-                await live.settled()
+                await settled(live)
                 metrics = live.backend.metrics
                 assert (metrics.served.requests, metrics.errored.requests) == (3, 5)
         finally:
@@ -465,11 +459,10 @@ def test_autoscaler_faults_do_not_touch_requests_and_reports_resume(tmp_path: Pa
     again once it behaves, and one of them counts every request served meanwhile."""
 
     async def main() -> None:
-        fake = await FakeModel(tokens=3).start()
         scaler = await RawAutoscaler().start()
         port = scaler.port
         try:
-            async with live_worker(tmp_path, fake.url, scaler.url) as live:
+            async with live_worker(tmp_path, scaler.url, fake=FakeModel(tokens=3)) as live:
                 await until(lambda: scaler.reports, 5.0, "a first report")
                 served = 0
                 for mode in ("down", "slow", "500", "garbage", "hang"):
@@ -481,7 +474,7 @@ def test_autoscaler_faults_do_not_touch_requests_and_reports_resume(tmp_path: Pa
                     worst = 0.0
                     for _ in range(10):
                         started = time.monotonic()
-                        status, _body = await live.call()
+                        status, _body = await call(live)
                         worst = max(worst, time.monotonic() - started)
                         assert status == 200, (mode, status)
                         served += 1
@@ -505,10 +498,9 @@ def test_autoscaler_faults_do_not_touch_requests_and_reports_resume(tmp_path: Pa
                         6.0,
                         f"reports resumed after {mode}",
                     )
-                await live.settled()
+                await settled(live)
         finally:
             await scaler.stop()
-            await fake.stop()
 
     run(main())
 
@@ -516,7 +508,7 @@ def test_autoscaler_faults_do_not_touch_requests_and_reports_resume(tmp_path: Pa
 # Model log faults ################################################################################
 
 
-async def _stays(live: Live, state: State, seconds: float) -> None:
+async def _stays(live: Rig, state: State, seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         assert live.backend.state is state, (live.backend.state, live.backend.error_msg)
@@ -533,49 +525,45 @@ def test_model_log_fault_is_survived(fault: str, tmp_path: Path) -> None:
     by an error line written afterwards turning the worker errored."""
 
     async def main() -> None:
-        fake = await FakeModel(tokens=3).start()
-        try:
-            async with live_worker(tmp_path, fake.url) as live:
-                log_path = live.log_path
-                append(log_path, '{"message":"Download 3/3"}\n')
-                await asyncio.sleep(0.2)
-                peak = 0
-                if fault.startswith("deleted"):
-                    log_path.unlink()
-                elif fault == "truncated":
-                    log_path.write_text("")
-                elif fault == "rotated":
-                    log_path.rename(log_path.with_suffix(".log.1"))
-                    log_path.write_text("a new log\n")
-                else:
-                    block = b"x" * (1 << 20)
-                    tracemalloc.start()
+        async with live_worker(tmp_path, fake=FakeModel(tokens=3)) as live:
+            log_path = live.log
+            append(log_path, '{"message":"Download 3/3"}\n')
+            await asyncio.sleep(0.2)
+            peak = 0
+            if fault.startswith("deleted"):
+                log_path.unlink()
+            elif fault == "truncated":
+                log_path.write_text("")
+            elif fault == "rotated":
+                log_path.rename(log_path.with_suffix(".log.1"))
+                log_path.write_text("a new log\n")
+            else:
+                block = b"x" * (1 << 20)
+                tracemalloc.start()
+                try:
+                    base = tracemalloc.get_traced_memory()[0]
+                    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND)
                     try:
-                        base = tracemalloc.get_traced_memory()[0]
-                        fd = os.open(log_path, os.O_WRONLY | os.O_APPEND)
-                        try:
-                            for _ in range(10):
-                                os.write(fd, block)
-                                await asyncio.sleep(0.02)
-                            os.write(fd, b"\n")
-                        finally:
-                            os.close(fd)
-                        await asyncio.sleep(0.5)
-                        peak = tracemalloc.get_traced_memory()[1] - base
+                        for _ in range(10):
+                            os.write(fd, block)
+                            await asyncio.sleep(0.02)
+                        os.write(fd, b"\n")
                     finally:
-                        tracemalloc.stop()
-                    assert peak < 8 * (1 << 20), peak  # far less than the 10 MB line
-                await _stays(live, State.READY, 0.4)
-                assert (await live.call())[0] == 200
-                if fault == "deleted then recreated":
-                    log_path.write_text("the model restarted\n")
-                    await asyncio.sleep(0.2)
-                if fault != "deleted":
-                    append(log_path, f"{ERROR}: shard 2\n")
-                    await until(lambda: live.backend.state is State.ERRORED, 3.0, "errored")
-                    assert ERROR in live.backend.error_msg
-        finally:
-            await fake.stop()
+                        os.close(fd)
+                    await asyncio.sleep(0.5)
+                    peak = tracemalloc.get_traced_memory()[1] - base
+                finally:
+                    tracemalloc.stop()
+                assert peak < 8 * (1 << 20), peak  # far less than the 10 MB line
+            await _stays(live, State.READY, 0.4)
+            assert (await call(live))[0] == 200
+            if fault == "deleted then recreated":
+                log_path.write_text("the model restarted\n")
+                await asyncio.sleep(0.2)
+            if fault != "deleted":
+                append(log_path, f"{ERROR}: shard 2\n")
+                await until(lambda: live.backend.state is State.ERRORED, 3.0, "errored")
+                assert ERROR in live.backend.error_msg
 
     run(main())
 
@@ -586,17 +574,13 @@ def test_huge_log_line_is_matched_on_its_start_only_once(tmp_path: Path) -> None
     where a match happens must not depend on how the tail's reads happened to split it."""
 
     async def main() -> None:
-        fake = await FakeModel(tokens=3).start()
-        try:
-            async with live_worker(tmp_path, fake.url) as live:
-                filler = (ERROR + " ").encode()
-                line = b"x" * (pyworker.MAX_LOG_LINE + 1000)
-                line += filler * ((10 << 20) // len(filler)) + b"\n"
-                with open(live.log_path, "ab") as f:
-                    f.write(line)
-                await _stays(live, State.READY, 1.0)
-        finally:
-            await fake.stop()
+        async with live_worker(tmp_path, fake=FakeModel(tokens=3)) as live:
+            filler = (ERROR + " ").encode()
+            line = b"x" * (pyworker.MAX_LOG_LINE + 1000)
+            line += filler * ((10 << 20) // len(filler)) + b"\n"
+            with open(live.log, "ab") as f:
+                f.write(line)
+            await _stays(live, State.READY, 1.0)
 
     run(main())
 
@@ -610,28 +594,26 @@ def test_stop_under_load_finishes_every_request_in_flight(tmp_path: Path) -> Non
     refused; the bookkeeping counts them all served."""
 
     async def main() -> None:
-        fake = await FakeModel(tokens=5, json_delay=0.6, token_delay=0.12).start()
-        try:
-            async with live_worker(tmp_path, fake.url) as live:
-                routes = ["/generate_untimed", "/generate_stream"] * 10
-                calls = [asyncio.ensure_future(live.call(r)) for r in routes]
-                metrics = live.backend.metrics
-                await until(lambda: metrics.in_flight.requests == 20, 5.0, "20 in flight")
-                stopping = asyncio.ensure_future(live.worker.stop(grace=5))
-                await asyncio.sleep(0.1)
-                with pytest.raises(OSError):
-                    await asyncio.open_connection("127.0.0.1", live.worker.port)
-                results = await asyncio.gather(*calls)
-                await asyncio.wait_for(stopping, 8.0)
-                for route, (status, body) in zip(routes, results):
-                    assert status == 200, (route, status, body)
-                    if route == "/generate_stream":
-                        assert body.count(b"data:") == 3, body
-                    else:
-                        assert json.loads(body)["tokens"] == 3
-                assert metrics.served.requests == 20 and metrics.in_flight.requests == 0
-                assert metrics.consistent()
-        finally:
-            await fake.stop()
+        async with live_worker(
+            tmp_path, fake=FakeModel(tokens=5, json_delay=0.6, token_delay=0.12)
+        ) as live:
+            routes = ["/generate_untimed", "/generate_stream"] * 10
+            calls = [asyncio.ensure_future(call(live, r)) for r in routes]
+            metrics = live.backend.metrics
+            await until(lambda: metrics.in_flight.requests == 20, 5.0, "20 in flight")
+            stopping = asyncio.ensure_future(live.worker.stop(grace=5))
+            await asyncio.sleep(0.1)
+            with pytest.raises(OSError):
+                await RawClient.connect(live.port)
+            results = await asyncio.gather(*calls)
+            await asyncio.wait_for(stopping, 8.0)
+            for route, (status, body) in zip(routes, results):
+                assert status == 200, (route, status, body)
+                if route == "/generate_stream":
+                    assert body.count(b"data:") == 3, body
+                else:
+                    assert json.loads(body)["tokens"] == 3
+            assert metrics.served.requests == 20 and metrics.in_flight.requests == 0
+            assert metrics.consistent()
 
     run(main())

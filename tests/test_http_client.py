@@ -20,7 +20,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 import pytest
-from support import Runner
+from support import RawClient, Runner
 
 import pyworker
 from pyworker import HttpClient, Request, Response, UpstreamError, UpstreamTimeout
@@ -633,14 +633,6 @@ STREAM_HEAD = (
 RELAY_REQUEST = b"POST /stream HTTP/1.1\r\nHost: w\r\nContent-Length: 2\r\n\r\n{}"
 
 
-async def read_chunk(reader: asyncio.StreamReader) -> bytes:
-    """One chunk of the worker's chunked answer, parsed independently of pyworker."""
-    size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
-    data = await reader.readexactly(size + 2)
-    assert data.endswith(b"\r\n")
-    return data[:-2]
-
-
 def test_relay_forwards_each_chunk_before_the_next_is_sent() -> None:
     tokens = [b"data: tok%d\n\n" % i for i in range(5)]
 
@@ -665,21 +657,21 @@ def test_relay_forwards_each_chunk_before_the_next_is_sent() -> None:
 
         upstream = Upstream(script)
         async with upstream, relay(upstream) as port:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            client = await RawClient.connect(port, timeout=TIMEOUT)
             try:
-                writer.write(RELAY_REQUEST)
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+                await client.send(RELAY_REQUEST)
+                head = await client.head_bytes()
                 assert head.startswith(b"HTTP/1.1 200 ")
                 assert b"Content-Type: text/event-stream\r\n" in head
                 assert b"Transfer-Encoding: chunked\r\n" in head
                 for i, token in enumerate(tokens):
-                    assert await asyncio.wait_for(read_chunk(reader), TIMEOUT) == token
+                    assert await client.chunk() == token
                     assert sent == i + 1  # the next one has not been sent yet
                     received[i].set()
                 # The last chunk and the empty trailer section: a complete, proper end.
-                assert await asyncio.wait_for(read_chunk(reader), TIMEOUT) == b""
+                assert await client.chunk() == b""
             finally:
-                writer.close()
+                await client.close()
 
     run(main())
 
@@ -728,17 +720,17 @@ async def _relay_once(upstream_answer: bytes, *, read_rest: bool) -> tuple[bytes
 
     upstream = Upstream(script)
     async with upstream, relay(upstream) as port:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        client = await RawClient.connect(port, timeout=TIMEOUT)
         try:
-            writer.write(RELAY_REQUEST)
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+            await client.send(RELAY_REQUEST)
+            head = await client.head_bytes()
             rest = b""
             if read_rest:
                 with contextlib.suppress(ConnectionError):
-                    rest = await asyncio.wait_for(reader.read(), TIMEOUT)
+                    rest = await client.read_to_eof()
             return head, rest
         finally:
-            writer.close()
+            await client.close()
 
 
 def test_relay_cuts_client_stream_on_malformed_upstream_chunk() -> None:
@@ -793,20 +785,20 @@ async def _disconnect_mid_stream(*, reset: bool, upstream_pace: float | None) ->
 
     upstream = Upstream(script)
     async with upstream, relay(upstream) as port:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        client = await RawClient.connect(port, timeout=TIMEOUT)
         try:
-            writer.write(RELAY_REQUEST)
-            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
-            assert await asyncio.wait_for(read_chunk(reader), TIMEOUT) == b"first"
+            await client.send(RELAY_REQUEST)
+            await client.head_bytes()
+            assert await client.chunk() == b"first"
             client_gone_at = time.monotonic()
             if reset:
-                abort_with_reset(writer)
+                client.reset()
             else:
-                writer.close()
+                client.writer.close()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(upstream_closed.wait(), 3)
         finally:
-            writer.close()
+            client.writer.close()
         return time.monotonic() - client_gone_at
 
 

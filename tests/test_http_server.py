@@ -11,15 +11,13 @@ import asyncio
 import contextlib
 import http.client
 import json
-import socket
-import struct
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 import pytest
-from support import Runner
+from support import RawClient, Runner, parse_head, raw_client
 from test_framing import MALFORMED, SMALL_MAX_BODY, Bad
 
 import pyworker
@@ -58,116 +56,6 @@ def echo_routes(*paths: str) -> list[pyworker.Route]:
     for path in paths or ("/", "/echo"):
         routes += [pyworker.get(path, echo), pyworker.post(path, echo)]
     return routes
-
-
-# A small independent HTTP/1.1 response reader (not pyworker's, which is what is under test).
-
-
-class RawResponse:
-    def __init__(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
-        self.status = status
-        self.headers = headers
-        self.body = body
-
-    def header(self, name: str) -> str | None:
-        for key, value in self.headers:
-            if key.lower() == name.lower():
-                return value
-        return None
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-def parse_head(head: bytes) -> tuple[int, list[tuple[str, str]]]:
-    lines = head.decode("latin-1").split("\r\n")
-    version, status, *_ = lines[0].split(" ", 2)
-    assert version == "HTTP/1.1", lines[0]
-    headers: list[tuple[str, str]] = []
-    for line in lines[1:]:
-        if line:
-            name, _, value = line.partition(":")
-            headers.append((name, value.strip()))
-    return int(status), headers
-
-
-class RawClient:
-    """A raw TCP client speaking bytes; every read is bounded by TIMEOUT."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    @classmethod
-    async def connect(cls, port: int) -> RawClient:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
-        return cls(reader, writer)
-
-    async def send(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
-
-    async def head(self) -> tuple[int, list[tuple[str, str]]]:
-        return parse_head(await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), TIMEOUT))
-
-    async def response(self) -> RawResponse:
-        """The next final response (1xx skipped), its body read by its framing."""
-        status, headers = await self.head()
-        while 100 <= status < 200:
-            status, headers = await self.head()
-        fields = {k.lower(): v for k, v in headers}
-        if fields.get("transfer-encoding") == "chunked":
-            body = await asyncio.wait_for(self.chunked_body(), TIMEOUT)
-        elif "content-length" in fields:
-            size = int(fields["content-length"])
-            body = await asyncio.wait_for(self.reader.readexactly(size), TIMEOUT)
-        else:
-            body = await self.read_to_eof()
-        return RawResponse(status, headers, body)
-
-    async def chunked_body(self) -> bytes:
-        parts: list[bytes] = []
-        while True:
-            size = int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16)
-            if size == 0:
-                assert await self.reader.readuntil(b"\r\n") == b"\r\n"
-                return b"".join(parts)
-            data = await self.reader.readexactly(size + 2)
-            assert data.endswith(b"\r\n")
-            parts.append(data[:-2])
-
-    async def read_to_eof(self) -> bytes:
-        return await asyncio.wait_for(self.reader.read(), TIMEOUT)
-
-    async def closed_by_peer(self, timeout: float = TIMEOUT) -> bool:
-        """Whether the server closed the connection (EOF or reset) within `timeout`."""
-        try:
-            data = await asyncio.wait_for(self.reader.read(1 << 20), timeout)
-        except asyncio.TimeoutError:
-            return False
-        except ConnectionError:
-            return True
-        return data == b""
-
-    def abort(self) -> None:
-        """Close with RST (SO_LINGER 0), as a killed client or a proxy timeout does."""
-        sock = self.writer.get_extra_info("socket")
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.writer.transport.abort()
-
-    async def close(self) -> None:
-        self.writer.close()
-        with contextlib.suppress(ConnectionError):
-            await self.writer.wait_closed()
-
-
-@contextlib.asynccontextmanager
-async def raw_client(port: int) -> AsyncGenerator[RawClient, None]:
-    client = await RawClient.connect(port)
-    try:
-        yield client
-    finally:
-        await client.close()
 
 
 GET = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -656,7 +544,7 @@ def test_client_reset_cancels_handler() -> None:
             client = await RawClient.connect(port)
             await client.send(post(b"/", b"{}"))
             await asyncio.wait_for(started.wait(), TIMEOUT)
-            client.abort()
+            client.reset()
             await asyncio.wait_for(cancelled.wait(), 2)
             await assert_still_serving_route(port, "/echo")
 
@@ -792,7 +680,7 @@ def test_shutdown_answers_a_request_whose_body_is_still_arriving() -> None:
             assert b"0123456789" in reply.body
             await asyncio.wait_for(stopping, 5)
         finally:
-            client.abort()
+            client.reset()
             await server.shutdown(grace=0)
 
     run(main())

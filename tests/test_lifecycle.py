@@ -9,8 +9,6 @@ client side owes nothing to the code under test.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import dataclasses
 import itertools
 import json
 import logging
@@ -19,38 +17,35 @@ import os
 import re
 import time
 import tracemalloc
-from collections.abc import AsyncGenerator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
 import pytest
 from support import (
+    MODEL_ERROR,
+    RawClient,
+    Rig,
     Runner,
+    StalledServer,
     append,
-    encode_request,
     free_port,
     generate,
     hello_world_routes,
-    make_backend,
-    read_chunk,
-    read_head,
+    model_log,
     request,
     signing_key,
-    stalled_server,
-    started_worker,
     until,
-    wait_ready,
-    worker_config,
+    worker_rig,
 )
 
 import hello_world
 import pyworker
-from pyworker import Backend, Config, ConfigError, LogAction, State
+from pyworker import Config, ConfigError, State
 from test_load import FakeModel, LocalAutoscaler
 
 LOADED = FakeModel.LOADED_LINE
-ERROR_TEXT = "Exception: corrupted model file"
-INFO_TEXT = '"message":"Download'
+ERROR_TEXT = MODEL_ERROR
 REPORT_FIELDS = {
     "id",
     "loadtime",
@@ -93,91 +88,31 @@ class CountingModel(FakeModel):
         return await super()._health(request)
 
 
-@dataclasses.dataclass
-class Rig:
-    fake: FakeModel
-    scaler: LocalAutoscaler | None
-    worker: pyworker.Worker
-    log: Path
-    cache: Path
-
-    @property
-    def backend(self) -> Backend:
-        return self.worker.backend
-
-    @property
-    def port(self) -> int:
-        return self.worker.port
-
-    @property
-    def reports(self) -> list[dict[str, Any]]:
-        assert self.scaler is not None
-        return self.scaler.reports
-
-    async def ready(self, timeout: float = 10.0) -> None:
-        await wait_ready(self.backend, timeout)
-
-
-def model_log(tmp_path: Path) -> Path:
-    return tmp_path / "model.log"
-
-
-@contextlib.asynccontextmanager
-async def running_worker(
+def running_worker(
     tmp_path: Path,
     *,
-    fake: FakeModel | None = None,
-    autoscaler: bool = True,
-    report_addr: str | None = None,
     handler: pyworker.EndpointHandler[Any] | None = None,
-    parallel: bool = True,
-    config: Config | None = None,
-    cached_max_perf: float | None = None,
-    **overrides: Any,
-) -> AsyncGenerator[Rig, None]:
-    """A FakeModel, a LocalAutoscaler (unless `autoscaler` is False) and a worker on port 0.
-
-    By default the fake model writes its own log (loaded at once) and the worker runs
-    UNSECURED; `overrides` replace Config fields.
-    """
-    log = model_log(tmp_path)
-    cache = tmp_path / ".has_benchmark"
-    fake = fake if fake is not None else FakeModel(log_path=str(log))
-    scaler: LocalAutoscaler | None = None
-    try:
-        await fake.start()
-        if cached_max_perf is not None:  # as this very worker would have cached it
-            model = pyworker.HttpClient(fake.url)
-            bench = pyworker.Benchmark(
-                model, handler or FastHandler(), runs=1, concurrency=1, cache_path=str(cache)
-            )
-            bench.save(cached_max_perf)
-        if autoscaler:
-            scaler = await LocalAutoscaler(signing_key()).start()
-        addr = report_addr or (scaler.url if scaler else f"http://127.0.0.1:{free_port()}")
-        settings: dict[str, Any] = {
-            "unsecured": True,
-            "report_check_interval": 0.1,
-            "report_max_interval": 1.0,
-            "report_timeout": 1.0,
-            "healthcheck_interval": 0.2,
-            "log_poll_interval": 0.05,
-        }
-        settings.update(overrides)
-        cfg = worker_config(tmp_path, fake.url, [addr], base=config, **settings)
-        log_actions = [
-            (LogAction.ModelLoaded, LOADED),
-            (LogAction.ModelError, ERROR_TEXT),
-            (LogAction.Info, INFO_TEXT),
-        ]
-        backend = make_backend(handler or FastHandler(), log_actions, parallel=parallel)
-        routes = hello_world_routes(backend, FastHandler())
-        async with started_worker(backend, routes, cfg, bounded_stop=False) as worker:
-            yield Rig(fake, scaler, worker, log, cache)
-    finally:
-        await fake.stop()
-        if scaler is not None:
-            await scaler.stop()
+    **options: Any,
+) -> AbstractAsyncContextManager[Rig]:
+    """The rig, not waited for, UNSECURED, with quick reports and healthchecks: a FakeModel
+    that writes its own log (loaded at once) unless `fake` is given, a LocalAutoscaler unless
+    `report_addrs` are; `options` are worker_rig's (Config fields among them)."""
+    settings: dict[str, Any] = {
+        "ready": False,
+        "unsecured": True,
+        "report_check_interval": 0.1,
+        "report_max_interval": 0.5,
+        "report_timeout": 1.0,
+        "healthcheck_interval": 0.2,
+        "log_poll_interval": 0.05,
+    }
+    settings.update(options)
+    return worker_rig(
+        tmp_path,
+        handler=handler or FastHandler(),
+        routes=lambda backend: hello_world_routes(backend, FastHandler()),
+        **settings,
+    )
 
 
 # Model log #######################################################################################
@@ -201,7 +136,7 @@ def test_log_created_late_and_written_in_pieces(tmp_path: Path) -> None:
             assert rig.backend.state is State.LOADING
             assert rig.fake.requests == []  # no benchmark yet
             append(log, "\n")
-            await rig.ready()
+            await rig.wait_ready()
 
     run(main())
 
@@ -218,7 +153,7 @@ def test_log_truncated_is_read_from_the_start(
             await until(lambda: "Downloading shard 1" in caplog.text, 5, "the old content")
             with open(log, "w") as f:  # truncate: the new content is shorter than the old
                 f.write(f"{LOADED}\n")
-            await rig.ready()
+            await rig.wait_ready()
 
     run(main())
 
@@ -235,7 +170,7 @@ def test_log_rotated_by_rename_and_new_file(
             os.rename(log, tmp_path / "model.log.1")
             await asyncio.sleep(0.2)
             append(log, f"fresh\n{LOADED}\n")
-            await rig.ready()
+            await rig.wait_ready()
             # What the old file gets after the rotation is no longer followed.
             append(tmp_path / "model.log.1", f"{ERROR_TEXT}\n")
             await asyncio.sleep(0.3)
@@ -256,7 +191,7 @@ def test_rotation_within_one_poll_keeps_the_old_files_last_lines(tmp_path: Path)
             append(log, f"{LOADED}\n")
             os.rename(log, tmp_path / "model.log.1")
             append(log, "fresh file\n")
-            await rig.ready()
+            await rig.wait_ready()
             assert rig.backend.state is State.READY
 
     run(main())
@@ -287,7 +222,7 @@ def test_loaded_line_repeated_benchmarks_once(tmp_path: Path) -> None:
         log = model_log(tmp_path)
         append(log, f"{LOADED}\n{LOADED}\n")
         async with running_worker(tmp_path, fake=FakeModel()) as rig:
-            await rig.ready()
+            await rig.wait_ready()
             expected = 1 + FastHandler.benchmark_runs * 10  # warm-up + rounds of 10
             assert len(rig.fake.requests) == expected
             append(log, f"{LOADED} again\n")
@@ -325,7 +260,7 @@ def test_model_error_after_ready_is_sticky(tmp_path: Path) -> None:
     async def main() -> None:
         log = model_log(tmp_path)
         async with running_worker(tmp_path) as rig:
-            await rig.ready()
+            await rig.wait_ready()
             append(log, f"{ERROR_TEXT} (out of memory)\n")
             await until(lambda: rig.backend.state is State.ERRORED, 5, "errored")
             append(log, f"{LOADED}\n")
@@ -367,7 +302,7 @@ def test_huge_line_without_newline_is_bounded(tmp_path: Path) -> None:
                 await asyncio.sleep(0.3)
                 assert rig.backend.state is State.LOADING
                 append(log, f"\nnext line\n{LOADED}\n")
-                await rig.ready(timeout=20)
+                await rig.wait_ready(timeout=20)
                 _, peak = tracemalloc.get_traced_memory()
             finally:
                 tracemalloc.stop()
@@ -410,7 +345,7 @@ def test_huge_line_outcome_does_not_depend_on_write_timing(tmp_path: Path) -> No
 def test_benchmark_uses_cached_number(tmp_path: Path) -> None:
     async def main() -> None:
         async with running_worker(tmp_path, cached_max_perf=123.5) as rig:
-            await rig.ready()
+            await rig.wait_ready()
             await asyncio.sleep(0.3)
             assert rig.backend.max_perf == 123.5
             assert len(rig.fake.requests) == 1  # the warm-up only
@@ -435,7 +370,7 @@ def test_benchmark_rounds_of_ten(tmp_path: Path, cached: str | None) -> None:
             (tmp_path / ".has_benchmark").write_text(cached)
         fake = FakeModel(log_path=str(model_log(tmp_path)), json_delay=0.05)
         async with running_worker(tmp_path, fake=fake) as rig:
-            await rig.ready()
+            await rig.wait_ready()
             requests = rig.fake.requests
             assert len(requests) == 1 + 2 * 10
             assert rig.fake.max_active == 10
@@ -454,7 +389,7 @@ def test_benchmark_cache_off(tmp_path: Path) -> None:
     # BENCHMARK_CACHE=off: measured at every start, nothing written
     async def main() -> None:
         async with running_worker(tmp_path, benchmark_cache=None) as rig:
-            await rig.ready()
+            await rig.wait_ready()
             assert len(rig.fake.requests) == 1 + 2 * 10
             assert not rig.cache.exists()
 
@@ -472,7 +407,7 @@ def test_benchmark_one_at_a_time(tmp_path: Path) -> None:
     async def main() -> None:
         fake = FakeModel(log_path=str(model_log(tmp_path)), json_delay=0.02, one_at_a_time=True)
         async with running_worker(tmp_path, fake=fake, parallel=False) as rig:
-            await rig.ready()
+            await rig.wait_ready()
             assert len(rig.fake.requests) == 1 + 2
             assert rig.fake.max_active == 1
             assert rig.backend.max_perf > 0
@@ -487,7 +422,7 @@ def test_benchmark_counts_only_successful_requests(tmp_path: Path) -> None:
     async def main() -> None:
         fake = FakeModel(log_path=str(model_log(tmp_path)), json_delay=0.05, one_at_a_time=True)
         async with running_worker(tmp_path, fake=fake) as rig:
-            await rig.ready()
+            await rig.wait_ready()
             assert len(rig.fake.requests) == 21
             biggest = max(hello_world.count_tokens(r["prompt"]) for r in rig.fake.requests)
             # One success of at most `biggest` per round of at least json_delay.
@@ -519,7 +454,7 @@ def test_healthcheck_failure_after_success_errors(tmp_path: Path) -> None:
     async def main() -> None:
         fake = CountingModel(log_path=str(model_log(tmp_path)))
         async with running_worker(tmp_path, fake=fake, handler=HealthHandler()) as rig:
-            await rig.ready()
+            await rig.wait_ready()
             await until(lambda: fake.health_hits >= 2, 3, "two healthchecks")
             assert rig.backend.state is State.READY
             fake.healthy = False
@@ -555,7 +490,7 @@ def test_healthcheck_one_failure_is_not_fatal(tmp_path: Path) -> None:
     async def main() -> None:
         fake = CountingModel(log_path=str(model_log(tmp_path)))
         async with running_worker(tmp_path, fake=fake, handler=HealthHandler()) as rig:
-            await rig.ready()
+            await rig.wait_ready()
             fake.healthy = False
             hits = fake.health_hits
             await until(lambda: fake.health_hits >= hits + 1, 3, "one failed healthcheck")
@@ -573,12 +508,12 @@ def test_healthcheck_one_failure_is_not_fatal(tmp_path: Path) -> None:
 def test_report_fields_and_types(tmp_path: Path) -> None:
     async def main() -> None:
         async with running_worker(tmp_path, container_id=42) as rig:
-            await rig.ready()
+            await rig.wait_ready()
             reply = await request(rig.port, "POST", "/generate", generate("one two three"))
             assert reply.status == 200
             await until(lambda: len(rig.reports) >= 2, 3, "two load reports")
-        assert rig.scaler is not None
-        for report in rig.scaler.reports:
+        assert rig.autoscaler is not None
+        for report in rig.autoscaler.reports:
             assert set(report) == REPORT_FIELDS
             assert type(report["id"]) is int and report["id"] == 42
             for name in ("loadtime", "cur_load", "max_perf", "cur_perf", "additional_disk_usage"):
@@ -590,7 +525,7 @@ def test_report_fields_and_types(tmp_path: Path) -> None:
                 assert type(report[name]) is int and report[name] >= 0, name
             assert type(report["error_msg"]) is str and report["error_msg"] == ""
             assert report["url"] == rig.backend.config.public_url
-        last = rig.scaler.reports[-1]
+        last = rig.autoscaler.reports[-1]
         assert last["num_requests_recieved"] == 1
         assert last["max_perf"] == rig.backend.max_perf > 0
 
@@ -601,7 +536,7 @@ def test_loadtime_nonzero_exactly_once(tmp_path: Path) -> None:
     async def main() -> None:
         fake = FakeModel(log_path=str(model_log(tmp_path)), load_time=0.4)
         async with running_worker(tmp_path, fake=fake, report_max_interval=0.3) as rig:
-            await rig.ready()
+            await rig.wait_ready()
             await until(lambda: len(rig.reports) >= 6, 5, "six load reports")
             loadtimes = [r["loadtime"] for r in rig.reports]
             nonzero = [t for t in loadtimes if t != 0]
@@ -619,9 +554,7 @@ def test_two_autoscalers_each_get_loadtime_once(tmp_path: Path) -> None:
         second = await LocalAutoscaler(signing_key()).start()
         try:
             addrs = [first.url, second.url]
-            async with running_worker(
-                tmp_path, autoscaler=False, report_addrs=addrs, report_max_interval=0.3
-            ):
+            async with running_worker(tmp_path, report_addrs=addrs, report_max_interval=0.3):
                 await until(
                     lambda: len(first.reports) >= 5 and len(second.reports) >= 5,
                     5,
@@ -643,10 +576,8 @@ def test_loadtime_survives_an_autoscaler_outage(tmp_path: Path) -> None:
 
     async def main() -> None:
         port = free_port()
-        async with running_worker(
-            tmp_path, autoscaler=False, report_addr=f"http://127.0.0.1:{port}"
-        ) as rig:
-            await rig.ready()
+        async with running_worker(tmp_path, report_addrs=[f"http://127.0.0.1:{port}"]) as rig:
+            await rig.wait_ready()
             await asyncio.sleep(0.5)  # report attempts fail meanwhile
             scaler = await LocalAutoscaler(signing_key()).start(port)
             try:
@@ -671,7 +602,7 @@ def test_report_url_from_environment(tmp_path: Path) -> None:
 
     async def main() -> None:
         config = Config.from_env({**env, "CONTAINER_ID": "777"})
-        async with running_worker(tmp_path, config=config) as rig:
+        async with running_worker(tmp_path, base=config) as rig:
             await until(lambda: bool(rig.reports), 3, "a load report")
             assert rig.reports[-1]["url"] == "http://203.0.113.7:41234"
             assert rig.reports[-1]["id"] == 777
@@ -684,10 +615,10 @@ def test_report_cadence(tmp_path: Path) -> None:
     next check (0.1 s), not at the next interval."""
 
     async def main() -> None:
-        async with running_worker(tmp_path) as rig:
-            await rig.ready()
-            assert rig.scaler is not None
-            times = rig.scaler.report_times
+        async with running_worker(tmp_path, report_max_interval=1.0) as rig:
+            await rig.wait_ready()
+            assert rig.autoscaler is not None
+            times = rig.autoscaler.report_times
             await until(lambda: any(r["loadtime"] for r in rig.reports), 3, "loadtime report")
             first = len(times)
             await until(lambda: len(times) >= first + 2, 4, "two idle reports")
@@ -714,25 +645,24 @@ def test_report_cadence_with_one_stalled_autoscaler(tmp_path: Path) -> None:
     timeout and retry towards the first."""
 
     async def main() -> None:
-        stalled, conns = await stalled_server()
-        stalled_url = f"http://127.0.0.1:{stalled.sockets[0].getsockname()[1]}"
+        stalled = await StalledServer().start()
         scaler = await LocalAutoscaler(signing_key()).start()
         try:
-            addrs = [stalled_url, scaler.url]
-            async with running_worker(tmp_path, autoscaler=False, report_addrs=addrs) as rig:
-                await rig.ready()
-                await until(lambda: bool(conns), 3, "a report attempt to the stalled one")
+            addrs = [stalled.url, scaler.url]
+            async with running_worker(tmp_path, report_addrs=addrs, report_max_interval=1.0) as rig:
+                await rig.wait_ready()
+                await until(lambda: bool(stalled.conns), 3, "a report attempt to the stalled one")
                 start = time.monotonic()
                 await asyncio.sleep(3.0)
                 times = [start, *(t for t in scaler.report_times if t > start), time.monotonic()]
                 gaps = [b - a for a, b in itertools.pairwise(times)]
                 assert max(gaps) <= 2.0, gaps
+                # Gone before the worker stops: its last report is refused at once instead of
+                # waiting out report_timeout (what this test is about is behind us).
+                await stalled.close()
         finally:
             await scaler.stop()
-            stalled.close()
-            for writer in conns:
-                writer.close()
-            await stalled.wait_closed()
+            await stalled.close()
 
     run(main())
 
@@ -753,14 +683,14 @@ def test_workload_figures_survive_an_autoscaler_outage(tmp_path: Path) -> None:
         assert tokens(errored_prompt) == 7
         assert [tokens(p) for p in stream_prompts.values()] == [11, 13]
         async with running_worker(tmp_path, fake=fake) as rig:
-            scaler = rig.scaler
+            scaler = rig.autoscaler
             assert scaler is not None
-            await rig.ready()
+            await rig.wait_ready()
             await until(lambda: any(r["loadtime"] for r in scaler.reports), 3, "loadtime")
             port = scaler.port
             await scaler.stop()  # the autoscaler goes down
             t0 = scaler.report_times[-1]
-            streams: list[asyncio.StreamWriter] = []
+            streams: list[RawClient] = []
             try:
                 for prompt in served_prompts:
                     reply = await request(rig.port, "POST", "/generate", generate(prompt))
@@ -772,19 +702,19 @@ def test_workload_figures_survive_an_autoscaler_outage(tmp_path: Path) -> None:
                 bad = await request(rig.port, "POST", "/generate", {"payload": {"prompt": 5}})
                 assert bad.status == 422
                 for prompt in stream_prompts.values():
-                    reader, writer = await asyncio.open_connection("127.0.0.1", rig.port)
-                    streams.append(writer)
+                    client = await RawClient.connect(rig.port)
+                    streams.append(client)
                     body = {"payload": {"prompt": prompt, "max_response_tokens": 16}}
-                    writer.write(encode_request("POST", "/generate_stream", body))
-                    status, _ = await read_head(reader)
+                    await client.send_request("POST", "/generate_stream", body, close=True)
+                    status, _ = await client.head()
                     assert status == 200
-                    assert await read_chunk(reader)  # the first token
-                streams.pop(0).close()  # the client of the "cancelled" stream leaves
+                    assert await client.chunk()  # the first token
+                await streams.pop(0).close()  # the client of the "cancelled" stream leaves
                 await until(lambda: rig.backend.metrics.cancelled.requests == 1, 2, "cancel")
                 sequence_end = time.monotonic()
-                # Failed sends take up to ~1.5 s of retries: let the ones that began during
-                # the sequence fail before the autoscaler comes back.
-                await asyncio.sleep(2.0)
+                # Failed sends take a few report_backoff (REPORT_BACKOFF) of retries: let the
+                # ones that began during the sequence fail before the autoscaler comes back.
+                await asyncio.sleep(0.5)
                 back = await LocalAutoscaler(signing_key()).start(port)
                 try:
                     await until(lambda: bool(back.reports), 5, "a report after the outage")
@@ -792,8 +722,8 @@ def test_workload_figures_survive_an_autoscaler_outage(tmp_path: Path) -> None:
                 finally:
                     await back.stop()
             finally:
-                for writer in streams:
-                    writer.close()
+                for client in streams:
+                    await client.close()
         assert report["num_requests_recieved"] == 5
         assert report["num_requests_working"] == 1
         received = 3 + 5 + 7 + 13  # served, errored and in flight; not the cancelled 11
@@ -814,12 +744,10 @@ def test_pubkey_fetched_in_background_from_a_late_autoscaler(tmp_path: Path) -> 
         key = signing_key()
         port = free_port()
         addr = f"http://127.0.0.1:{port}"
-        async with running_worker(
-            tmp_path, autoscaler=False, report_addr=addr, unsecured=False
-        ) as rig:
+        async with running_worker(tmp_path, report_addrs=[addr], unsecured=False) as rig:
             ping = await request(rig.port, "GET", "/ping")
             assert (ping.status, ping.body) == (200, b"pong")
-            await rig.ready()
+            await until(lambda: rig.backend.state is State.READY, 10, "the model to be ready")
             url = f"http://127.0.0.1:{rig.port}"
             signed = {
                 "auth_data": key.sign_auth(cost=3, endpoint="local", reqnum=1, url=url),
@@ -870,7 +798,7 @@ def parse_metrics(text: str) -> dict[str, float]:
 def test_metrics_prometheus_counters_move(tmp_path: Path) -> None:
     async def main() -> None:
         async with running_worker(tmp_path) as rig:
-            await rig.ready()
+            await rig.wait_ready()
             reply = await request(rig.port, "GET", "/metrics")
             assert reply.status == 200
             assert reply.headers["content-type"].startswith("text/plain")

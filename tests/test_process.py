@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import os
 import re
 import shutil
 import signal
@@ -19,125 +17,29 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import AsyncGenerator, Callable, Coroutine
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from support import (
-    ROOT,
     UNUSED_URL,
     WORKER_FILE,
+    RawClient,
     Runner,
-    encode_request,
+    StalledServer,
+    child_env,
     free_port,
     generate,
-    launch_hello_world,
-    read_chunk,
-    read_head,
     request,
     signing_key,
-    stalled_server,
+    spawned_worker,
+    unsecured_vars,
 )
 
 from test_load import FakeModel, LocalAutoscaler
 
-# Variables a developer's shell may have set that would change the child's behaviour.
-WORKER_VARS = (
-    "WORKER_PORT",
-    "MODEL_LOG",
-    "MODEL_SERVER_URL",
-    "REPORT_ADDR",
-    "PUBKEY_FILE",
-    "UNSECURED",
-    "USE_SSL",
-    "WORKER_SSL_CERT",
-    "WORKER_SSL_KEY",
-    "CONTAINER_ID",
-    "PUBLIC_IPADDR",
-    "LOG_LEVEL",
-    "MAX_BODY_BYTES",
-)
-
-
 run = Runner(timeout=40.0)
-
-
-def child_env(**env: str) -> dict[str, str]:
-    base = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in WORKER_VARS and not k.startswith("VAST_TCP_PORT_")
-    }
-    base["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), base.get("PYTHONPATH")]))
-    base["PYTHONUNBUFFERED"] = "1"
-    base.update(env)
-    return base
-
-
-async def until_true(
-    check: Callable[[], Coroutine[Any, Any, bool]], timeout: float, what: str, proc: Worker
-) -> float:
-    """Poll `check` until it is true; the seconds it took. Fails early if the child died."""
-    start = time.monotonic()
-    while not await check():
-        if proc.proc.returncode is not None:
-            raise AssertionError(f"worker exited ({proc.proc.returncode}):\n{proc.output()}")
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"waited {timeout}s for {what}:\n{proc.output()}")
-        await asyncio.sleep(0.05)
-    return time.monotonic() - start
-
-
-# The worker process ##############################################################################
-
-
-@dataclasses.dataclass
-class Worker:
-    proc: asyncio.subprocess.Process
-    port: int
-    log_file: Path
-
-    def output(self) -> str:
-        return self.log_file.read_text(errors="replace")[-4000:]
-
-    async def ping(self) -> bool:
-        try:
-            reply = await request(self.port, "GET", "/ping", timeout=2.0)
-        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
-            return False
-        return reply.status == 200 and reply.body == b"pong"
-
-    async def is_ready(self) -> bool:
-        reply = await request(self.port, "POST", "/generate", generate())
-        assert reply.status in (200, 503), reply
-        return reply.status == 200
-
-    async def wait_ready(self, timeout: float = 15.0) -> None:
-        await until_true(self.ping, timeout, "/ping", self)
-        await until_true(self.is_ready, timeout, "ready", self)
-
-
-@contextlib.asynccontextmanager
-async def spawn(workdir: Path, **env: str) -> AsyncGenerator[Worker, None]:
-    """`python hello_world.py` in `workdir` with `env` (WORKER_PORT is picked if absent)."""
-    os.makedirs(workdir, exist_ok=True)
-    env.setdefault("WORKER_PORT", str(free_port()))
-    log_file = workdir / "worker.out"
-    with open(log_file, "wb") as out:
-        proc = await launch_hello_world(
-            workdir,
-            child_env(**env),
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        yield Worker(proc, int(env["WORKER_PORT"]), log_file)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        await proc.wait()
 
 
 @contextlib.asynccontextmanager
@@ -157,13 +59,7 @@ async def model_and_autoscaler(
 
 def worker_vars(fake: FakeModel, report_addr: str, **extra: str) -> dict[str, str]:
     assert fake.log_path is not None
-    return {
-        "MODEL_LOG": fake.log_path,
-        "MODEL_SERVER_URL": fake.url,
-        "REPORT_ADDR": report_addr,
-        "UNSECURED": "true",
-        **extra,
-    }
+    return unsecured_vars(fake.log_path, fake.url, report_addr, **extra)
 
 
 # Tests ###########################################################################################
@@ -183,8 +79,8 @@ def test_spawn_to_ping_then_ready(tmp_path: Path) -> None:
                 "REPORT_ADDR": scaler.url,
                 "CONTAINER_ID": "9",
             }
-            async with spawn(tmp_path / "w", **env) as worker:
-                await until_true(worker.ping, 10.0, "/ping", worker)
+            async with spawned_worker(tmp_path / "w", **env) as worker:
+                await worker.until(worker.ping, 10.0, "/ping")
                 # Up, but not ready: the model has not logged its line, no key fetched yet
                 # does not matter either (503 all the same).
                 reply = await request(worker.port, "POST", "/generate", generate())
@@ -192,9 +88,7 @@ def test_spawn_to_ping_then_ready(tmp_path: Path) -> None:
                 assert fake.requests == []
                 with open(log, "a") as f:
                     f.write(f"{FakeModel.LOADED_LINE} on port {fake.port}\n")
-                await until_true(
-                    lambda: _has_ready_report(scaler), 15.0, "a ready load report", worker
-                )
+                await worker.until(lambda: _has_ready_report(scaler), 15.0, "a ready load report")
                 report = next(r for r in scaler.reports if r["max_perf"] > 0)
                 assert report["id"] == 9 and report["loadtime"] > 0
                 assert report["url"] == f"http://127.0.0.1:{worker.port}"
@@ -315,20 +209,20 @@ def test_stalled_autoscaler_does_not_slow_requests(tmp_path: Path) -> None:
     that never answers. The same requests, interleaved, take about as long on both."""
 
     async def main() -> None:
-        stalled, stalled_conns = await stalled_server()
-        stalled_url = f"http://127.0.0.1:{stalled.sockets[0].getsockname()[1]}"
+        stalled = await StalledServer().start()
+        stalled_conns = stalled.conns
         try:
             async with model_and_autoscaler(tmp_path) as (fake, scaler):
                 healthy_vars = worker_vars(fake, scaler.url)
-                hung_vars = worker_vars(fake, stalled_url)
+                hung_vars = worker_vars(fake, stalled.url)
                 async with (
-                    spawn(tmp_path / "a", **healthy_vars) as healthy,
-                    spawn(tmp_path / "b", **hung_vars) as hung,
+                    spawned_worker(tmp_path / "a", **healthy_vars) as healthy,
+                    spawned_worker(tmp_path / "b", **hung_vars) as hung,
                 ):
                     await healthy.wait_ready()
                     await hung.wait_ready()
-                    await until_true(
-                        lambda: _has_connections(stalled_conns), 5.0, "a report attempt", hung
+                    await hung.until(
+                        lambda: _has_connections(stalled_conns), 5.0, "a report attempt"
                     )
                     times: dict[int, list[float]] = {healthy.port: [], hung.port: []}
                     for i in range(40):
@@ -348,10 +242,7 @@ def test_stalled_autoscaler_does_not_slow_requests(tmp_path: Path) -> None:
                     code = await asyncio.wait_for(hung.proc.wait(), 15.0)
                     assert code == 0, hung.output()
         finally:
-            stalled.close()
-            for writer in stalled_conns:
-                writer.close()
-            await stalled.wait_closed()
+            await stalled.close()
 
     run(main(), timeout=60)
 
@@ -368,7 +259,7 @@ def test_access_log_reaches_stdout_in_time_and_whole_at_exit(tmp_path: Path) -> 
     async def main() -> None:
         async with (
             model_and_autoscaler(tmp_path) as (fake, scaler),
-            spawn(tmp_path / "w", **worker_vars(fake, scaler.url)) as worker,
+            spawned_worker(tmp_path / "w", **worker_vars(fake, scaler.url)) as worker,
         ):
             await worker.wait_ready()
             for i in range(20):
@@ -378,7 +269,7 @@ def test_access_log_reaches_stdout_in_time_and_whole_at_exit(tmp_path: Path) -> 
             async def twenty_lines() -> bool:
                 return worker.output().count("pyworker.access: /generate 200 ") >= 21
 
-            await until_true(twenty_lines, 3.0, "20 access lines", worker)
+            await worker.until(twenty_lines, 3.0, "20 access lines")
             for i in range(5):  # then SIGTERM at once: these lines are still buffered
                 reply = await request(worker.port, "POST", "/generate", generate(f"z {i}"))
                 assert reply.status == 200
@@ -402,40 +293,40 @@ def test_sigterm_lets_twenty_streams_finish(tmp_path: Path) -> None:
     async def main() -> None:
         async with (
             model_and_autoscaler(tmp_path, token_delay=0.08, tokens=16) as (fake, scaler),
-            spawn(tmp_path / "w", **worker_vars(fake, scaler.url)) as worker,
+            spawned_worker(tmp_path / "w", **worker_vars(fake, scaler.url)) as worker,
         ):
             await worker.wait_ready()
-            conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+            conns: list[RawClient] = []
             try:
                 for i in range(20):
-                    reader, writer = await asyncio.open_connection("127.0.0.1", worker.port)
-                    conns.append((reader, writer))
+                    client = await RawClient.connect(worker.port)
+                    conns.append(client)
                     body = {"payload": {"prompt": f"tell me {i}", "max_response_tokens": 16}}
-                    writer.write(encode_request("POST", "/generate_stream", body))
+                    await client.send_request("POST", "/generate_stream", body, close=True)
 
-                async def first(reader: asyncio.StreamReader) -> bytes | None:
-                    status, headers = await read_head(reader)
+                async def first(client: RawClient) -> bytes | None:
+                    status, headers = await client.head()
                     assert status == 200 and headers["transfer-encoding"] == "chunked"
-                    return await read_chunk(reader)
+                    return await client.chunk_or_none()
 
-                firsts = await asyncio.wait_for(asyncio.gather(*(first(r) for r, _ in conns)), 10.0)
+                firsts = await asyncio.wait_for(asyncio.gather(*(first(c) for c in conns)), 10.0)
                 assert all(firsts), "every stream started"
                 worker.proc.send_signal(signal.SIGTERM)
                 sigterm_at = time.monotonic()
 
-                async def rest(reader: asyncio.StreamReader) -> tuple[int, bool]:
+                async def rest(client: RawClient) -> tuple[int, bool]:
                     count = 1
-                    while (chunk := await read_chunk(reader)) is not None:
+                    while (chunk := await client.chunk_or_none()) is not None:
                         if chunk == b"":
                             return count, True
                         count += chunk.count(b"data:")
                     return count, False
 
-                results = await asyncio.wait_for(asyncio.gather(*(rest(r) for r, _ in conns)), 15.0)
+                results = await asyncio.wait_for(asyncio.gather(*(rest(c) for c in conns)), 15.0)
                 assert results == [(16, True)] * 20, results
             finally:
-                for _, writer in conns:
-                    writer.close()
+                for client in conns:
+                    await client.close()
             code = await asyncio.wait_for(worker.proc.wait(), 15.0)
             assert code == 0, worker.output()
             assert fake.cancelled == 0
@@ -451,25 +342,25 @@ def test_sigterm_stops_accepting_new_connections(tmp_path: Path) -> None:
     async def main() -> None:
         async with (
             model_and_autoscaler(tmp_path, token_delay=0.1, tokens=20) as (fake, scaler),
-            spawn(tmp_path / "w", **worker_vars(fake, scaler.url)) as worker,
+            spawned_worker(tmp_path / "w", **worker_vars(fake, scaler.url)) as worker,
         ):
             await worker.wait_ready()
-            reader, writer = await asyncio.open_connection("127.0.0.1", worker.port)
+            client = await RawClient.connect(worker.port)
             try:
                 body = {"payload": {"prompt": "a long story", "max_response_tokens": 20}}
-                writer.write(encode_request("POST", "/generate_stream", body))
-                assert (await read_head(reader))[0] == 200
+                await client.send_request("POST", "/generate_stream", body, close=True)
+                assert (await client.head())[0] == 200
                 worker.proc.send_signal(signal.SIGTERM)
                 await asyncio.sleep(0.5)  # the stream is still going (2 s in all)
                 assert worker.proc.returncode is None
                 with pytest.raises(OSError):
                     await request(worker.port, "GET", "/ping", timeout=2.0)
-                while (chunk := await asyncio.wait_for(read_chunk(reader), 5.0)) is not None:
+                while (chunk := await asyncio.wait_for(client.chunk_or_none(), 5.0)) is not None:
                     if chunk == b"":
                         break
                 assert chunk == b"", "the stream in flight ended with its last chunk"
             finally:
-                writer.close()
+                await client.close()
             assert await asyncio.wait_for(worker.proc.wait(), 15.0) == 0
 
     run(main())
@@ -517,7 +408,7 @@ def test_tls_ping(tmp_path: Path) -> None:
                 WORKER_SSL_CERT=str(cert),
                 WORKER_SSL_KEY=str(key),
             )
-            async with spawn(tmp_path / "w", **env) as worker:
+            async with spawned_worker(tmp_path / "w", **env) as worker:
 
                 async def ping() -> bool:
                     try:
@@ -528,13 +419,11 @@ def test_tls_ping(tmp_path: Path) -> None:
                         return False
                     return (reply.status, reply.body) == (200, b"pong")
 
-                await until_true(ping, 10.0, "/ping over TLS", worker)
+                await worker.until(ping, 10.0, "/ping over TLS")
                 # Plain HTTP on the TLS port gets no HTTP answer.
                 with pytest.raises((OSError, asyncio.IncompleteReadError, ValueError)):
                     await request(worker.port, "GET", "/ping", timeout=3.0)
-                await until_true(
-                    lambda: _has_ready_report(scaler), 15.0, "a ready load report", worker
-                )
+                await worker.until(lambda: _has_ready_report(scaler), 15.0, "a ready load report")
                 assert scaler.reports[-1]["url"] == f"https://127.0.0.1:{worker.port}"
 
     run(main())

@@ -18,14 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from support import (
-    FastGenerateHandler,
+    UNUSED_URL,
+    RawClient,
+    Rig,
     Runner,
     fetch,
-    hello_world_routes,
     loaded_model_log,
-    make_backend,
-    wait_ready,
-    worker_config,
+    worker_rig,
 )
 
 import pyworker
@@ -75,19 +74,19 @@ class Load:
         """Send a request on a raw connection and go away: before, or after part of, the answer."""
         body = self.body(i)
         head = f"POST {route} HTTP/1.1\r\nHost: w\r\nContent-Length: {len(body)}\r\n\r\n"
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        client = await RawClient.connect(self.port)
         try:
-            writer.write(head.encode() + body)
+            client.writer.write(head.encode() + body)
             moment = self.rng.choice(["at once", "after a moment", "after some bytes"])
             if moment == "after a moment":
                 await asyncio.sleep(self.rng.uniform(0, 0.01))
             elif moment == "after some bytes":
-                await asyncio.wait_for(reader.read(self.rng.randint(1, 200)), 5)
+                await asyncio.wait_for(client.reader.read(self.rng.randint(1, 200)), 5)
         finally:
             if self.rng.random() < 0.5:
-                writer.transport.abort()  # reset
+                client.abort()  # reset
             else:
-                writer.close()  # FIN
+                client.writer.close()  # FIN
         self._count("abandoned")
 
     async def run(self, start: int, count: int) -> None:
@@ -106,75 +105,68 @@ def test_soak_has_bounded_growth(tmp_path: Path) -> None:
     were after the warm-up; the bookkeeping balances; the worker still answers."""
 
     async def main() -> dict[str, Any]:
-        fake = await FakeModel(tokens=6, token_delay=0.001).start()
         loaded_model_log(tmp_path)
-        backend = make_backend(
-            FastGenerateHandler(),
-            [(pyworker.LogAction.ModelLoaded, FakeModel.LOADED_LINE)],
-            model_url=fake.url,
-        )
-        routes = hello_world_routes(backend, FastGenerateHandler())
-        config = worker_config(
+        async with worker_rig(
             tmp_path,
-            fake.url,
-            ["http://127.0.0.1:9"],  # nothing listens: reports fail, quietly
+            fake=FakeModel(tokens=6, token_delay=0.001),
+            report_addrs=[UNUSED_URL],  # nothing listens: reports fail, quietly
             unsecured=True,
             report_check_interval=60.0,
             report_max_interval=60.0,
             log_poll_interval=0.05,
-        )
-        worker = await pyworker.start_server(backend, routes, config, port=0)
-        tracemalloc.start()
-        try:
-            await wait_ready(backend, 10.0, interval=0.025)
-            rng = random.Random(SEED)
+        ) as rig:
+            tracemalloc.start()
+            try:
+                return await soak(rig)
+            finally:
+                tracemalloc.stop()
 
-            async def phase(start: int, count: int) -> dict[str, float]:
-                load = Load(worker.port, rng)
-                try:
-                    await load.run(start, count)
-                finally:
-                    await load.client.close()
-                outcomes.update({k: outcomes.get(k, 0) + v for k, v in load.outcomes.items()})
-                # Let the worker notice the closed connections and settle.
-                for _ in range(200):
-                    if worker.server.connections == 0 and backend.metrics.in_flight.requests == 0:
-                        break
-                    await asyncio.sleep(0.02)
-                fake.requests.clear()  # the fake model's own record, not the worker's memory
-                gc.collect()  # closed transports sit in reference cycles until collected
-                return {
-                    "fds": open_fds(),
-                    "tasks": len(asyncio.all_tasks()),
-                    "pooled": backend.client.idle_connections,
-                    "server_connections": worker.server.connections,
-                    "traced_bytes": tracemalloc.get_traced_memory()[0],
-                    "in_flight": backend.metrics.in_flight.requests,
-                }
+    async def soak(rig: Rig) -> dict[str, Any]:
+        backend, worker, fake = rig.backend, rig.worker, rig.fake
+        rng = random.Random(SEED)
 
-            outcomes: dict[str, int] = {}
-            started = time.monotonic()
-            base = await phase(0, WARMUP)
-            after = await phase(WARMUP, SOAK)
-            elapsed = time.monotonic() - started
-            status, body = await _ping(worker.port)
-            metrics = backend.metrics
+        async def phase(start: int, count: int) -> dict[str, float]:
+            load = Load(worker.port, rng)
+            try:
+                await load.run(start, count)
+            finally:
+                await load.client.close()
+            outcomes.update({k: outcomes.get(k, 0) + v for k, v in load.outcomes.items()})
+            # Let the worker notice the closed connections and settle.
+            for _ in range(200):
+                if worker.server.connections == 0 and backend.metrics.in_flight.requests == 0:
+                    break
+                await asyncio.sleep(0.02)
+            fake.requests.clear()  # the fake model's own record, not the worker's memory
+            gc.collect()  # closed transports sit in reference cycles until collected
             return {
-                "base": base,
-                "after": after,
-                "outcomes": outcomes,
-                "elapsed": elapsed,
-                "ping": (status, body),
-                "consistent": metrics.consistent(),
-                "received": metrics.received.requests,
-                "served": metrics.served.requests,
-                "cancelled": metrics.cancelled.requests,
-                "errored": metrics.errored.requests,
+                "fds": open_fds(),
+                "tasks": len(asyncio.all_tasks()),
+                "pooled": backend.client.idle_connections,
+                "server_connections": worker.server.connections,
+                "traced_bytes": tracemalloc.get_traced_memory()[0],
+                "in_flight": backend.metrics.in_flight.requests,
             }
-        finally:
-            tracemalloc.stop()
-            await worker.stop(grace=1)
-            await fake.stop()
+
+        outcomes: dict[str, int] = {}
+        started = time.monotonic()
+        base = await phase(0, WARMUP)
+        after = await phase(WARMUP, SOAK)
+        elapsed = time.monotonic() - started
+        status, body = await _ping(worker.port)
+        metrics = backend.metrics
+        return {
+            "base": base,
+            "after": after,
+            "outcomes": outcomes,
+            "elapsed": elapsed,
+            "ping": (status, body),
+            "consistent": metrics.consistent(),
+            "received": metrics.received.requests,
+            "served": metrics.served.requests,
+            "cancelled": metrics.cancelled.requests,
+            "errored": metrics.errored.requests,
+        }
 
     # Each abandoned stream logs a warning, and pytest keeps every captured record in memory:
     # that would be the test's growth, not the worker's.

@@ -10,36 +10,30 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
-import dataclasses
-import json
 import logging
 import socket
-import struct
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
 import pytest
 from support import (
     DATA,
+    RawClient,
+    Reply,
+    Rig,
     Runner,
-    WorkerAddress,
-    hello_world_routes,
     load_private_key,
-    make_backend,
-    read_head,
-    signed_auth,
-    started_worker,
     until,
-    worker_config,
+    worker_rig,
 )
 
 import hello_world
 import pyworker
-from pyworker import Backend, State
-from test_load import FakeModel, LocalAutoscaler, RsaPrivateKey
+from pyworker import State
+from test_load import FakeModel, LocalAutoscaler
 
 # Keys: the same test data as test_signatures.py
 KEY = load_private_key("test_key.pem")
@@ -57,62 +51,6 @@ class HealthGenerateHandler(FastGenerateHandler):
     healthcheck_endpoint = "/health"
 
 
-@dataclasses.dataclass
-class Reply:
-    status: int
-    headers: pyworker.Headers
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-@dataclasses.dataclass
-class Setup(WorkerAddress):
-    """A running worker and everything around it."""
-
-    backend: Backend
-    worker: pyworker.Worker
-    fake: FakeModel
-    autoscaler: LocalAutoscaler
-    client: pyworker.HttpClient
-    log_path: Path
-    reqnum: int = 0
-
-    def auth(self, key: RsaPrivateKey = KEY, **fields: Any) -> dict[str, Any]:
-        """Signed auth_data as the autoscaler's /route/ hands it out, with a fresh reqnum."""
-        self.reqnum += 1
-        auth = signed_auth(key, "250", self.reqnum, self.url, **fields)
-        auth["__request_id"] = f"req-{self.reqnum}"  # /route/ adds it; the worker ignores it
-        return auth
-
-    def body(self, prompt: str = "tell me about cats", **payload: Any) -> bytes:
-        request = {"auth_data": self.auth(), "payload": {"prompt": prompt, **payload}}
-        return json.dumps(request).encode()
-
-    async def post(self, route: str, body: bytes | dict[str, Any]) -> Reply:
-        data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        async with await self.client.request("POST", route, data, timeout=20.0) as resp:
-            return Reply(resp.status, resp.headers, await resp.read())
-
-    async def get(self, route: str) -> Reply:
-        async with await self.client.request("GET", route, timeout=20.0) as resp:
-            return Reply(resp.status, resp.headers, await resp.read())
-
-    async def wait_ready(self) -> None:
-        await wait_for(
-            lambda: (
-                self.backend.state is State.READY
-                and (self.backend.config.unsecured or self.backend.pubkey is not None)
-            ),
-            what="the worker to become ready",
-        )
-
-    def settled(self) -> bool:
-        m = self.backend.metrics
-        return m.in_flight.requests == 0 and m.consistent()
-
-
 async def wait_for(condition: Callable[[], bool], *, what: str, timeout: float = 10.0) -> None:
     """Poll `condition` until it holds; fail the test after `timeout` seconds."""
     await until(condition, timeout, what, interval=0.01)
@@ -121,67 +59,30 @@ async def wait_for(condition: Callable[[], bool], *, what: str, timeout: float =
 run = Runner(timeout=60.0)  # one test's event loop, bounded: a hang fails, CI does not stall
 
 
-@contextlib.asynccontextmanager
-async def worker_setup(
+def worker_setup(
     tmp_path: Path,
     *,
-    fake: FakeModel | None = None,
     handler: pyworker.EndpointHandler[Any] | None = None,
-    allow_parallel_requests: bool = True,
-    max_queue_time: float | None = None,
     autoscaler: LocalAutoscaler | None = None,
     pubkey_file: Path | None = None,
-    unsecured: bool = False,
-    cached_max_perf: float | None = None,
-    model_server_url: str | None = None,
-    ready: bool = True,
-) -> AsyncGenerator[Setup, None]:
-    """Start a fake model, a local autoscaler and a worker with hello_world's handlers.
+    **options: Any,
+) -> AbstractAsyncContextManager[Rig]:
+    """The rig with hello_world's handlers, a LocalAutoscaler (or `autoscaler`) serving
+    KEY's public key, requests signed with KEY at cost 250.
 
     With `fake` left out, the fake model writes its log and the worker becomes ready (the
     benchmark runs, unless `cached_max_perf` pre-fills the cache). `ready=False` returns at once.
     """
-    log_path = tmp_path / "model.log"
-    fake = fake or FakeModel(log_path=str(log_path))
-    autoscaler = autoscaler or LocalAutoscaler(KEY)
-    await fake.start()
-    await autoscaler.start()
-    try:
-        bench_handler = handler or FastGenerateHandler()
-        if cached_max_perf is not None:  # as this very worker would have cached it
-            model = pyworker.HttpClient(model_server_url or fake.url)
-            cache = str(tmp_path / ".has_benchmark")
-            bench = pyworker.Benchmark(
-                model, bench_handler, runs=1, concurrency=1, cache_path=cache
-            )
-            bench.save(cached_max_perf)
-        backend = make_backend(
-            bench_handler,
-            list(hello_world.backend.log_actions),  # read, never reused
-            parallel=allow_parallel_requests,
-            max_queue_time=max_queue_time,
-        )
-        config = worker_config(
-            tmp_path,
-            model_server_url or fake.url,
-            [autoscaler.url],
-            pubkey_file=None if pubkey_file is None else str(pubkey_file),
-            unsecured=unsecured,
-            log_poll_interval=0.02,
-        )
-        routes = hello_world_routes(backend, bench_handler)
-        async with started_worker(backend, routes, config, bounded_stop=False) as worker:
-            client = pyworker.HttpClient(f"http://127.0.0.1:{worker.port}")
-            setup = Setup(backend, worker, fake, autoscaler, client, log_path)
-            try:
-                if ready:
-                    await setup.wait_ready()
-                yield setup
-            finally:
-                await client.close()
-    finally:
-        await fake.stop()
-        await autoscaler.stop()
+    return worker_rig(
+        tmp_path,
+        handler=handler or FastGenerateHandler(),
+        autoscaler=autoscaler or LocalAutoscaler(KEY),
+        signer=KEY,
+        cost="250",
+        pubkey_file=None if pubkey_file is None else str(pubkey_file),
+        log_poll_interval=0.02,
+        **options,
+    )
 
 
 class KeylessAutoscaler(LocalAutoscaler):
@@ -200,38 +101,19 @@ class KeylessAutoscaler(LocalAutoscaler):
 # Raw HTTP on a socket: for chunk boundaries, cut streams and clients that go away ###############
 
 
-def raw_request(path: str, body: bytes) -> bytes:
-    head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-    return f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
+async def raw_open(w: Rig, path: str, body: bytes) -> RawClient:
+    """A raw connection to the worker with a POST of `body` sent on it."""
+    client = await RawClient.connect(w.port)
+    await client.send_request("POST", path, body)
+    return client
 
 
-async def raw_open(
-    setup: Setup, path: str, body: bytes
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", setup.port)
-    writer.write(raw_request(path, body))
-    await writer.drain()
-    return reader, writer
-
-
-async def read_chunk(reader: asyncio.StreamReader) -> bytes:
-    """One chunk's data, parsed independently of pyworker; b"" for the last chunk (0 CRLF CRLF).
-
-    Raises asyncio.IncompleteReadError when the connection ends without it.
-    """
-    size_line = await reader.readuntil(b"\r\n")
-    size = int(size_line[:-2].split(b";")[0], 16)
-    data = await reader.readexactly(size + 2)
-    assert data.endswith(b"\r\n")
-    return data[:-2]
-
-
-def close_with(writer: asyncio.StreamWriter, how: str) -> None:
+def close_with(client: RawClient, how: str) -> None:
     """Go away: "fin" is an ordinary close(); "rst" an abortive one (SO_LINGER 0)."""
     if how == "rst":
-        sock: socket.socket = writer.get_extra_info("socket")
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.close()
+        client.reset()
+    else:
+        client.writer.close()
 
 
 async def gather_tasks(*coros: Awaitable[Reply]) -> list[Reply]:
@@ -265,19 +147,19 @@ def test_signed_generate_stream_arrives_chunk_by_chunk(tmp_path: Path) -> None:
     async def main() -> None:
         async with worker_setup(tmp_path) as w:
             w.fake.token_delay = 0.05
-            reader, writer = await raw_open(w, "/generate_stream", w.body(max_response_tokens=8))
+            client = await raw_open(w, "/generate_stream", w.body(max_response_tokens=8))
             try:
-                status, headers = await read_head(reader)
+                status, headers = await client.head()
                 assert status == 200
                 assert headers["content-type"] == "text/event-stream"
                 assert headers["transfer-encoding"] == "chunked"
                 chunks: list[bytes] = []
                 arrivals: list[float] = []
-                while chunk := await read_chunk(reader):
+                while chunk := await client.chunk():
                     chunks.append(chunk)
                     arrivals.append(time.monotonic())
             finally:
-                writer.close()
+                await client.close()
             # One token per chunk, in order, relayed as each came (not buffered to the end).
             assert len(chunks) == 8
             for i, chunk in enumerate(chunks):
@@ -634,11 +516,11 @@ def test_503_before_ready_then_ready_then_errored(tmp_path: Path) -> None:
             reply = await w.post("/generate", b"not even JSON")  # readiness comes first
             assert reply.status == 503 and reply.json()["state"] == "loading"
 
-            w.log_path.write_text('{"message":"Downloading"}\ninfer server has started\n')
+            w.log.write_text('{"message":"Downloading"}\ninfer server has started\n')
             await w.wait_ready()
             assert (await w.post("/generate", w.body())).status == 200
 
-            with w.log_path.open("a") as f:
+            with w.log.open("a") as f:
                 f.write("Traceback ...\nException: corrupted model file /models/x.bin\n")
             await wait_for(lambda: w.backend.state is State.ERRORED, what="errored")
             reply = await w.post("/generate", w.body())
@@ -655,7 +537,7 @@ def test_503_errored_when_the_model_never_answers_the_benchmark(tmp_path: Path) 
         with socket.socket() as sock:  # a port nobody listens on
             sock.bind(("127.0.0.1", 0))
             dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        async with worker_setup(tmp_path, model_server_url=dead, ready=False) as w:
+        async with worker_setup(tmp_path, model_url=dead, ready=False) as w:
             await wait_for(lambda: w.backend.state is State.ERRORED, what="errored")
             reply = await w.post("/generate", w.body())
             assert reply.status == 503 and reply.json()["state"] == "errored"
@@ -685,7 +567,7 @@ def test_503_until_the_public_key_is_fetched(tmp_path: Path) -> None:
 def test_fifo_one_at_a_time(tmp_path: Path) -> None:
     async def main() -> None:
         fake = FakeModel(log_path=str(tmp_path / "model.log"), one_at_a_time=True)
-        async with worker_setup(tmp_path, fake=fake, allow_parallel_requests=False) as w:
+        async with worker_setup(tmp_path, fake=fake, parallel=False) as w:
             before = len(fake.requests)
             fake.json_delay = 0.03
             fake.token_delay = 0.01
@@ -717,15 +599,15 @@ def test_fifo_one_at_a_time(tmp_path: Path) -> None:
 @pytest.mark.parametrize("how", ["fin", "rst"])
 def test_disconnect_while_queued(tmp_path: Path, how: str) -> None:
     async def main() -> None:
-        async with worker_setup(tmp_path, allow_parallel_requests=False) as w:
+        async with worker_setup(tmp_path, parallel=False) as w:
             before = len(w.fake.requests)
             w.fake.json_delay = 1.0
             first = asyncio.get_running_loop().create_task(w.post("/generate", w.body("first")))
             await wait_for(lambda: w.backend.metrics.in_flight.requests == 1, what="first")
             prompt = "second, gone before its turn"
-            _reader, writer = await raw_open(w, "/generate", w.body(prompt))
+            client = await raw_open(w, "/generate", w.body(prompt))
             await wait_for(lambda: w.backend.metrics.queued == 1, what="the second to queue")
-            close_with(writer, how)
+            close_with(client, how)
             m = w.backend.metrics
             await wait_for(lambda: m.cancelled.requests == 1, what="cancelled", timeout=0.8)
             assert not first.done()  # it was noticed at once, not when its turn came
@@ -745,9 +627,9 @@ def test_disconnect_while_waiting_for_the_model(tmp_path: Path, how: str) -> Non
     async def main() -> None:
         async with worker_setup(tmp_path) as w:
             w.fake.json_delay = 5.0
-            _reader, writer = await raw_open(w, "/generate", w.body("slow"))
+            client = await raw_open(w, "/generate", w.body("slow"))
             await wait_for(lambda: w.fake.active == 1, what="the model to start")
-            close_with(writer, how)
+            close_with(client, how)
             m = w.backend.metrics
             await wait_for(lambda: m.cancelled.requests == 1, what="cancelled", timeout=2.0)
             await wait_for(lambda: w.fake.active == 0, what="upstream abandoned", timeout=2.0)
@@ -762,12 +644,12 @@ def test_disconnect_mid_stream(tmp_path: Path, how: str) -> None:
         async with worker_setup(tmp_path) as w:
             w.fake.tokens = 1000
             w.fake.token_delay = 0.01
-            reader, writer = await raw_open(w, "/generate_stream", w.body("stream"))
-            status, _headers = await read_head(reader)
+            client = await raw_open(w, "/generate_stream", w.body("stream"))
+            status, _headers = await client.head()
             assert status == 200
             for _ in range(3):
-                assert await read_chunk(reader)
-            close_with(writer, how)
+                assert await client.chunk()
+            close_with(client, how)
             m = w.backend.metrics
             await wait_for(lambda: m.cancelled.requests == 1, what="cancelled", timeout=3.0)
             await wait_for(lambda: w.fake.cancelled == 1, what="the model's stream cancelled")
@@ -783,19 +665,19 @@ def test_model_crash_mid_stream_cuts_the_clients_stream(tmp_path: Path) -> None:
         async with worker_setup(tmp_path) as w:
             w.fake.crash_after = 3
             w.fake.token_delay = 0.01
-            reader, writer = await raw_open(w, "/generate_stream", w.body("crash"))
+            client = await raw_open(w, "/generate_stream", w.body("crash"))
             try:
-                status, headers = await read_head(reader)
+                status, headers = await client.head()
                 assert status == 200 and headers["transfer-encoding"] == "chunked"
                 chunks: list[bytes] = []
                 with pytest.raises(asyncio.IncompleteReadError):
                     while True:
-                        chunk = await read_chunk(reader)
+                        chunk = await client.chunk()
                         assert chunk, "the stream ended with a last chunk: a silent short success"
                         chunks.append(chunk)
                 assert len(chunks) == 3
             finally:
-                writer.close()
+                await client.close()
             m = w.backend.metrics
             await wait_for(lambda: m.errored.requests == 1, what="errored")
             assert m.served.requests == 0 and m.cancelled.requests == 0
@@ -861,7 +743,7 @@ def assert_no_secrets(caplog: pytest.LogCaptureFixture, signatures: list[str]) -
 
 
 async def send_and_check_access_log(
-    w: Setup, caplog: pytest.LogCaptureFixture, requests: list[tuple[str, dict[str, Any], int]]
+    w: Rig, caplog: pytest.LogCaptureFixture, requests: list[tuple[str, dict[str, Any], int]]
 ) -> None:
     """Send each request; expect one INFO line on pyworker.access naming its route and status."""
     caplog.clear()
