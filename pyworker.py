@@ -46,8 +46,10 @@ One request travels through this module like this:
 
 Beside the requests, the Backend's parts work in the background: ModelLogWatcher tails the
 model's log (loaded / errored), Benchmark measures the model's throughput once it is loaded,
-HealthCheck polls the model's health route, LoadReporter reports load to the autoscaler
-(POST {REPORT_ADDR}/worker_status/); Lifecycle holds the state they move, Metrics the counts.
+HealthCheck polls the model's health route, LoadReporter (the seed's format) or
+PlatformReporter (today's, with completion reports) reports load to the autoscaler
+(POST {REPORT_ADDR}/worker_status/), SessionTable keeps the sessions clients open; Lifecycle
+holds the state they move, Metrics the counts.
 
 A server connection is one task moving through phases (_Phase); each phase has a deadline
 that one sweeper task enforces, and a client going away in the last two cancels the task:
@@ -3497,6 +3499,84 @@ class _AccountedStream:
         self._job.finish(outcome, status)
 
 
+def _nothing() -> None:
+    return None
+
+
+class ModelQueue:
+    """Forwards accepted requests to the model server: one at a time in arrival order (FIFO)
+    when the model takes one request at a time, else all at once. It relays the answer
+    through the handler and settles each request's job exactly once, however it ends; a
+    stream settles it (and frees the model) when it ends."""
+
+    def __init__(self, metrics: Metrics, *, one_at_a_time: bool) -> None:
+        self.metrics = metrics
+        self.lock = asyncio.Lock() if one_at_a_time else None  # Lock wakes waiters FIFO
+        self.client: HttpClient | None = None  # the model server (set by Backend.start)
+
+    async def forward(
+        self,
+        handler: EndpointHandler[Any],
+        endpoint: str,
+        payload: ApiPayload,
+        request: Request,
+        job: _Job,
+    ) -> Response:
+        lock = self.lock
+        holding = False
+        try:
+            if self.client is None:
+                raise RuntimeError("Backend.start() has not run")
+            if lock is not None:  # one at a time: asyncio.Lock wakes waiters in FIFO order
+                self.metrics.queued += 1
+                try:
+                    await lock.acquire()
+                finally:
+                    self.metrics.queued -= 1
+                holding = True
+            job.model_start = time.monotonic()
+            self.metrics.queue_wait.observe(job.model_start - job.start)
+            content_type, body = model_request_body(handler.model_body(payload))
+            model_response = await self.client.request(
+                "POST",
+                endpoint,
+                body,
+                headers=handler.model_headers(payload),
+                content_type=content_type,
+                timeout=handler.model_timeout,
+            )
+            try:
+                response = await handler.generate_client_response(request, model_response)
+            except BaseException:
+                model_response.close()
+                raise
+            if response.stream is None:
+                model_response.close()
+                ok = 200 <= model_response.status < 300
+                job.finish("served" if ok else "errored", response.status)
+                return response
+            release = lock.release if holding and lock is not None else _nothing
+            holding = False  # the stream releases the model when it ends
+            response.stream = _AccountedStream(job, model_response, response.stream, release)
+            return response
+        except UpstreamError as exc:  # the boundary: the model's failure, told to the client
+            job.finish("errored", exc.status)
+            log.warning("%s: model request failed: %s", job.route, exc)
+            return error_response(exc.status, _upstream_message(exc))
+        except HttpError as exc:  # raised by the worker's own handler code
+            job.finish("errored", exc.status)
+            raise
+        except asyncio.CancelledError:
+            job.finish("cancelled", 499)
+            raise
+        except BaseException:
+            job.finish("errored", 500)
+            raise
+        finally:
+            if holding and lock is not None:
+                lock.release()
+
+
 # Backend parts: sessions #########################################################################
 # A client opens a session on this worker and sends several requests into it (SPEC 11.5). The
 # platform's own worker checks no signature at create and calls back any URL a client names;
@@ -3548,12 +3628,15 @@ class Session:
         }
 
 
-def _auth_key(auth_data: Any) -> bytes | None:
+def _auth_key(auth_data: Any, *, for_keeping: bool = False) -> bytes | None:
     """auth_data in one canonical encoding; None when it cannot be encoded (nested past
-    the encoder's depth), which no session's key can equal."""
+    the encoder's depth), which no session's key can equal. for_keeping: it must also
+    encode as an answer (json_dumps' depth may be lower), since /session/get returns it."""
     try:
+        if for_keeping:
+            json_dumps(auth_data)
         return json.dumps(auth_data, sort_keys=True, separators=(",", ":")).encode()
-    except (RecursionError, ValueError, TypeError):
+    except Exception:  # RecursionError, or the encoder's own error for nesting
         return None
 
 
@@ -3568,13 +3651,13 @@ class SessionTable:
 
     def __init__(
         self,
-        model: HttpClient,
         metrics: Metrics,
         *,
         max_sessions: int,
         gc_interval: float = SESSION_GC_INTERVAL,
+        model: HttpClient | None = None,
     ) -> None:
-        self.model = model
+        self.model = model  # the model server: where close callbacks go (set by Backend.start)
         self.metrics = metrics
         self.callbacks: set[asyncio.Task[None]] = set()
         self.max_sessions = max_sessions
@@ -3587,6 +3670,21 @@ class SessionTable:
             self._end_expired()  # an expired session must not hold its slot until the next GC
         return 0 < self.max_sessions <= len(self.open)
 
+    def check(self, payload: SessionPayload) -> str | None:
+        """A session's payload checked beyond its types: its close route, resolved.
+        Raises JsonDataException naming each bad field."""
+        errors: dict[str, str] = {}
+        if not 0 < payload.lifetime <= MAX_SESSION_LIFETIME:
+            errors["lifetime"] = f"expected seconds, above 0 and at most {MAX_SESSION_LIFETIME:g}"
+        route: str | None = None
+        try:
+            route = self.resolve_route(payload.on_close_route)
+        except ValueError as exc:
+            errors["on_close_route"] = str(exc)
+        if errors:
+            raise JsonDataException({"payload": errors})
+        return route
+
     def resolve_route(self, route: str | None) -> str | None:
         """The model-server path of an on_close_route; ValueError for anything that is not
         a path on the model server or a URL with the model server's own origin."""
@@ -3598,6 +3696,8 @@ class SessionTable:
             except ValueError:
                 raise ValueError("expected a path or a URL of the model server") from None
             model = self.model
+            if model is None:
+                raise ValueError("no model server to call back")
             if (scheme, host.lower(), port) != (model.scheme, model.host.lower(), model.port):
                 raise ValueError("a URL must have the model server's origin")
             if not path.startswith(model.prefix):
@@ -3672,6 +3772,8 @@ class SessionTable:
     async def _call_back(self, session: Session) -> None:
         body = json_dumps({**session.on_close_payload, "session_id": session.session_id})
         route = session.on_close_route or "/"
+        if self.model is None:
+            return
         try:
             async with await self.model.request(
                 "POST", route, body, timeout=SESSION_CALLBACK_TIMEOUT
@@ -3693,6 +3795,56 @@ class SessionTable:
         for session in [s for s in self.open.values() if s.expiration <= now]:
             self.end(session, "expired")
 
+    # /session/get, /session/health, /session/end (SPEC 11.5)
+
+    def _asked(self, request: Request) -> tuple[str, Session | None, Any] | Response:
+        """The session_id a /session/* request names, its open session, its session_auth."""
+        try:
+            msg = decode_client_json(request.body)
+        except HttpError as exc:
+            return error_response(exc.status, exc.message)
+        session_id = msg.get("session_id")
+        if type(session_id) is not str or not session_id:
+            return error_response(422, "missing session_id")
+        return session_id, self.get(session_id), msg.get("session_auth")
+
+    async def handle_get(self, request: Request) -> Response:
+        asked = self._asked(request)
+        if isinstance(asked, Response):
+            return asked
+        _, session, session_auth = asked
+        if session is None:
+            return error_response(400, "session does not exist")
+        if not self.authorized(session, session_auth):
+            return error_response(401, "session_auth is not valid")
+        return json_response(session.details())
+
+    async def handle_health(self, request: Request) -> Response:
+        asked = self._asked(request)
+        if isinstance(asked, Response):
+            return asked
+        _, session, session_auth = asked
+        if session is None:
+            return json_response({"ok": False})
+        if not self.authorized(session, session_auth):
+            return error_response(401, "session_auth is not valid")
+        return json_response({"ok": True})
+
+    async def handle_end(self, request: Request) -> Response:
+        asked = self._asked(request)
+        if isinstance(asked, Response):
+            return asked
+        session_id, session, session_auth = asked
+        if session is None:
+            if session_id in self.ended:
+                return error_response(410, "session already closed")
+            return error_response(400, "session does not exist")
+        if not self.authorized(session, session_auth):
+            return error_response(401, "session_auth is not valid")
+        if not self.end(session, "ended"):
+            return error_response(410, "session already closed")
+        return json_response({"ended": True, "removed_session": session_id})
+
     async def drain(self) -> None:
         """End every session (shutdown), and give their callbacks their time."""
         for session in list(self.open.values()):
@@ -3705,14 +3857,11 @@ class SessionTable:
 # The request pipeline, and the wiring of the parts above.
 
 
-def _nothing() -> None:
-    return None
-
-
 class Backend:
-    """The worker's core: the request pipeline (signature, payload, queue, model, relay) and
-    the parts it wires together (Lifecycle, SignatureChecker, ModelLogWatcher, Benchmark,
-    HealthCheck, LoadReporter, Metrics).
+    """The worker's core: the request pipeline (readiness, signature, payload, admission,
+    then ModelQueue to the model and back) and the parts it wires together (Lifecycle,
+    SignatureChecker, ModelLogWatcher, Benchmark, HealthCheck, LoadReporter or
+    PlatformReporter, SessionTable, Metrics).
 
     model_server_url       the model API's base URL (MODEL_SERVER_URL overrides it)
     model_log_file         the model server's log (MODEL_LOG overrides it)
@@ -3757,11 +3906,11 @@ class Backend:
         self.metrics = Metrics()
         self.lifecycle = Lifecycle()
         self.signatures = SignatureChecker()
-        self.queue_lock: asyncio.Lock | None = None
+        self.queue = ModelQueue(self.metrics, one_at_a_time=not allow_parallel_requests)
         self.reporter: LoadReporter | PlatformReporter | None = None
         self.completions: Completions | None = None  # today's platform: completion reports
         self.health: HealthCheck | None = None
-        self.sessions: SessionTable | None = None
+        self.sessions = SessionTable(self.metrics, max_sessions=max_sessions)
         self.tasks = BackgroundTasks(self.lifecycle)
         self._client: HttpClient | None = None
 
@@ -3826,13 +3975,12 @@ class Backend:
         if refusal is not None:
             return self._refuse(route, refusal, idx)
         session: Session | None = None
-        if type(session_id) is str and self.sessions is not None:
+        replay = True
+        if type(session_id) is str:
             session = self.sessions.get(session_id)
             if session is None:
                 return self._refuse(route, error_response(410, "invalid session"))
-        # Inside a session the client sends the session's ticket again, by design.
-        replay = True
-        if session is not None and self.sessions is not None:
+            # Inside a session the client sends the session's ticket again, by design.
             replay = not self.sessions.authorized(session, msg.get("auth_data"))
         try:
             checker = None if self.config.unsecured else self.signatures
@@ -3855,59 +4003,9 @@ class Backend:
         if auth is not None and replay:  # accepted: from now on this ticket is spent
             self.signatures.spend(auth)
         job = _Job(self.metrics, route, workload, idx, self.completions)
-        if session is not None and self.sessions is not None:
+        if session is not None:
             self.sessions.enter(session, job)
-        lock = self.queue_lock
-        holding = False
-        try:
-            if lock is not None:  # one at a time: asyncio.Lock wakes waiters in FIFO order
-                self.metrics.queued += 1
-                try:
-                    await lock.acquire()
-                finally:
-                    self.metrics.queued -= 1
-                holding = True
-            job.model_start = time.monotonic()
-            self.metrics.queue_wait.observe(job.model_start - job.start)
-            content_type, body = model_request_body(handler.model_body(payload))
-            model_response = await self.client.request(
-                "POST",
-                endpoint,
-                body,
-                headers=handler.model_headers(payload),
-                content_type=content_type,
-                timeout=handler.model_timeout,
-            )
-            try:
-                response = await handler.generate_client_response(request, model_response)
-            except BaseException:
-                model_response.close()
-                raise
-            if response.stream is None:
-                model_response.close()
-                ok = 200 <= model_response.status < 300
-                job.finish("served" if ok else "errored", response.status)
-                return response
-            release = lock.release if holding and lock is not None else _nothing
-            holding = False  # the stream releases the model when it ends
-            response.stream = _AccountedStream(job, model_response, response.stream, release)
-            return response
-        except UpstreamError as exc:  # the boundary: the model's failure, told to the client
-            job.finish("errored", exc.status)
-            log.warning("%s: model request failed: %s", route, exc)
-            return error_response(exc.status, _upstream_message(exc))
-        except HttpError as exc:  # raised by the worker's own handler code
-            job.finish("errored", exc.status)
-            raise
-        except asyncio.CancelledError:
-            job.finish("cancelled", 499)
-            raise
-        except BaseException:
-            job.finish("errored", 500)
-            raise
-        finally:
-            if holding and lock is not None:
-                lock.release()
+        return await self.queue.forward(handler, endpoint, payload, request, job)
 
     def _not_ready(self) -> Response | None:
         life = self.lifecycle
@@ -3946,23 +4044,19 @@ class Backend:
         except HttpError as exc:
             return self._refuse(route, refusal or error_response(exc.status, exc.message))
         idx, claimed = peek_auth(msg)
-        if refusal is not None or self.sessions is None:
-            return self._refuse(route, refusal or error_response(503, "not started"), idx)
+        if refusal is not None:
+            return self._refuse(route, refusal, idx)
         try:
             checker = None if self.config.unsecured else self.signatures
             parse = SessionPayload.from_json_msg
             payload, auth = parse_client_request(parse, msg, checker)
-            on_close = self._session_fields(payload)
+            on_close = self.sessions.check(payload)
         except HttpError as exc:
             return self._refuse(route, error_response(exc.status, exc.message), idx, claimed)
         except JsonDataException as exc:
             return self._refuse(route, json_response(exc.message, 422), idx)
         auth_data = msg.get("auth_data")
-        key = _auth_key(auth_data)
-        try:
-            json_dumps(auth_data)  # /session/get answers it: it must encode
-        except Exception:
-            key = None
+        key = _auth_key(auth_data, for_keeping=True)
         if key is None:
             why = {"auth_data": "nested too deeply to keep"}
             return self._refuse(route, json_response(why, 422), idx)
@@ -3975,70 +4069,6 @@ class Backend:
         session = self.sessions.create(auth_data, key, payload, on_close, job)
         reply = {"session_id": session.session_id, "expiration": session.expiration}
         return json_response(reply, 201)
-
-    def _session_fields(self, payload: SessionPayload) -> str | None:
-        """Check a session's payload beyond its types; its close route resolved."""
-        assert self.sessions is not None
-        errors: dict[str, str] = {}
-        if not 0 < payload.lifetime <= MAX_SESSION_LIFETIME:
-            errors["lifetime"] = f"expected seconds, above 0 and at most {MAX_SESSION_LIFETIME:g}"
-        route: str | None = None
-        try:
-            route = self.sessions.resolve_route(payload.on_close_route)
-        except ValueError as exc:
-            errors["on_close_route"] = str(exc)
-        if errors:
-            raise JsonDataException({"payload": errors})
-        return route
-
-    def _session_asked(self, request: Request) -> tuple[str, Session | None, Any] | Response:
-        """The session_id a /session/* request names, its open session, its session_auth."""
-        try:
-            msg = decode_client_json(request.body)
-        except HttpError as exc:
-            return error_response(exc.status, exc.message)
-        session_id = msg.get("session_id")
-        if type(session_id) is not str or not session_id:
-            return error_response(422, "missing session_id")
-        session = self.sessions.get(session_id) if self.sessions is not None else None
-        return session_id, session, msg.get("session_auth")
-
-    async def handle_session_get(self, request: Request) -> Response:
-        asked = self._session_asked(request)
-        if isinstance(asked, Response):
-            return asked
-        _, session, session_auth = asked
-        if session is None or self.sessions is None:
-            return error_response(400, "session does not exist")
-        if not self.sessions.authorized(session, session_auth):
-            return error_response(401, "session_auth is not valid")
-        return json_response(session.details())
-
-    async def handle_session_health(self, request: Request) -> Response:
-        asked = self._session_asked(request)
-        if isinstance(asked, Response):
-            return asked
-        _, session, session_auth = asked
-        if session is None or self.sessions is None:
-            return json_response({"ok": False})
-        if not self.sessions.authorized(session, session_auth):
-            return error_response(401, "session_auth is not valid")
-        return json_response({"ok": True})
-
-    async def handle_session_end(self, request: Request) -> Response:
-        asked = self._session_asked(request)
-        if isinstance(asked, Response):
-            return asked
-        session_id, session, session_auth = asked
-        if session is None or self.sessions is None:
-            if self.sessions is not None and session_id in self.sessions.ended:
-                return error_response(410, "session already closed")
-            return error_response(400, "session does not exist")
-        if not self.sessions.authorized(session, session_auth):
-            return error_response(401, "session_auth is not valid")
-        if not self.sessions.end(session, "ended"):
-            return error_response(410, "session already closed")
-        return json_response({"ended": True, "removed_session": session_id})
 
     # Built-in routes --------------------------------------------------------------------------
 
@@ -4078,13 +4108,9 @@ class Backend:
         self.config = config
         self.lifecycle.started_at = time.monotonic()
         self._client = HttpClient(config.model_server_url or self.model_server_url)
+        self.queue.client = self.sessions.model = self._client
         self.signatures.layouts = config.signature_layouts
-        self.sessions = SessionTable(
-            self.client,
-            self.metrics,
-            max_sessions=self.max_sessions,
-            gc_interval=config.session_gc_interval,
-        )
+        self.sessions.gc_interval = config.session_gc_interval
         self.tasks.spawn(self.sessions.collect())
         if config.platform_reports:
             self.reporter = PlatformReporter(config, self.metrics, self.lifecycle)
@@ -4094,8 +4120,6 @@ class Backend:
             self.reporter = LoadReporter(config, self.metrics, self.lifecycle)
             for target in self.reporter.targets:
                 self.tasks.spawn(self.reporter.run(target))
-        if not self.allow_parallel_requests:
-            self.queue_lock = asyncio.Lock()
         if config.model_log is not None:
             self.model_log_file = config.model_log
         if config.unsecured:
@@ -4159,8 +4183,7 @@ class Backend:
     async def stop(self) -> None:
         """End the sessions, cancel background work, send a last load report, close
         connections."""
-        if self.sessions is not None:
-            await self.sessions.drain()
+        await self.sessions.drain()
         await self.tasks.stop()
         reporter = self.reporter
         if reporter is not None:
@@ -4228,9 +4251,9 @@ async def start_server(
     ]
     builtin += [
         post("/session/create", backend.handle_session_create),
-        post("/session/get", backend.handle_session_get),
-        post("/session/health", backend.handle_session_health),
-        post("/session/end", backend.handle_session_end),
+        post("/session/get", backend.sessions.handle_get),
+        post("/session/health", backend.sessions.handle_health),
+        post("/session/end", backend.sessions.handle_end),
     ]
     if config.master_token:
         builtin.append(post("/pyworker/update", backend.handle_update))
@@ -4246,7 +4269,7 @@ async def start_server(
     plain: HttpServer | None = None
     plain_port: int | None = None
     if ssl_context is not None:  # the platform ends sessions over plain HTTP (SPEC 11.5)
-        plain = HttpServer([post("/session/end", backend.handle_session_end)], max_body=64 * 1024)
+        plain = HttpServer([post("/session/end", backend.sessions.handle_end)], max_body=64 * 1024)
         wanted = config.worker_http_port
         if wanted is None:
             wanted = 0 if port == 0 else config.worker_port + 1
