@@ -1662,7 +1662,60 @@ class LoadTester:
 
 
 class LoadResult:
-    """A finished (or interrupted) load test: `report()` as JSON-ready data, `render()` text."""
+    """A finished (or interrupted) load test: `report()` as JSON-ready data, `render()` text.
+
+    report()'s schema (durations in seconds, rates per second; a summary is
+    {"count", "mean", "min", "p50", "p90", "p99", "max"}, or null when nothing was measured):
+
+        schema         "pyworker-load-test/1"
+        target         {"mode": "autoscaler" | "worker" | "local", "server": URL | null,
+                        "worker": URL | null, "route": str, "endpoint": str}
+        requests       {"asked": int, "sent": int, "finished": int, "failed": int,
+                        "interrupted": bool}
+        outcomes       {"ok", "route_error", "connect_error", "timeout", "broken",
+                        "cancelled": int, always present; "http_<status>": int for each
+                        non-2xx status a worker answered}
+        http_status    {"<status>": int}: every answer a worker gave, by status
+        rate           {"asked": float, "sent": float | null (between the first and the
+                        last send), "completed": float | null (finished requests over
+                        elapsed)}
+        elapsed        float: first send to last finish
+        in_flight      {"limit": int, "max": int, "held_back": int (sends delayed by the
+                        limit), "max_send_lag": float (latest send behind schedule)}
+        latency        {"route": summary (route calls answered), "worker": summary
+                        (ok requests: worker call sent -> answer read), "total": summary
+                        (ok requests: route call sent -> answer read)}
+        route_wait     null (--worker), or {"requests": int (route calls answered "wait",
+                        without a url, at least once), "polls": int (such answers),
+                        "wait": summary (per such request: the pauses before polling
+                        again, part of its route time)}
+        stream         null, or for ok requests answered as a stream:
+                       {"requests": int, "tokens": int, "tokens_per_s": float (all tokens
+                        over elapsed), "ttft": summary (worker call sent -> first token),
+                        "itl": summary (inter-token latency: between successive chunks
+                        carrying tokens), "stream_tokens_per_s": summary (per request,
+                        after its first token)}
+        workers        {"<url>": {"requests": int, "ok": int}}: the workers seen
+        errors         [{"index": int, "outcome": str, "stage": "route" | "worker",
+                         "worker": URL | null, "message": str}]: the first failures
+        error_kinds    [{"outcome": str, "stage": str, "message": str, "count": int}]:
+                       failures grouped by the three, most frequent first (20 at most)
+        sessions       null, or with --session N: {"per_session": N, "clients": int,
+                        "opened": int, "ended": int, "open": summary (/session/create
+                        calls answered), "end": summary (/session/end calls answered),
+                        "failures": [str]: the first reasons a session failed}
+        local          only with --local: {"directory": str, "autoscaler": URL,
+                        "workers": [{"index", "url", "pid", "log", "model_log",
+                        "reports": int, "loadtime": float | null,
+                        "under_load_report": {...} | null (the last one received
+                        before the test stopped sending), "last_report": {...} | null}]}
+                       where a report is the worker's /worker_status/ body (SPEC 7)
+        reconciliation only with --local: {"checked": false, "reason": str} (--platform
+                        2024), or {"checked": true, "ok": bool, "line": str, "routed": int,
+                        "completed": int, "missing", "twice", "unknown": [request_idx]
+                        (the first ones), "mismatches": [str], "counts": {"missing",
+                        "twice", "mismatches", "unknown": int}, "report_faults": [str]
+                        (wrong load or completion reports), "unauthorized": int}"""
 
     def __init__(self, tester: LoadTester) -> None:
         self.options = tester.options
@@ -1685,61 +1738,8 @@ class LoadResult:
         return not self.failed and len(self.records) == self.options.total
 
     def report(self) -> dict[str, Any]:
-        """The report as JSON-ready data; `--json FILE` writes exactly this.
-
-        Schema (durations in seconds, rates per second; a summary is
-        {"count", "mean", "min", "p50", "p90", "p99", "max"}, or null when nothing was measured):
-
-            schema         "pyworker-load-test/1"
-            target         {"mode": "autoscaler" | "worker" | "local", "server": URL | null,
-                            "worker": URL | null, "route": str, "endpoint": str}
-            requests       {"asked": int, "sent": int, "finished": int, "failed": int,
-                            "interrupted": bool}
-            outcomes       {"ok", "route_error", "connect_error", "timeout", "broken",
-                            "cancelled": int, always present; "http_<status>": int for each
-                            non-2xx status a worker answered}
-            http_status    {"<status>": int}: every answer a worker gave, by status
-            rate           {"asked": float, "sent": float | null (between the first and the
-                            last send), "completed": float | null (finished requests over
-                            elapsed)}
-            elapsed        float: first send to last finish
-            in_flight      {"limit": int, "max": int, "held_back": int (sends delayed by the
-                            limit), "max_send_lag": float (latest send behind schedule)}
-            latency        {"route": summary (route calls answered), "worker": summary
-                            (ok requests: worker call sent -> answer read), "total": summary
-                            (ok requests: route call sent -> answer read)}
-            route_wait     null (--worker), or {"requests": int (route calls answered "wait",
-                            without a url, at least once), "polls": int (such answers),
-                            "wait": summary (per such request: the pauses before polling
-                            again, part of its route time)}
-            stream         null, or for ok requests answered as a stream:
-                           {"requests": int, "tokens": int, "tokens_per_s": float (all tokens
-                            over elapsed), "ttft": summary (worker call sent -> first token),
-                            "itl": summary (inter-token latency: between successive chunks
-                            carrying tokens), "stream_tokens_per_s": summary (per request,
-                            after its first token)}
-            workers        {"<url>": {"requests": int, "ok": int}}: the workers seen
-            errors         [{"index": int, "outcome": str, "stage": "route" | "worker",
-                             "worker": URL | null, "message": str}]: the first failures
-            error_kinds    [{"outcome": str, "stage": str, "message": str, "count": int}]:
-                           failures grouped by the three, most frequent first (20 at most)
-            sessions       null, or with --session N: {"per_session": N, "clients": int,
-                            "opened": int, "ended": int, "open": summary (/session/create
-                            calls answered), "end": summary (/session/end calls answered),
-                            "failures": [str]: the first reasons a session failed}
-            local          only with --local: {"directory": str, "autoscaler": URL,
-                            "workers": [{"index", "url", "pid", "log", "model_log",
-                            "reports": int, "loadtime": float | null,
-                            "under_load_report": {...} | null (the last one received
-                            before the test stopped sending), "last_report": {...} | null}]}
-                           where a report is the worker's /worker_status/ body (SPEC 7)
-            reconciliation only with --local: {"checked": false, "reason": str} (--platform
-                            2024), or {"checked": true, "ok": bool, "line": str, "routed": int,
-                            "completed": int, "missing", "twice", "unknown": [request_idx]
-                            (the first ones), "mismatches": [str], "counts": {"missing",
-                            "twice", "mismatches", "unknown": int}, "report_faults": [str]
-                            (wrong load or completion reports), "unauthorized": int}
-        """
+        """The report as JSON-ready data (schema: the class docstring); `--json FILE`
+        writes exactly this."""
         records = self.records
         ok = [r for r in records if r.outcome == "ok"]
         failed = [r for r in records if r.outcome != "ok"]
