@@ -19,6 +19,7 @@ the section of this file it is in (sections start with a banner line "# Name ###
                           relay, relay_json, relay_stream
                                             the model's answer, as the client's answer: as
                                             it is, read whole, or chunk by chunk
+                          Multipart         a multipart/form-data body for the model
                           LogAction         what a line of the model's log means
     Backend               Backend           the worker: model URL, log actions, benchmark
     HTTP client           ClientResponse    the model's answer (status, headers, read(),

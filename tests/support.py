@@ -1,6 +1,7 @@
 """Helpers shared by the test files (and tests/soak.py): bounded event loops and polling, keys,
 the one in-process worker rig (worker_rig, Rig), a `python hello_world.py` child process
-(spawned_worker), and the one raw HTTP/1.1 client (RawClient, request, exchange).
+(spawned_worker), and the one raw HTTP/1.1 client (RawClient, request, request_bytes,
+exchange).
 
 Not a test module (pytest collects only test_*.py); the test files import it as `support`,
 the way they import test_load and each other (tests/ is on sys.path: pyproject.toml's
@@ -259,13 +260,30 @@ class Rig:
         async with await self.client.request("GET", route, timeout=timeout) as resp:
             return Reply(resp.status, Fields(resp.headers.items()), await resp.read())
 
-    async def wait_ready(self, timeout: float = 10.0) -> None:
-        """Until the worker serves: ready, and holding the public key unless UNSECURED."""
+    @property
+    def tls(self) -> ssl.SSLContext | None:
+        """A client TLS context trusting the worker's certificate when it serves TLS
+        (Config.use_ssl); None when it serves plain HTTP."""
+        config = self.backend.config
+        if not config.use_ssl:
+            return None
+        return ssl.create_default_context(cafile=config.ssl_cert)
+
+    async def request(
+        self, method: str, path: str, body: Any = None, *, timeout: float = 10.0
+    ) -> Reply:
+        """One request with the raw client (support.request: Connection: close, on a new
+        connection), over TLS when the worker serves TLS; a bytes body is sent as it is."""
+        return await request(self.port, method, path, body, timeout=timeout, ssl_context=self.tls)
+
+    async def wait_ready(self, timeout: float = 10.0, *, pubkey: bool = True) -> None:
+        """Until the worker serves: ready, and holding the public key unless UNSECURED (or
+        `pubkey` is False: a worker whose key never comes is ready all the same)."""
         backend = self.backend
         await until(
             lambda: (
                 backend.state is State.READY
-                and (backend.config.unsecured or backend.pubkey is not None)
+                and (not pubkey or backend.config.unsecured or backend.pubkey is not None)
             ),
             timeout,
             "the worker to be ready",
@@ -289,10 +307,14 @@ async def worker_rig(
     signer: RsaPrivateKey | None = None,
     cost: str = "100",
     handler: pyworker.EndpointHandler[Any] | None = None,
-    routes: Callable[[Backend], list[pyworker.Route]] | None = None,
+    routes: list[pyworker.Route] | Callable[[Backend], list[pyworker.Route]] | None = None,
     log_actions: list[tuple[pyworker.LogAction, str]] | None = None,
     parallel: bool = True,
     max_queue_time: float | None = None,
+    healthcheck_endpoint: str | None = None,
+    benchmark_runs: int | None = None,
+    max_sessions: int = 10,
+    backend: Backend | None = None,
     cached_max_perf: float | None = None,
     ready: bool = True,
     base: Config | None = None,
@@ -308,10 +330,16 @@ async def worker_rig(
     report_addrs    the report targets instead of an autoscaler (the rig starts none)
     signer, cost    what Rig.auth() signs with
     handler         the benchmark handler (FastGenerateHandler: one round)
-    routes          the model routes for a backend (hello_world's, /generate with `handler`)
+    routes          the model routes: a list, or a function of the Backend giving them
+                    (hello_world's, /generate with `handler`, unless given)
     log_actions     LOG_ACTIONS (hello_world's) unless given
-    parallel, max_queue_time   the Backend's
-    cached_max_perf a benchmark cache written first: the benchmark is not run
+    parallel, max_queue_time, healthcheck_endpoint, benchmark_runs, max_sessions
+                    the Backend's arguments (allow_parallel_requests for `parallel`)
+    backend         an existing Backend (e.g. a worker file's module-level one, with that
+                    file's `routes`) instead of the rig's: handler, log_actions and the
+                    Backend's arguments above are its own then
+    cached_max_perf a benchmark cache written first, as the backend's benchmark handler
+                    would have written it: the benchmark is not run
     ready           wait until the worker serves (Rig.wait_ready) before yielding
     base, settings  Config fields: `settings` over `base` over the rig's: host 127.0.0.1,
                     tmp/model.log, tmp/.has_benchmark, the report targets, REPORT_BACKOFF
@@ -324,9 +352,23 @@ async def worker_rig(
     started: list[FakeModel | LocalAutoscaler] = []
     try:
         started.append(await fake.start())
+        if backend is None:
+            backend = Backend(
+                model_server_url=model_url or fake.url,  # Config.model_server_url overrides it
+                model_log_file=None,  # Config.model_log gives it
+                allow_parallel_requests=parallel,
+                benchmark_handler=handler,
+                log_actions=LOG_ACTIONS if log_actions is None else log_actions,
+                max_queue_time=max_queue_time,
+                healthcheck_endpoint=healthcheck_endpoint,
+                benchmark_runs=benchmark_runs,
+                max_sessions=max_sessions,
+            )
         if cached_max_perf is not None:  # as this very worker would have cached it
             model = pyworker.HttpClient(model_url or fake.url)
-            bench = pyworker.Benchmark(model, handler, runs=1, concurrency=1, cache_path=str(cache))
+            bench = pyworker.Benchmark(
+                model, backend.benchmark_handler, runs=1, concurrency=1, cache_path=str(cache)
+            )
             bench.save(cached_max_perf)
         if autoscaler is not None:
             started.append(await autoscaler.start())
@@ -342,15 +384,10 @@ async def worker_rig(
             **settings,
         }
         config = dataclasses.replace(base if base is not None else Config(), **fields)
-        backend = Backend(
-            model_server_url=model_url or fake.url,  # Config.model_server_url overrides it
-            model_log_file=None,  # Config.model_log gives it
-            allow_parallel_requests=parallel,
-            benchmark_handler=handler,
-            log_actions=LOG_ACTIONS if log_actions is None else log_actions,
-            max_queue_time=max_queue_time,
-        )
-        model_routes = routes(backend) if routes else hello_world_routes(backend, handler)
+        if routes is None:
+            model_routes = hello_world_routes(backend, handler)
+        else:
+            model_routes = routes(backend) if callable(routes) else routes
         worker = await pyworker.start_server(backend, model_routes, config, port=0)
         client = pyworker.HttpClient(f"http://127.0.0.1:{worker.port}")
         key = signer or (autoscaler.key if autoscaler is not None else None)
@@ -801,9 +838,22 @@ async def request(
     ssl_context: ssl.SSLContext | None = None,
 ) -> Reply:
     """One request (Connection: close) on a new connection; the reply within `timeout`."""
+    data = encode_request(method, path, body, close=True)
+    return await request_bytes(port, data, timeout=timeout, ssl_context=ssl_context)
+
+
+async def request_bytes(
+    port: int,
+    data: bytes,
+    *,
+    timeout: float = 10.0,
+    ssl_context: ssl.SSLContext | None = None,
+) -> Reply:
+    """`data` sent as it is (a request written by hand) on a new connection; the reply
+    (RawClient.response) within `timeout`."""
     client = await RawClient.connect(port, timeout=timeout, ssl_context=ssl_context)
     try:
-        await client.send_request(method, path, body, close=True)
+        await client.send(data)
         return await asyncio.wait_for(client.response(), timeout)
     finally:
         client.writer.close()

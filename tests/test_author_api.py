@@ -15,7 +15,7 @@ import dataclasses
 import importlib
 import json
 import random
-from collections.abc import AsyncGenerator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,15 +24,14 @@ import worker_2024
 from support import (
     ROOT,
     UNUSED_URL,
+    Rig,
     Runner,
     fetch,
     generate,
     loaded_model_log,
-    make_backend,
     request,
-    started_worker,
     until,
-    worker_config,
+    worker_rig,
 )
 
 import hello_world
@@ -40,7 +39,6 @@ import pyworker
 from pyworker import (
     ApiPayload,
     Backend,
-    Config,
     EndpointHandler,
     HttpClient,
     LogAction,
@@ -54,18 +52,19 @@ run = Runner(timeout=30.0)  # one test's event loop, bounded: a hang fails, CI d
 LOADED = [(LogAction.ModelLoaded, FakeModel.LOADED_LINE)]
 
 
-def quiet_config(tmp: Path, model_url: str, **settings: Any) -> Config:
-    """An UNSECURED worker's Config on loopback whose load reports go nowhere, quietly."""
-    return worker_config(
-        tmp,
-        model_url,
-        [UNUSED_URL],
-        unsecured=True,
-        report_check_interval=60.0,
-        report_max_interval=60.0,
-        log_poll_interval=0.02,
-        **settings,
-    )
+# worker_rig's options for an UNSECURED worker whose load reports go nowhere, quietly
+QUIET: dict[str, Any] = {
+    "report_addrs": [UNUSED_URL],
+    "unsecured": True,
+    "report_check_interval": 60.0,
+    "report_max_interval": 60.0,
+    "log_poll_interval": 0.02,
+}
+
+
+def backend_for(handler: EndpointHandler[Any]) -> Backend:
+    """A Backend benchmarking with `handler`, for create_handler (no worker is started)."""
+    return Backend(UNUSED_URL, None, True, handler, LOADED)
 
 
 # Payloads and handlers in the new form ###########################################################
@@ -138,47 +137,45 @@ def test_2024_worker_serves_generate_and_stream(tmp_path: Path, w2024: Any) -> N
     health check polls the class attribute's route."""
 
     async def main() -> None:
-        fake = await FakeModel(tokens=6).start()
-        try:
-            loaded_model_log(tmp_path)
-            backend: Backend = w2024.backend
-            config = quiet_config(tmp_path, fake.url, healthcheck_interval=0.05)
-            async with started_worker(backend, w2024.routes, config, ready_within=10.0) as w:
-                # benchmark_runs = 1: one warm-up and one round of 10 (parallel) requests
-                assert len(fake.requests) == 11, len(fake.requests)
-                assert backend.health is not None
-                assert backend.health.endpoint == "/health"
-                health = await request(w.port, "GET", "/healthcheck")
-                assert (health.status, health.body) == (200, b"ok")  # the model's answer
+        fake = FakeModel(tokens=6)
+        loaded_model_log(tmp_path)
+        backend: Backend = w2024.backend
+        async with worker_rig(
+            tmp_path,
+            fake=fake,
+            backend=backend,
+            routes=w2024.routes,
+            healthcheck_interval=0.05,
+            **QUIET,
+        ) as w:
+            # benchmark_runs = 1: one warm-up and one round of 10 (parallel) requests
+            assert len(fake.requests) == 11, len(fake.requests)
+            assert backend.health is not None
+            assert backend.health.endpoint == "/health"
+            health = await request(w.port, "GET", "/healthcheck")
+            assert (health.status, health.body) == (200, b"ok")  # the model's answer
 
-                random.seed(1234)  # the fake model picks its words with `random`
-                reply = await request(w.port, "POST", "/generate", generate("cats and dogs"))
-                random.seed(1234)
-                body = json.dumps({"prompt": "cats and dogs", "max_response_tokens": 4})
-                status, direct = await fetch(
-                    fake.url, "POST", "/generate", body.encode(), timeout=5.0
-                )
-                assert reply.status == status == 200
-                assert reply.headers["content-type"] == "application/json"
-                assert reply.json() == json.loads(direct)
-                assert reply.json()["tokens"] == 4
+            random.seed(1234)  # the fake model picks its words with `random`
+            reply = await request(w.port, "POST", "/generate", generate("cats and dogs"))
+            random.seed(1234)
+            body = json.dumps({"prompt": "cats and dogs", "max_response_tokens": 4})
+            status, direct = await fetch(fake.url, "POST", "/generate", body.encode(), timeout=5.0)
+            assert reply.status == status == 200
+            assert reply.headers["content-type"] == "application/json"
+            assert reply.json() == json.loads(direct)
+            assert reply.json()["tokens"] == 4
 
-                stream = await request(w.port, "POST", "/generate_stream", generate())
-                assert stream.status == 200
-                assert stream.headers.get("transfer-encoding") == "chunked"
-                assert stream.headers.get("content-type") == "text/event-stream"
-                assert stream.complete
-                events = [e for e in stream.body.split(b"\n\n") if e]
-                assert [json.loads(e.removeprefix(b"data: "))["token"] for e in events] == [
-                    f"tok{i}" for i in range(4)
-                ]
-                assert fake.requests[-1] == {
-                    "prompt": "hello there world",
-                    "max_response_tokens": 4,
-                }
-                assert backend.state is State.READY
-        finally:
-            await fake.stop()
+            stream = await request(w.port, "POST", "/generate_stream", generate())
+            assert stream.status == 200
+            assert stream.headers.get("transfer-encoding") == "chunked"
+            assert stream.headers.get("content-type") == "text/event-stream"
+            assert stream.complete
+            events = [e for e in stream.body.split(b"\n\n") if e]
+            assert [json.loads(e.removeprefix(b"data: "))["token"] for e in events] == [
+                f"tok{i}" for i in range(4)
+            ]
+            assert fake.requests[-1] == {"prompt": "hello there world", "max_response_tokens": 4}
+            assert backend.state is State.READY
 
     run(main())
 
@@ -188,17 +185,18 @@ def test_2024_worker_overridden_response_is_used(tmp_path: Path, w2024: Any) -> 
     relay's (which would pass the model's error body on)."""
 
     async def main() -> None:
-        fake = await FakeModel(fail_status=503).start()
-        try:
-            loaded_model_log(tmp_path)
-            (tmp_path / ".has_benchmark").write_text("100.0\n")  # the failing model: no rounds
-            config = quiet_config(tmp_path, fake.url)
-            async with started_worker(w2024.backend, w2024.routes, config, ready_within=10.0) as w:
-                for route in ("/generate", "/generate_stream"):
-                    reply = await request(w.port, "POST", route, generate())
-                    assert (reply.status, reply.body) == (503, b""), (route, reply)
-        finally:
-            await fake.stop()
+        loaded_model_log(tmp_path)
+        async with worker_rig(
+            tmp_path,
+            fake=FakeModel(fail_status=503),
+            backend=w2024.backend,
+            routes=w2024.routes,
+            cached_max_perf=100.0,  # the failing model: no rounds
+            **QUIET,
+        ) as w:
+            for route in ("/generate", "/generate_stream"):
+                reply = await request(w.port, "POST", route, generate())
+                assert (reply.status, reply.body) == (503, b""), (route, reply)
 
     run(main())
 
@@ -208,7 +206,7 @@ def test_2024_worker_overridden_response_is_used(tmp_path: Path, w2024: Any) -> 
 
 def test_payload_class_from_brackets_and_inherited() -> None:
     # what it guards: EndpointHandler[P] alone names the payload class, for a subclass too
-    backend = make_backend(Short(), LOADED)
+    backend = backend_for(Short())
     assert Short.payload_cls() is Prompt
     assert ShortChild.payload_cls() is Prompt
     assert Short.payload_class is Prompt
@@ -222,7 +220,7 @@ def test_payload_class_through_a_generic_intermediate_base() -> None:
     # what it guards: a worker's own generic base (class Base(EndpointHandler[P])) passes
     # the payload class of Base[Prompt] on
     assert Leaf.payload_cls() is Prompt
-    make_backend(Leaf(), LOADED).create_handler(Leaf())
+    backend_for(Leaf()).create_handler(Leaf())
 
 
 def test_payload_class_attribute() -> None:
@@ -236,7 +234,7 @@ def test_payload_class_attribute() -> None:
 
     assert Plain.payload_cls() is Prompt
     assert Overrides.payload_cls() is Other
-    make_backend(Plain(), LOADED).create_handler(Plain())
+    backend_for(Plain()).create_handler(Plain())
 
 
 class Narrowed(Short):  # EndpointHandler[Prompt] above it; Other is a Prompt
@@ -257,7 +255,7 @@ def test_no_payload_class_is_refused_at_create_handler() -> None:
     class Nameless(EndpointHandler[Any]):
         endpoint = "/nameless"
 
-    backend = make_backend(Short(), LOADED)
+    backend = backend_for(Short())
     with pytest.raises(TypeError) as caught:
         backend.create_handler(Nameless())
     message = str(caught.value)
@@ -287,7 +285,7 @@ class PropertyNoSlash(EndpointHandler[Prompt]):
 @pytest.mark.parametrize("cls", [NoSlash, NoEndpoint, NotAString, PropertyNoSlash])
 def test_bad_endpoint_is_refused_at_create_handler(cls: type[EndpointHandler[Prompt]]) -> None:
     # what it guards: a mistake in a route stops the worker at start, not at the first request
-    backend = make_backend(Short(), LOADED)
+    backend = backend_for(Short())
     with pytest.raises(TypeError, match=rf"{cls.__name__}\.endpoint must be a path"):
         backend.create_handler(cls())
 
@@ -377,17 +375,19 @@ class Relayed(EndpointHandler[Prompt]):
         self.endpoint = endpoint
 
 
-@contextlib.asynccontextmanager
-async def relay_worker(tmp: Path, model: RawModel) -> AsyncGenerator[int, None]:
-    """A ready worker whose route R forwards to the raw model's route R (for each of
-    ANSWERS), answering with the default generate_client_response; yields its port."""
+def relay_worker(tmp: Path, model: RawModel) -> AbstractAsyncContextManager[Rig]:
+    """The rig, ready, whose route R forwards to the raw model's route R (for each of
+    ANSWERS), answering with the default generate_client_response."""
     loaded_model_log(tmp)
-    (tmp / ".has_benchmark").write_text("100.0\n")  # a warm-up request (to /bench) only
-    backend = make_backend(Relayed("/bench"), LOADED, model_url=model.url)
-    routes = [post(path, backend.create_handler(Relayed(path))) for path in ANSWERS]
-    config = quiet_config(tmp, model.url)
-    async with started_worker(backend, routes, config, ready_within=10.0) as worker:
-        yield worker.port
+    return worker_rig(
+        tmp,
+        model_url=model.url,
+        handler=Relayed("/bench"),
+        routes=lambda backend: [post(p, backend.create_handler(Relayed(p))) for p in ANSWERS],
+        log_actions=LOADED,
+        cached_max_perf=100.0,  # a warm-up request (to /bench) only
+        **QUIET,
+    )
 
 
 # route, status, content type, streamed (chunked) to the client, body
@@ -408,9 +408,9 @@ def test_default_relay_keeps_status_type_body_and_framing(tmp_path: Path) -> Non
     when the model streams (chunked, or an event-stream / ndjson type even when sized)."""
 
     async def main() -> None:
-        async with RawModel() as model, relay_worker(tmp_path, model) as port:
+        async with RawModel() as model, relay_worker(tmp_path, model) as rig:
             for route, status, content_type, streamed, body in RELAY_CASES:
-                reply = await request(port, "POST", route, {"payload": {"prompt": "hi"}})
+                reply = await request(rig.port, "POST", route, {"payload": {"prompt": "hi"}})
                 where = (route, reply)
                 assert reply.status == status, where
                 assert reply.headers.get("content-type") == content_type, where
@@ -478,24 +478,26 @@ def test_backend_arguments_are_what_the_worker_uses(tmp_path: Path) -> None:
     the Backend argument's route, not the handler's class attributes."""
 
     async def main() -> None:
-        async with RawModel() as model:
-            loaded_model_log(tmp_path)
-            backend = Backend(
-                model.url,
-                None,
-                False,  # one at a time: a benchmark round is one request
-                OldSettings(),
-                LOADED,
+        loaded_model_log(tmp_path)
+        async with (
+            RawModel() as model,
+            worker_rig(
+                tmp_path,
+                model_url=model.url,
+                parallel=False,  # one at a time: a benchmark round is one request
+                handler=OldSettings(),
+                log_actions=LOADED,
                 healthcheck_endpoint="/health",
                 benchmark_runs=2,
-            )
-            routes = [post("/json", backend.create_handler(OldSettings()))]
-            config = quiet_config(tmp_path, model.url, healthcheck_interval=0.02)
-            async with started_worker(backend, routes, config, ready_within=10.0):
-                assert model.count("POST", "/json") == 1 + 2  # warm-up, then two rounds of one
-                await until(lambda: model.count("GET", "/health") >= 2, 5.0, "health polls")
-                assert model.count("GET", "/old-health") == 0
-                assert backend.state is State.READY
+                routes=lambda backend: [post("/json", backend.create_handler(OldSettings()))],
+                healthcheck_interval=0.02,
+                **QUIET,
+            ) as rig,
+        ):
+            assert model.count("POST", "/json") == 1 + 2  # warm-up, then two rounds of one
+            await until(lambda: model.count("GET", "/health") >= 2, 5.0, "health polls")
+            assert model.count("GET", "/old-health") == 0
+            assert rig.backend.state is State.READY
 
     run(main())
 

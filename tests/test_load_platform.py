@@ -10,12 +10,11 @@ import asyncio
 import io
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support import Runner, free_port, generated_key, unsecured_env, until
+from support import ROOT, Runner, signing_key, spawned_worker, unsecured_vars, until
 
 import hello_world
 import pyworker
@@ -23,14 +22,9 @@ import test_load
 from pyworker import HttpServer, Request, Response, error_response, json_response, post
 from test_load import LoadOptions, LoadResult, LoadTester, LocalAutoscaler
 
-ROOT = Path(__file__).resolve().parent.parent
 run = Runner(60.0)
 FAST_MODEL = ["--model-load-time", "0.2", "--model-token-delay", "0.002"]
 FAST_LOCAL = ["-n", "12", "-rps", "40", "-q", *FAST_MODEL]
-
-
-def key() -> test_load.RsaPrivateKey:
-    return generated_key("platform")
 
 
 # Fakes ###########################################################################################
@@ -236,51 +230,44 @@ def good_report(url: str, token: str, **fields: Any) -> dict[str, Any]:
 def test_local_autoscaler_signs_url_layout_that_pyworker_accepts(tmp_path: Path) -> None:
     async def main() -> None:
         model = await test_load.FakeModel().start()
-        scaler = await LocalAutoscaler(key(), master_token="tok").start()
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
+        scaler = await LocalAutoscaler(signing_key(), master_token="tok").start()
         log = tmp_path / "model.log"
         log.write_text(test_load.FakeModel.LOADED_LINE + "\n")
-        env = unsecured_env(port, log, model.url, REPORT_ADDR=scaler.url, MASTER_TOKEN="tok")
+        env = unsecured_vars(log, model.url, scaler.url, MASTER_TOKEN="tok")
         del env["UNSECURED"]  # secured: it fetches /pubkey/ and checks every signature
         env["SIGNATURE_LAYOUTS"] = "url"  # only today's layout
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            str(ROOT / "hello_world.py"),
-            cwd=str(tmp_path),
-            env=env,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
         try:
-            await until(lambda: url in scaler.workers and scaler.workers[url].ready, 40, "ready")
-            seen: set[int] = set()
-            auth: dict[str, Any] = {}
-            for _ in range(3):
-                route = {"endpoint": "local", "api_key": "local-key", "cost": 5}
-                route |= {"request_idx": 0, "replay_timeout": 60.0}
-                status, auth = await post_json(
-                    scaler.url, "/route/", route, Authorization="Bearer local-key"
+            async with spawned_worker(tmp_path, **env) as process:
+                url = f"http://127.0.0.1:{process.port}"
+                await until(
+                    lambda: url in scaler.workers and scaler.workers[url].ready, 40, "ready"
                 )
-                assert status == 200 and auth["url"] == url
-                assert auth["request_idx"] not in seen
-                seen.add(auth["request_idx"])
-                body = {"auth_data": auth, "session_id": None, "payload": {"prompt": "hi there"}}
-                status, _ = await post_json(url, "/generate", body)
-                assert status == 200
-            # A forged signature is refused: the worker really checks.
-            forged: dict[str, Any] = {**auth, "signature": auth["signature"][:-4] + "AAA="}
-            del forged["request_idx"]  # not a routed request: no completion to reconcile
-            status, _ = await post_json(url, "/generate", {"auth_data": forged, "payload": {}})
-            assert status in (401, 422)
-            await until(lambda: set(scaler.completions) >= seen, 10, "completion reports")
-            assert not scaler.faults, scaler.faults
-            assert scaler.reports and all(r["mtoken"] == "tok" for r in scaler.reports)
-            client = {idx: ("Success",) for idx in seen}
-            assert scaler.reconcile(client).ok
+                seen: set[int] = set()
+                auth: dict[str, Any] = {}
+                for _ in range(3):
+                    route = {"endpoint": "local", "api_key": "local-key", "cost": 5}
+                    route |= {"request_idx": 0, "replay_timeout": 60.0}
+                    status, auth = await post_json(
+                        scaler.url, "/route/", route, Authorization="Bearer local-key"
+                    )
+                    assert status == 200 and auth["url"] == url
+                    assert auth["request_idx"] not in seen
+                    seen.add(auth["request_idx"])
+                    payload = {"prompt": "hi there"}
+                    body = {"auth_data": auth, "session_id": None, "payload": payload}
+                    status, _ = await post_json(url, "/generate", body)
+                    assert status == 200
+                # A forged signature is refused: the worker really checks.
+                forged: dict[str, Any] = {**auth, "signature": auth["signature"][:-4] + "AAA="}
+                del forged["request_idx"]  # not a routed request: no completion to reconcile
+                status, _ = await post_json(url, "/generate", {"auth_data": forged, "payload": {}})
+                assert status in (401, 422)
+                await until(lambda: set(scaler.completions) >= seen, 10, "completion reports")
+                assert not scaler.faults, scaler.faults
+                assert scaler.reports and all(r["mtoken"] == "tok" for r in scaler.reports)
+                client = {idx: ("Success",) for idx in seen}
+                assert scaler.reconcile(client).ok
         finally:
-            process.terminate()
-            await asyncio.wait_for(process.wait(), 15)
             await model.stop()
             await scaler.stop()
 
@@ -289,7 +276,7 @@ def test_local_autoscaler_signs_url_layout_that_pyworker_accepts(tmp_path: Path)
 
 def test_local_autoscaler_request_idx_mtoken_and_report_checks() -> None:
     async def main() -> None:
-        scaler = await LocalAutoscaler(key(), master_token="secret").start()
+        scaler = await LocalAutoscaler(signing_key(), master_token="secret").start()
         try:
             worker = "http://127.0.0.1:9"
             # Wrong or missing mtoken: 401, recorded nowhere.
@@ -342,7 +329,7 @@ def test_local_autoscaler_request_idx_mtoken_and_report_checks() -> None:
 
 
 def test_reconciliation_detects_duplicates_mismatches_and_missing() -> None:
-    scaler = LocalAutoscaler(key())
+    scaler = LocalAutoscaler(signing_key())
     scaler.routed = {1: "w", 2: "w", 3: "w", 4: "w"}
 
     def entry(idx: int, status: str) -> dict[str, Any]:
@@ -359,7 +346,7 @@ def test_reconciliation_detects_duplicates_mismatches_and_missing() -> None:
     assert result.line() == (
         "routed 4, completed 3, missing 1, twice 1, status mismatches 1, unknown 1"
     )
-    clean = LocalAutoscaler(key())
+    clean = LocalAutoscaler(signing_key())
     clean.routed = {1: "w"}
     clean.add_completions([entry(1, "Success")])
     assert clean.reconcile({1: ("Success",)}).line() == (
@@ -427,7 +414,7 @@ def test_local_platform_2024() -> None:
 def test_l_alone_uses_the_local_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     async def main() -> tuple[int, str, EchoWorker]:
         worker = await EchoWorker().start()
-        scaler = await LocalAutoscaler(key(), master_token="tok").start()
+        scaler = await LocalAutoscaler(signing_key(), master_token="tok").start()
         monkeypatch.setattr(test_load, "LOCAL_SERVER", scaler.url)
         monkeypatch.delenv("API_KEY", raising=False)
         monkeypatch.delenv("ENDPOINT_NAME", raising=False)
@@ -459,34 +446,26 @@ def test_l_alone_uses_the_local_defaults(monkeypatch: pytest.MonkeyPatch) -> Non
 def test_worker_mode_waits_for_readiness(tmp_path: Path) -> None:
     async def main() -> tuple[int, str]:
         model = await test_load.FakeModel().start()
-        port = free_port()
         log = tmp_path / "model.log"
         log.write_text("")
-        env = unsecured_env(port, log, model.url)
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            str(ROOT / "hello_world.py"),
-            cwd=str(tmp_path),
-            env=env,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
 
         async def load_later() -> None:
             await asyncio.sleep(1.5)
             with open(log, "a") as f:
                 f.write(test_load.FakeModel.LOADED_LINE + "\n")
 
-        loader = asyncio.ensure_future(load_later())
         try:
-            out = io.StringIO()
-            argv = ["--worker", f"http://127.0.0.1:{port}", "-n", "10", "-rps", "50"]
-            code = await test_load.amain([*argv, "--ready-timeout", "40"], out=out)
-            return code, out.getvalue()
+            async with spawned_worker(tmp_path, **unsecured_vars(log, model.url)) as process:
+                loader = asyncio.ensure_future(load_later())
+                try:
+                    out = io.StringIO()
+                    argv = ["--worker", f"http://127.0.0.1:{process.port}", "-n", "10"]
+                    argv += ["-rps", "50", "--ready-timeout", "40"]
+                    code = await test_load.amain(argv, out=out)
+                    return code, out.getvalue()
+                finally:
+                    loader.cancel()
         finally:
-            loader.cancel()
-            process.terminate()
-            await asyncio.wait_for(process.wait(), 15)
             await model.stop()
 
     code, text = run(main())

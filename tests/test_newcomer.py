@@ -23,8 +23,7 @@ from support import (
     Runner,
     loaded_model_log,
     request,
-    started_worker,
-    worker_config,
+    worker_rig,
 )
 
 import hello_world
@@ -263,22 +262,25 @@ def test_model_request_headers_body_and_multipart_reach_the_model(tmp_path: Path
         model.port = await model.server.start("127.0.0.1", 0)
         loaded_model_log(tmp_path)
         try:
-            loaded = [(pyworker.LogAction.ModelLoaded, FakeModel.LOADED_LINE)]
-            backend = pyworker.Backend(model.url, None, True, StreamingChat(), loaded)
-            backend.benchmark_runs = 1
-            routes = [
-                pyworker.post("/chat", backend.create_handler(StreamingChat())),
-                pyworker.post("/transcribe", backend.create_handler(Upload())),
-            ]
-            config = worker_config(tmp_path, model.url, [UNUSED_URL], unsecured=True)
-            config = dataclasses.replace(config, report_backoff=0.01)
-            async with started_worker(backend, routes, config, ready_within=10.0) as worker:
+            async with worker_rig(
+                tmp_path,
+                model_url=model.url,
+                report_addrs=[UNUSED_URL],
+                handler=StreamingChat(),
+                routes=lambda backend: [
+                    pyworker.post("/chat", backend.create_handler(StreamingChat())),
+                    pyworker.post("/transcribe", backend.create_handler(Upload())),
+                ],
+                log_actions=[(pyworker.LogAction.ModelLoaded, FakeModel.LOADED_LINE)],
+                benchmark_runs=1,
+                unsecured=True,
+            ) as rig:
                 # the benchmark went through the hooks too
                 assert (
                     model.seen and model.seen[0].headers.get("authorization") == "Bearer sk-model"
                 )
                 body = {"payload": {"prompt": "hello world", "max_response_tokens": 3}}
-                reply = await request(worker.port, "POST", "/chat", body)
+                reply = await request(rig.port, "POST", "/chat", body)
                 assert reply.status == 200
                 chat = model.seen[-1]
                 assert chat.headers.get("authorization") == "Bearer sk-model"
@@ -287,7 +289,7 @@ def test_model_request_headers_body_and_multipart_reach_the_model(tmp_path: Path
                 sent = pyworker.json_loads(chat.body)
                 assert sent == {"prompt": "hello world", "max_response_tokens": 3, "stream": True}
                 upload_body = {"payload": {"audio_b64": "x"}}
-                reply = await request(worker.port, "POST", "/transcribe", upload_body)
+                reply = await request(rig.port, "POST", "/transcribe", upload_body)
                 assert reply.status == 200, reply.body
                 upload = model.seen[-1]
                 content_type = upload.headers.get("content-type") or ""

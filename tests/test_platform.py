@@ -14,45 +14,42 @@ import asyncio
 import base64
 import collections
 import contextlib
-import dataclasses
 import itertools
 import json
 import logging
 import ssl
 import time
 import typing
-from collections.abc import AsyncGenerator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
 import pytest
 from support import (
     UNUSED_URL,
-    FastGenerateHandler,
+    RawClient,
     Reply,
+    Rig,
     Runner,
     append,
     encode_request,
-    hello_world_routes,
     load_private_key,
-    make_backend,
-    read_head,
-    read_reply,
-    started_worker,
+    raw_client,
+    request_bytes,
     until,
-    worker_config,
+    worker_rig,
 )
 
 import hello_world
 import pyworker
-from pyworker import Backend, Config, ConfigError, LogAction, Request, Response, State, post
+from pyworker import Config, ConfigError, LogAction, Request, Response, State, post
 from test_load import FakeModel, RsaPrivateKey
 
 KEY = load_private_key("test_key.pem")
 TOKEN = "mtoken-0123456789abcdef"
 CONTAINER_ID = 4242
 PUBLIC_URL = "http://203.0.113.7:41234"  # what the worker reports as `url`, and auth_data's url
-CACHED_MAX_PERF = 2.0  # max_perf set once ready: a known queue estimate
+CACHED_MAX_PERF = 2.0  # max_perf from the benchmark cache: a known queue estimate
 LOG_ACTIONS = [(LogAction.ModelLoaded, FakeModel.LOADED_LINE)]
 
 # SPEC 11.3, exactly
@@ -205,6 +202,11 @@ class HeldModel(FakeModel):
             return pyworker.error_response(503, "unhealthy (scripted)")
         return await super()._health(request)
 
+    async def stop(self) -> None:
+        """Release what is held, then stop."""
+        self.release()
+        await super().stop()
+
 
 class FakeAutoscaler:
     """POST /worker_status/ and /delete_requests/, every body recorded; `failing` answers 500
@@ -233,6 +235,12 @@ class FakeAutoscaler:
 
     async def stop(self) -> None:
         await self._server.shutdown(grace=0.0)
+
+    async def __aenter__(self) -> FakeAutoscaler:
+        return await self.start()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
 
     @staticmethod
     def _body(request: Request) -> dict[str, Any]:
@@ -264,90 +272,29 @@ class FakeAutoscaler:
         return {entry["request_idx"]: entry for entry in self.completions()}
 
 
-# The rig #########################################################################################
+# The worker: the rig, secured by KEY, reporting to a FakeAutoscaler ###############################
 
 
-@dataclasses.dataclass
-class Rig:
-    tmp: Path
-    backend: Backend
-    worker: pyworker.Worker
-    model: HeldModel
-    platform: FakeAutoscaler
-    reqnum: int = 0
-
-    @property
-    def port(self) -> int:
-        return self.worker.port
-
-    def auth(self, layout: str = "seed", **fields: Any) -> dict[str, Any]:
-        self.reqnum += 1
-        return make_auth(layout, self.reqnum, **fields)
-
-    async def send(
-        self,
-        auth: dict[str, Any] | None,
-        prompt: str | None = "tell me about cats",
-        *,
-        route: str = "/generate",
-        **extra: Any,
-    ) -> Reply:
-        """POST `route` with `auth` and a payload (without its prompt when `prompt` is None)."""
-        payload: dict[str, Any] = {"max_response_tokens": 4}
-        if prompt is not None:
-            payload["prompt"] = prompt
-        body: dict[str, Any] = {"payload": payload, **extra}
-        if auth is not None:
-            body["auth_data"] = auth
-        return await raw(self.port, encode_request("POST", route, body))
-
-    async def generate(
-        self, layout: str = "seed", prompt: str = "hi there", **fields: Any
-    ) -> Reply:
-        return await self.send(self.auth(layout, **fields), prompt)
-
-    async def wait_ready(self, timeout: float = 10.0) -> None:
-        await until(lambda: self.backend.state is State.READY, timeout, "the worker to be ready")
-        self.set_max_perf()
-
-    def set_max_perf(self) -> None:
-        """A known max_perf, whatever the benchmark measured (the queue estimate uses it)."""
-        self.backend.max_perf = CACHED_MAX_PERF
-
-
-async def raw(port: int, data: bytes, timeout: float = 10.0) -> Reply:
-    """`data` sent as it is on a new connection; the reply."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(data)
-        return await asyncio.wait_for(read_reply(reader), timeout)
-    finally:
-        writer.close()
-
-
-@contextlib.asynccontextmanager
-async def rig(
+def platform_worker(
     tmp: Path,
+    platform: FakeAutoscaler,
     *,
+    model: HeldModel | None = None,
     master_token: str = TOKEN,
     loaded: bool = True,
     ready: bool = True,
-    max_queue_time: float | None = None,
     report_addrs: list[str] | None = None,
-    model: HeldModel | None = None,
+    max_queue_time: float | None = None,
     **settings: Any,
-) -> AsyncGenerator[Rig, None]:
-    """A worker secured by KEY (PUBKEY_FILE), reporting to a FakeAutoscaler (or `report_addrs`,
-    where "{platform}" stands for it), with short intervals; ready first unless `ready` is
-    False (or the model log holds no loaded line: `loaded` False)."""
+) -> AbstractAsyncContextManager[Rig]:
+    """The rig with hello_world's handlers before a HeldModel (or `model`), secured by KEY
+    (PUBKEY_FILE), reporting to `platform` (or `report_addrs`) with short intervals, max_perf
+    CACHED_MAX_PERF from the benchmark cache; ready first unless `ready` is False (or the model
+    log holds no loaded line: `loaded` False). `settings` are Config fields."""
     pubkey = tmp / "pubkey.pem"
     pubkey.write_text(KEY.public_pem())
     if settings.get("model_log", "") is not None:  # model_log=None: no model log at all
         (tmp / "model.log").write_text(FakeModel.LOADED_LINE + "\n" if loaded else "starting\n")
-    fake = model or HeldModel()
-    await fake.start()
-    platform = await FakeAutoscaler().start()
-    addrs = [a.replace("{platform}", platform.url) for a in report_addrs or ["{platform}"]]
     fields: dict[str, Any] = {
         "pubkey_file": str(pubkey),
         "master_token": master_token,
@@ -356,30 +303,50 @@ async def rig(
         "force_update_file": str(tmp / "force_update"),
         "report_check_interval": 0.05,
         "report_max_interval": 0.5,
-        "report_backoff": 0.01,
         "report_timeout": 2.0,
         "healthcheck_interval": 0.05,
         "log_poll_interval": 0.02,
         **settings,
     }
-    config = worker_config(tmp, fake.url, addrs, **fields)
-    handler = FastGenerateHandler()
-    backend = make_backend(handler, LOG_ACTIONS, max_queue_time=max_queue_time)
-    try:
-        async with started_worker(
-            backend,
-            hello_world_routes(backend, handler),
-            config,
-            ready_within=10.0 if ready and loaded else None,
-        ) as worker:
-            the_rig = Rig(tmp, backend, worker, fake, platform)
-            if ready and loaded:
-                the_rig.set_max_perf()
-            yield the_rig
-    finally:
-        fake.release()
-        await fake.stop()
-        await platform.stop()
+    return worker_rig(
+        tmp,
+        fake=model or HeldModel(),
+        report_addrs=report_addrs or [platform.url],
+        signer=KEY,
+        log_actions=LOG_ACTIONS,
+        max_queue_time=max_queue_time,
+        cached_max_perf=CACHED_MAX_PERF,
+        ready=ready and loaded,
+        **fields,
+    )
+
+
+def ticket(r: Rig, layout: str = "seed", **fields: Any) -> dict[str, Any]:
+    """A fresh auth_data (the rig's next reqnum) signed in `layout`."""
+    r.reqnum += 1
+    return make_auth(layout, r.reqnum, **fields)
+
+
+async def send(
+    r: Rig,
+    auth: dict[str, Any] | None,
+    prompt: str | None = "tell me about cats",
+    *,
+    route: str = "/generate",
+    **extra: Any,
+) -> Reply:
+    """POST `route` with `auth` and a payload (without its prompt when `prompt` is None)."""
+    payload: dict[str, Any] = {"max_response_tokens": 4}
+    if prompt is not None:
+        payload["prompt"] = prompt
+    body: dict[str, Any] = {"payload": payload, **extra}
+    if auth is not None:
+        body["auth_data"] = auth
+    return await r.request("POST", route, body)
+
+
+async def generate(r: Rig, layout: str = "seed", prompt: str = "hi there", **fields: Any) -> Reply:
+    return await send(r, ticket(r, layout, **fields), prompt)
 
 
 # 1. Signature layouts ############################################################################
@@ -387,66 +354,69 @@ async def rig(
 
 def test_each_layout_accepted_and_a_wrong_signature_refused(tmp_path: Path) -> None:
     async def main() -> None:
-        async with rig(tmp_path) as r:
-            assert (await r.generate("url")).status == 200
+        async with FakeAutoscaler() as platform, platform_worker(tmp_path, platform) as r:
+            assert (await generate(r, "url")).status == 200
             # fields: every key but signature and __request_id is signed, extra ones too
-            fields_auth = r.auth("fields", request_idx=5, extra_key="x", nested={"a": [1, 2]})
+            fields_auth = ticket(r, "fields", request_idx=5, extra_key="x", nested={"a": [1, 2]})
             assert "__request_id" in fields_auth
-            assert (await r.send(fields_auth)).status == 200
-            assert (await r.generate("seed")).status == 200
-            assert (await r.generate("seed", request_idx=6, other="y")).status == 200
-            assert (await r.generate("seed", cost=250)).status == 200  # a number cost
+            assert (await send(r, fields_auth)).status == 200
+            assert (await generate(r, "seed")).status == 200
+            assert (await generate(r, "seed", request_idx=6, other="y")).status == 200
+            assert (await generate(r, "seed", cost=250)).status == 200  # a number cost
 
             # the right key over the wrong bytes, in every layout
             for layout in ("url", "fields", "seed"):
-                auth = r.auth(layout, request_idx=9)
+                auth = ticket(r, layout, request_idx=9)
                 auth["signature"] = signed(KEY, layout_message(layout, auth) + " ")
-                reply = await r.send(auth)
+                reply = await send(r, auth)
                 assert reply.status == 401, (layout, reply)
-            tampered = r.auth("fields", request_idx=10)
+            tampered = ticket(r, "fields", request_idx=10)
             tampered["cost"] = "1"  # signed in the fields layout: cost is covered
-            assert (await r.send(tampered)).status == 401
-            other_url = r.auth("url")
+            assert (await send(r, tampered)).status == 401
+            other_url = ticket(r, "url")
             other_url["signature"] = signed(KEY, layout_message("url", {"url": UNUSED_URL}))
-            assert (await r.send(other_url)).status == 401
-            missing = r.auth("url")
+            assert (await send(r, other_url)).status == 401
+            missing = ticket(r, "url")
             del missing["signature"]
-            assert (await r.send(missing)).status in (401, 422)
+            assert (await send(r, missing)).status in (401, 422)
 
     run(main())
 
 
 def test_url_signature_repeats_but_seed_and_fields_replays_are_refused(tmp_path: Path) -> None:
     async def main() -> None:
-        async with rig(tmp_path) as r:
-            same = r.auth("url", request_idx=1)
+        async with FakeAutoscaler() as platform, platform_worker(tmp_path, platform) as r:
+            same = ticket(r, "url", request_idx=1)
             for i in range(20):
-                reply = await r.send(same)
+                reply = await send(r, same)
                 assert reply.status == 200, (i, reply)
             # with request_idx a seed message is not also the fields message: each layout's
             # own replay check is what refuses it
             for layout in ("seed", "fields"):
-                auth = r.auth(layout, request_idx=2)
-                assert (await r.send(auth)).status == 200
-                reply = await r.send(auth)
+                auth = ticket(r, layout, request_idx=2)
+                assert (await send(r, auth)).status == 200
+                reply = await send(r, auth)
                 assert reply.status == 401, (layout, reply)
             for layout in ("seed", "fields"):  # the 2024 auth_data, four fields alone
-                auth = r.auth(layout)
-                assert (await r.send(auth)).status == 200
-                reply = await r.send(auth)
+                auth = ticket(r, layout)
+                assert (await send(r, auth)).status == 200
+                reply = await send(r, auth)
                 assert reply.status == 401, (layout, reply)
             # the url layout still works after those refusals
-            assert (await r.send(same)).status == 200
+            assert (await send(r, same)).status == 200
 
     run(main())
 
 
 def test_signature_layouts_restricted_to_url(tmp_path: Path) -> None:
     async def main() -> None:
-        async with rig(tmp_path, signature_layouts=("url",)) as r:
-            assert (await r.generate("seed")).status == 401
-            assert (await r.generate("fields", request_idx=3)).status == 401
-            assert (await r.generate("url")).status == 200
+        async with (
+            FakeAutoscaler() as platform,
+            platform_worker(tmp_path, platform, signature_layouts=("url",)) as r,
+        ):
+            assert (await generate(r, "seed")).status == 401
+            assert (await generate(r, "fields", request_idx=3)).status == 401
+            assert (await generate(r, "url")).status == 200
 
     run(main())
 
@@ -486,19 +456,19 @@ def test_config_from_env_platform_variables() -> None:
 
 def test_request_idx_and_session_id(tmp_path: Path) -> None:
     async def main() -> None:
-        async with rig(tmp_path) as r:
-            assert (await r.generate("seed", request_idx=7)).status == 200
-            assert (await r.generate("url", request_idx=8)).status == 200
-            reply = await r.generate("seed", request_idx="7")
+        async with FakeAutoscaler() as platform, platform_worker(tmp_path, platform) as r:
+            assert (await generate(r, "seed", request_idx=7)).status == 200
+            assert (await generate(r, "url", request_idx=8)).status == 200
+            reply = await generate(r, "seed", request_idx="7")
             assert reply.status == 422, reply
             assert "auth_data" in reply.json(), reply.json()
-            reply = await r.send(r.auth("url", request_idx=[7]))
+            reply = await send(r, ticket(r, "url", request_idx=[7]))
             assert reply.status == 422, reply
             assert "auth_data" in reply.json(), reply.json()
-            reply = await r.send(r.auth("seed", request_idx=11), session_id=None)
+            reply = await send(r, ticket(r, "seed", request_idx=11), session_id=None)
             assert reply.status == 200, reply
             # a session_id the worker never created: SPEC 11.5's 410
-            reply = await r.send(r.auth("seed", request_idx=12), session_id="abc")
+            reply = await send(r, ticket(r, "seed", request_idx=12), session_id="abc")
             assert reply.status == 410, reply
             assert reply.json() == {"error": "invalid session"}
 
@@ -533,18 +503,22 @@ def test_1_1_0_report_fields_and_load_in_flight(
     expected_load = sum(workload(p) for p in prompts.values())
 
     async def main() -> None:
-        async with rig(tmp_path) as r:
-            await until(lambda: r.platform.reports, 5.0, "a first report")
-            r.model.hold()
+        model = HeldModel()
+        async with (
+            FakeAutoscaler() as platform,
+            platform_worker(tmp_path, platform, model=model) as r,
+        ):
+            await until(lambda: platform.reports, 5.0, "a first report")
+            model.hold()
             sends = [
-                asyncio.ensure_future(r.send(r.auth("seed", request_idx=i), p))
+                asyncio.ensure_future(send(r, ticket(r, "seed", request_idx=i), p))
                 for i, p in prompts.items()
             ]
-            await until(lambda: r.model.held == 3, 5.0, "three requests held at the model")
-            mark = len(r.platform.reports)
+            await until(lambda: model.held == 3, 5.0, "three requests held at the model")
+            mark = len(platform.reports)
 
             def in_flight_reports() -> list[dict[str, Any]]:
-                reports = r.platform.reports[mark:]
+                reports = platform.reports[mark:]
                 return [rep for rep in reports if rep.get("num_requests_working") == 3]
 
             # two: cur_load is what is in flight now, not what arrived since the last report
@@ -563,13 +537,13 @@ def test_1_1_0_report_fields_and_load_in_flight(
             assert report["error_msg"] == ""
             assert report["num_requests_recieved"] >= 3
 
-            r.model.release()
+            model.release()
             replies = await asyncio.gather(*sends)
             assert [x.status for x in replies] == [200, 200, 200]
-            mark = len(r.platform.reports)
+            mark = len(platform.reports)
 
             def idle_report() -> dict[str, Any] | None:
-                for report in r.platform.reports[mark:]:
+                for report in platform.reports[mark:]:
                     if report.get("num_requests_working") == 0:
                         return report
                 return None
@@ -583,7 +557,7 @@ def test_1_1_0_report_fields_and_load_in_flight(
 
             # served and new load over all reports add up to the three requests
             def total(name: str) -> float:
-                return sum(float(rep[name]) for rep in r.platform.reports)
+                return sum(float(rep[name]) for rep in platform.reports)
 
             await until(
                 lambda: abs(total("cur_perf") - expected_load) < 1e-6,
@@ -595,7 +569,7 @@ def test_1_1_0_report_fields_and_load_in_flight(
                 5.0,
                 "new_load over the reports to add up to the received workload",
             )
-        for report in r.platform.reports:
+        for report in platform.reports:
             check_1_1_0(report)
         assert caplog.records, "nothing logged at all: the check below would prove nothing"
         assert TOKEN not in caplog.text, "MASTER_TOKEN logged whole"
@@ -608,10 +582,15 @@ def test_1_1_0_report_fields_and_load_in_flight(
 )
 def test_2024_report_format(tmp_path: Path, token: str, report_format: str) -> None:
     async def main() -> None:
-        async with rig(tmp_path, master_token=token, report_format=report_format) as r:
-            assert (await r.generate("seed")).status == 200
-            await until(lambda: len(r.platform.reports) >= 2, 5.0, "two reports")
-        for report in r.platform.reports:
+        async with (
+            FakeAutoscaler() as platform,
+            platform_worker(
+                tmp_path, platform, master_token=token, report_format=report_format
+            ) as r,
+        ):
+            assert (await generate(r, "seed")).status == 200
+            await until(lambda: len(platform.reports) >= 2, 5.0, "two reports")
+        for report in platform.reports:
             assert set(report) == REPORT_2024_FIELDS, sorted(set(report) ^ REPORT_2024_FIELDS)
             assert report["id"] == CONTAINER_ID
 
@@ -620,9 +599,12 @@ def test_2024_report_format(tmp_path: Path, token: str, report_format: str) -> N
 
 def test_1_1_0_report_without_token_when_asked(tmp_path: Path) -> None:
     async def main() -> None:
-        async with rig(tmp_path, master_token="", report_format="1.1.0") as r:
-            await until(lambda: r.platform.reports, 5.0, "a report")
-        for report in r.platform.reports:
+        async with (
+            FakeAutoscaler() as platform,
+            platform_worker(tmp_path, platform, master_token="", report_format="1.1.0"),
+        ):
+            await until(lambda: platform.reports, 5.0, "a report")
+        for report in platform.reports:
             assert set(report) == REPORT_1_1_0_FIELDS, sorted(set(report) ^ REPORT_1_1_0_FIELDS)
             assert report["version"] == "1.1.0"
 
@@ -631,16 +613,14 @@ def test_1_1_0_report_without_token_when_asked(tmp_path: Path) -> None:
 
 def test_report_addr_fallback_in_order(tmp_path: Path) -> None:
     async def main() -> None:
-        second = await FakeAutoscaler().start()
-        try:
-            addrs = [UNUSED_URL, "{platform}", second.url]
-            async with rig(tmp_path, report_addrs=addrs) as r:
-                first = r.platform
+        async with FakeAutoscaler() as first, FakeAutoscaler() as second:
+            addrs = [UNUSED_URL, first.url, second.url]
+            async with platform_worker(tmp_path, first, report_addrs=addrs) as r:
                 first.failing = True
                 # the first address is down, the second answers 500: the third receives
                 await until(lambda: second.reports, 5.0, "reports at the third address")
                 assert first.report_attempts > 0
-                assert (await r.generate("seed", request_idx=31)).status == 200
+                assert (await generate(r, "seed", request_idx=31)).status == 200
                 await until(
                     lambda: 31 in {e["request_idx"] for b in second.deletes for e in b["requests"]},
                     5.0,
@@ -653,11 +633,9 @@ def test_report_addr_fallback_in_order(tmp_path: Path) -> None:
                 settled = len(second.reports)
                 await until(lambda: len(first.reports) >= 6, 5.0, "more reports at the second")
                 assert len(second.reports) == settled
-                assert (await r.generate("seed", request_idx=32)).status == 200
+                assert (await generate(r, "seed", request_idx=32)).status == 200
                 await until(lambda: 32 in first.completed(), 5.0, "completion at the second")
                 assert 32 not in {e["request_idx"] for b in second.deletes for e in b["requests"]}
-        finally:
-            await second.stop()
 
     run(main())
 
@@ -699,105 +677,111 @@ def test_completion_reports_every_outcome_once(tmp_path: Path) -> None:
 
     async def main() -> None:
         model = HeldModel(crash_after=2, tokens=6)
-        async with rig(
-            tmp_path, loaded=False, max_queue_time=1.0, model=model, report_check_interval=0.02
-        ) as r:
+        async with (
+            FakeAutoscaler() as platform,
+            platform_worker(
+                tmp_path,
+                platform,
+                loaded=False,
+                max_queue_time=1.0,
+                model=model,
+                report_check_interval=0.02,
+            ) as r,
+        ):
             # 503 before the model is loaded: Rejected
-            reply = await r.generate("seed", request_idx=1)
+            reply = await generate(r, "seed", request_idx=1)
             assert reply.status == 503, reply
             expected[1] = "Rejected"
             append(tmp_path / "model.log", FakeModel.LOADED_LINE + "\n")
             await r.wait_ready()
 
-            assert (await r.generate("seed", request_idx=2)).status == 200
+            assert (await generate(r, "seed", request_idx=2)).status == 200
             expected[2] = "Success"
-            assert (await r.generate("url", request_idx=3)).status == 200
+            assert (await generate(r, "url", request_idx=3)).status == 200
             expected[3] = "Success"
 
-            bad = r.auth("seed", request_idx=4)
+            bad = ticket(r, "seed", request_idx=4)
             bad["signature"] = signed(KEY, "not the message")
-            assert (await r.send(bad)).status == 401
+            assert (await send(r, bad)).status == 401
             expected[4] = "Rejected"
 
-            reply = await r.send(r.auth("seed", request_idx=5), prompt=None)
+            reply = await send(r, ticket(r, "seed", request_idx=5), prompt=None)
             assert reply.status == 422, reply
             expected[5] = "Error"
 
-            r.model.fail_status = 500
-            assert (await r.generate("seed", request_idx=6)).status == 500
-            r.model.fail_status = None
+            model.fail_status = 500
+            assert (await generate(r, "seed", request_idx=6)).status == 500
+            model.fail_status = None
             expected[6] = "Error"
 
             # a request held at the model, one refused for the queue, then the first's client
             # goes away
-            r.model.hold()
-            _reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
-            body = {"auth_data": r.auth("seed", request_idx=7), "payload": {"prompt": big}}
-            writer.write(encode_request("POST", "/generate", body))
-            await until(lambda: r.model.held == 1, 5.0, "the request held at the model")
-            reply = await r.generate("seed", request_idx=8, prompt="short one")
+            model.hold()
+            client = await RawClient.connect(r.port)
+            body = {"auth_data": ticket(r, "seed", request_idx=7), "payload": {"prompt": big}}
+            await client.send(encode_request("POST", "/generate", body))
+            await until(lambda: model.held == 1, 5.0, "the request held at the model")
+            reply = await generate(r, "seed", request_idx=8, prompt="short one")
             assert reply.status == 429, reply
             expected[8] = "Rejected"
-            writer.transport.abort()
+            client.abort()
             expected[7] = "Cancelled"
-            await until(lambda: 7 in r.platform.completed(), 5.0, "the cancelled request")
-            r.model.release()
+            await until(lambda: 7 in platform.completed(), 5.0, "the cancelled request")
+            model.release()
 
             # the model hangs up in the middle of a stream
-            reply = await r.send(r.auth("seed", request_idx=9), route="/generate_stream")
+            reply = await send(r, ticket(r, "seed", request_idx=9), route="/generate_stream")
             assert reply.status == 200 and not reply.complete, reply
             expected[9] = "Error"
 
             # a request without request_idx is served, and not reported
-            assert (await r.generate("seed")).status == 200
+            assert (await generate(r, "seed")).status == 200
 
             await until(
-                lambda: set(r.platform.completed()) >= set(expected),
+                lambda: set(platform.completed()) >= set(expected),
                 5.0,
                 "completion reports for every request so far",
             )
             # the model is gone: 502
-            await r.model.stop()
-            assert (await r.generate("seed", request_idx=10)).status == 502
+            await model.stop()
+            assert (await generate(r, "seed", request_idx=10)).status == 502
             expected[10] = "Error"
-            await until(lambda: 10 in r.platform.completed(), 5.0, "the 502's completion")
+            await until(lambda: 10 in platform.completed(), 5.0, "the 502's completion")
             await asyncio.sleep(0.3)  # nothing more should come
-            check_completions(r.platform, expected)
-            times = r.platform.delete_times
+            check_completions(platform, expected)
+            times = platform.delete_times
             gaps = [b - a for a, b in itertools.pairwise(times)]
             assert all(gap > 0.8 for gap in gaps), gaps  # batches at most every second
-            rejected = sum(float(rep["rej_load"]) for rep in r.platform.reports)
-            assert rejected >= workload("short one"), r.platform.reports
-        check_completions(r.platform, expected)  # stopping sent nothing twice
+            rejected = sum(float(rep["rej_load"]) for rep in platform.reports)
+            assert rejected >= workload("short one"), platform.reports
+        check_completions(platform, expected)  # stopping sent nothing twice
 
     run(main())
 
 
 def test_completion_reports_kept_while_the_autoscaler_fails(tmp_path: Path) -> None:
     async def main() -> None:
-        async with rig(tmp_path) as r:
+        async with FakeAutoscaler() as platform, platform_worker(tmp_path, platform) as r:
 
             def failed_for() -> float:
-                times = r.platform.delete_attempt_times
+                times = platform.delete_attempt_times
                 return times[-1] - times[0] if times else 0.0
 
-            r.platform.failing = True
-            assert (await r.generate("seed", request_idx=21)).status == 200
-            assert (await r.generate("url", request_idx=22)).status == 200
+            platform.failing = True
+            assert (await generate(r, "seed", request_idx=21)).status == 200
+            assert (await generate(r, "url", request_idx=22)).status == 200
             # refused over more than a second: more than one round of delivery
             await until(
-                lambda: r.platform.delete_attempts >= 2 and failed_for() > 1.2,
+                lambda: platform.delete_attempts >= 2 and failed_for() > 1.2,
                 8.0,
                 "refused deliveries over more than a second",
             )
-            assert r.platform.deletes == []
-            r.platform.failing = False
-            await until(
-                lambda: set(r.platform.completed()) == {21, 22}, 8.0, "the delayed delivery"
-            )
+            assert platform.deletes == []
+            platform.failing = False
+            await until(lambda: set(platform.completed()) == {21, 22}, 8.0, "the delayed delivery")
             await asyncio.sleep(0.3)
-            check_completions(r.platform, {21: "Success", 22: "Success"})
-        check_completions(r.platform, {21: "Success", 22: "Success"})
+            check_completions(platform, {21: "Success", 22: "Success"})
+        check_completions(platform, {21: "Success", 22: "Success"})
 
     run(main())
 
@@ -815,12 +799,12 @@ def update_request(authorization: str | None) -> bytes:
 def test_pyworker_update(tmp_path: Path) -> None:
     async def main() -> None:
         flag = tmp_path / "force_update"
-        async with rig(tmp_path) as r:
+        async with FakeAutoscaler() as platform, platform_worker(tmp_path, platform) as r:
             for wrong in (None, "Bearer wrong-token", f"Bearer {TOKEN}x", TOKEN, "Bearer "):
-                reply = await raw(r.port, update_request(wrong))
+                reply = await request_bytes(r.port, update_request(wrong))
                 assert reply.status == 401, (wrong, reply)
                 assert not flag.exists()
-            reply = await raw(r.port, update_request(f"Bearer {TOKEN}"))
+            reply = await request_bytes(r.port, update_request(f"Bearer {TOKEN}"))
             assert reply.status == 200, reply
             assert reply.json() == {"ok": True}
             assert flag.exists()
@@ -831,9 +815,12 @@ def test_pyworker_update(tmp_path: Path) -> None:
 def test_pyworker_update_without_master_token(tmp_path: Path) -> None:
     async def main() -> None:
         flag = tmp_path / "force_update"
-        async with rig(tmp_path, master_token="") as r:
+        async with (
+            FakeAutoscaler() as platform,
+            platform_worker(tmp_path, platform, master_token="") as r,
+        ):
             for auth in (None, "Bearer ", "Bearer x"):
-                reply = await raw(r.port, update_request(auth))
+                reply = await request_bytes(r.port, update_request(auth))
                 assert reply.status == 404, (auth, reply)
             assert not flag.exists()
 
@@ -849,13 +836,18 @@ def test_health_endpoint_gates_readiness_and_errors_after_three_failures(tmp_pat
             target = model.health_polls + count
             await until(lambda: model.health_polls >= target, 5.0, f"{count} more health polls")
 
-        async with rig(tmp_path, ready=False, model=model, model_health_endpoint="/health") as r:
+        async with (
+            FakeAutoscaler() as platform,
+            platform_worker(
+                tmp_path, platform, ready=False, model=model, model_health_endpoint="/health"
+            ) as r,
+        ):
             await until(lambda: model.health_polls >= 8, 5.0, "health polls before the first 200")
             assert r.backend.state not in (State.READY, State.ERRORED), r.backend.state
-            assert (await r.generate("seed")).status == 503
+            assert (await generate(r, "seed")).status == 503
             model.health_failures = 0
             await r.wait_ready(5.0)
-            assert (await r.generate("seed")).status == 200
+            assert (await generate(r, "seed")).status == 200
             for failures in (1, 2):
                 model.health_failures = failures
                 await more_polls(6)
@@ -863,7 +855,7 @@ def test_health_endpoint_gates_readiness_and_errors_after_three_failures(tmp_pat
                 assert r.backend.state is State.READY, (failures, r.backend.error_msg)
             model.health_failures = 3
             await until(lambda: r.backend.state is State.ERRORED, 5.0, "errored after 3 failures")
-            assert (await r.generate("seed")).status == 503
+            assert (await generate(r, "seed")).status == 503
 
     run(main())
 
@@ -872,13 +864,21 @@ def test_health_endpoint_alone_makes_ready_without_model_log(tmp_path: Path) -> 
     async def main() -> None:
         model = HeldModel()
         model.health_failures = 3
-        async with rig(
-            tmp_path, ready=False, model=model, model_log=None, model_health_endpoint="/health"
-        ) as r:
+        async with (
+            FakeAutoscaler() as platform,
+            platform_worker(
+                tmp_path,
+                platform,
+                ready=False,
+                model=model,
+                model_log=None,
+                model_health_endpoint="/health",
+            ) as r,
+        ):
             assert not (tmp_path / "model.log").exists()
             await r.wait_ready(8.0)
             assert model.health_polls >= 4
-            assert (await r.generate("seed", request_idx=41)).status == 200
+            assert (await generate(r, "seed", request_idx=41)).status == 200
 
     run(main())
 
@@ -899,48 +899,37 @@ def client_hello() -> bytes:
 
 def test_tls_client_hello_on_plain_port_closed_at_once(tmp_path: Path) -> None:
     async def main() -> None:
-        async with rig(tmp_path) as r:
-            reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
-            try:
+        async with FakeAutoscaler() as platform, platform_worker(tmp_path, platform) as r:
+            async with raw_client(r.port) as client:
                 start = time.monotonic()
-                writer.write(client_hello())
-                received = b""
-
-                async def until_closed() -> None:
-                    nonlocal received
-                    with contextlib.suppress(ConnectionError):
-                        while data := await reader.read(65536):
-                            received += data
-
-                await asyncio.wait_for(until_closed(), 5.0)
+                await client.send(client_hello())
+                received, closed = await client.until_closed(5.0)
                 elapsed = time.monotonic() - start
-            finally:
-                writer.close()
+            assert closed, "not closed within 5 s"
             assert elapsed < 0.5, f"closed after {elapsed:.2f}s"
             assert len(received) < 4096, received[:200]
-            assert (await r.generate("seed")).status == 200  # the worker is fine
+            assert (await generate(r, "seed")).status == 200  # the worker is fine
 
     run(main())
 
 
 def test_bare_lf_request_line_gets_400_at_once(tmp_path: Path) -> None:
     async def main() -> None:
-        async with rig(tmp_path) as r:
+        async with FakeAutoscaler() as platform, platform_worker(tmp_path, platform) as r:
             for data in (
                 b"GET /ping HTTP/1.1\nHost: 127.0.0.1\n\n",
                 b"GET /ping HTTP/1.1\nHost: 127.0.0.1\r\n\r\n",
             ):
-                reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
-                try:
+                async with raw_client(r.port, timeout=5.0) as client:
                     start = time.monotonic()
-                    writer.write(data)
-                    status, _ = await asyncio.wait_for(read_head(reader), 5.0)
+                    await client.send(data)
+                    status, _ = await client.head()
                     elapsed = time.monotonic() - start
-                finally:
-                    writer.close()
                 assert status == 400, (data, status)
                 assert elapsed < 0.5, f"400 after {elapsed:.2f}s"
-            reply = await raw(r.port, b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            reply = await request_bytes(
+                r.port, b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
             assert reply.status == 200 and reply.body == b"pong"
 
     run(main())
@@ -950,22 +939,18 @@ def test_bare_lf_request_line_in_pieces_gets_400_at_once(tmp_path: Path) -> None
     """The same, when the request line arrives over more than one TCP segment."""
 
     async def main() -> None:
-        async with rig(tmp_path) as r:
+        async with FakeAutoscaler() as platform, platform_worker(tmp_path, platform) as r:
             for parts in (
                 [b"GET /ping HTTP/1.1", b"\nHost: 127.0.0.1\n\n"],
                 [b"G", b"ET /ping HTTP/1.1\n"],
             ):
-                reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
-                try:
+                async with raw_client(r.port, timeout=5.0) as client:
                     start = time.monotonic()
                     for part in parts:
-                        writer.write(part)
-                        await writer.drain()
+                        await client.send(part)
                         await asyncio.sleep(0.05)
-                    status, _ = await asyncio.wait_for(read_head(reader), 5.0)
+                    status, _ = await client.head()
                     elapsed = time.monotonic() - start
-                finally:
-                    writer.close()
                 assert status == 400, (parts, status)
                 assert elapsed < 0.6, f"400 after {elapsed:.2f}s"
 

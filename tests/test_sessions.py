@@ -12,39 +12,31 @@ plain-HTTP /session/end listener beside TLS.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import dataclasses
 import json
 import logging
 import shutil
-import ssl
 import string
 import subprocess
 import time
 import typing
-from collections.abc import AsyncGenerator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
 import pytest
 from support import (
     UNUSED_URL,
-    FastGenerateHandler,
+    RawClient,
     Reply,
+    Rig,
     Runner,
-    WorkerAddress,
     encode_request,
-    hello_world_routes,
     loaded_model_log,
-    read_chunk,
-    read_head,
-    read_reply,
     request,
     signed_auth,
     signing_key,
-    started_worker,
     until,
-    worker_config,
+    worker_rig,
 )
 
 import pyworker
@@ -87,6 +79,12 @@ class CallbackModel(FakeModel):
     def hooks_for(self, session_id: str) -> list[tuple[str, dict[str, Any]]]:
         return [h for h in self.hooks if h[1].get("session_id") == session_id]
 
+    async def stop(self) -> None:
+        """Let a held callback go, then stop."""
+        if self.hook_hold is not None:
+            self.hook_hold.set()
+        await super().stop()
+
 
 class Platform:
     """Today's autoscaler's report routes: every /worker_status/ and /delete_requests/ body."""
@@ -113,6 +111,12 @@ class Platform:
     async def stop(self) -> None:
         await self._server.shutdown(grace=0.0)
 
+    async def __aenter__(self) -> Platform:
+        return await self.start()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
     async def _status(self, request: Request) -> Response:
         self.reports.append(typing.cast(dict[str, Any], json.loads(request.body)))
         return pyworker.json_response({"ok": True})
@@ -125,128 +129,102 @@ class Platform:
         return [entry for body in self.deletes for entry in body["requests"]]
 
 
-# The rig #########################################################################################
+# The worker: the rig, secured by signing_key(), before a CallbackModel ###########################
 
 
-@dataclasses.dataclass
-class Rig(WorkerAddress):
-    backend: Backend
-    worker: pyworker.Worker
-    fake: CallbackModel
-    platform: Platform | None = None
-    tls: ssl.SSLContext | None = None
-    reqnum: int = 0
-
-    def auth(self, cost: str = "4", **fields: Any) -> dict[str, Any]:
-        """A fresh seed-layout ticket (fields such as request_idx added, unsigned)."""
-        self.reqnum += 1
-        auth = signed_auth(signing_key(), cost, self.reqnum, self.url)
-        auth.update(fields)
-        return auth
-
-    async def post(self, path: str, body: Any, *, timeout: float = 10.0) -> Reply:
-        return await request(self.port, "POST", path, body, timeout=timeout, ssl_context=self.tls)
-
-    async def create(self, auth: dict[str, Any] | None = None, **payload: Any) -> Reply:
-        body = {"auth_data": self.auth() if auth is None else auth, "payload": payload}
-        return await self.post("/session/create", body)
-
-    async def open(self, cost: str = "4", **payload: Any) -> tuple[str, dict[str, Any]]:
-        """A new session: its id and the auth_data it was created with."""
-        auth = self.auth(cost)
-        reply = await self.create(auth, **payload)
-        assert reply.status == 201, reply
-        return reply.json()["session_id"], auth
-
-    async def ask(self, what: str, session_id: Any, session_auth: Any) -> Reply:
-        body = {"session_id": session_id, "session_auth": session_auth}
-        return await self.post(f"/session/{what}", body)
-
-    def generate_body(
-        self,
-        session_id: str | None = None,
-        auth: dict[str, Any] | None = None,
-        *,
-        prompt: str = "hello there world",
-        tokens: int = 4,
-    ) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "auth_data": self.auth() if auth is None else auth,
-            "payload": {"prompt": prompt, "max_response_tokens": tokens},
-        }
-        if session_id is not None:
-            body["session_id"] = session_id
-        return body
-
-    async def generate(
-        self, session_id: str | None = None, auth: dict[str, Any] | None = None, **kw: Any
-    ) -> Reply:
-        return await self.post("/generate", self.generate_body(session_id, auth, **kw))
-
-    async def expiration(self, session_id: str, auth: dict[str, Any]) -> float:
-        reply = await self.ask("get", session_id, auth)
-        assert reply.status == 200, reply
-        return float(reply.json()["expiration"])
-
-
-@contextlib.asynccontextmanager
-async def rig(
+def session_worker(
     tmp: Path,
     *,
-    max_sessions: int = 10,
     pubkey: bool = True,
-    platform: bool = False,
+    max_sessions: int = 10,
+    report_addrs: list[str] | None = None,
     **settings: Any,
-) -> AsyncGenerator[Rig, None]:
-    """A ready worker secured by signing_key() (PUBKEY_FILE unless `pubkey` is False) before
-    a CallbackModel; `settings` go into its Config."""
-    fake = CallbackModel(tokens=400)
-    await fake.start()
-    scaler = await Platform().start() if platform else None
-    try:
-        loaded_model_log(tmp)
-        fields: dict[str, Any] = {
-            "report_check_interval": 60.0,
-            "report_max_interval": 60.0,
-            "report_backoff": 0.01,
-            "log_poll_interval": 0.02,
-        }
-        if pubkey:
-            pem = tmp / "pubkey.pem"
-            pem.write_text(signing_key().public_pem())
-            fields["pubkey_file"] = str(pem)
-        fields.update(settings)
-        addrs = [scaler.url] if scaler is not None else [UNUSED_URL]
-        config = worker_config(tmp, fake.url, addrs, **fields)
-        handler = FastGenerateHandler()
-        backend = Backend(fake.url, None, True, handler, LOG_ACTIONS, max_sessions=max_sessions)
-        tls = None
-        if config.use_ssl:
-            tls = ssl.create_default_context(cafile=config.ssl_cert)
-        routes = hello_world_routes(backend, handler)
-        async with started_worker(backend, routes, config, ready_within=10.0) as worker:
-            yield Rig(backend, worker, fake, scaler, tls)
-    finally:
-        if fake.hook_hold is not None:
-            fake.hook_hold.set()
-        await fake.stop()
-        if scaler is not None:
-            await scaler.stop()
-
-
-async def raw_post(
-    port: int, path: str, data: bytes, *, tls: ssl.SSLContext | None = None
-) -> Reply:
-    """`data` as the body of a POST, as it is (not JSON-encoded)."""
-    head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(data)}\r\n"
-    reader, writer = await asyncio.open_connection(
-        "127.0.0.1", port, ssl=tls, server_hostname="127.0.0.1" if tls else None
+) -> AbstractAsyncContextManager[Rig]:
+    """The rig, with hello_world's handlers before a CallbackModel, secured by signing_key()
+    (PUBKEY_FILE unless `pubkey` is False, when it is not waited for: the key never comes),
+    reporting to `report_addrs` (nowhere by default); `settings` go into its Config."""
+    loaded_model_log(tmp)
+    fields: dict[str, Any] = {
+        "report_check_interval": 60.0,
+        "report_max_interval": 60.0,
+        "log_poll_interval": 0.02,
+    }
+    if pubkey:
+        pem = tmp / "pubkey.pem"
+        pem.write_text(signing_key().public_pem())
+        fields["pubkey_file"] = str(pem)
+    fields.update(settings)
+    return worker_rig(
+        tmp,
+        fake=CallbackModel(tokens=400),
+        report_addrs=report_addrs or [UNUSED_URL],
+        signer=signing_key(),
+        log_actions=LOG_ACTIONS,
+        max_sessions=max_sessions,
+        ready=pubkey,
+        **fields,
     )
-    try:
-        writer.write((head + "Connection: close\r\n\r\n").encode() + data)
-        return await asyncio.wait_for(read_reply(reader), 10.0)
-    finally:
-        writer.close()
+
+
+def callbacks(r: Rig) -> CallbackModel:
+    """The rig's model: session_worker's CallbackModel."""
+    assert isinstance(r.fake, CallbackModel)
+    return r.fake
+
+
+def fresh_auth(r: Rig, cost: str = "4", **fields: Any) -> dict[str, Any]:
+    """A fresh seed-layout ticket (fields such as request_idx added, unsigned)."""
+    r.reqnum += 1
+    auth = signed_auth(signing_key(), cost, r.reqnum, r.url)
+    auth.update(fields)
+    return auth
+
+
+async def create(r: Rig, auth: dict[str, Any] | None = None, **payload: Any) -> Reply:
+    body = {"auth_data": fresh_auth(r) if auth is None else auth, "payload": payload}
+    return await r.request("POST", "/session/create", body)
+
+
+async def open_session(r: Rig, cost: str = "4", **payload: Any) -> tuple[str, dict[str, Any]]:
+    """A new session: its id and the auth_data it was created with."""
+    auth = fresh_auth(r, cost)
+    reply = await create(r, auth, **payload)
+    assert reply.status == 201, reply
+    return reply.json()["session_id"], auth
+
+
+async def ask(r: Rig, what: str, session_id: Any, session_auth: Any) -> Reply:
+    body = {"session_id": session_id, "session_auth": session_auth}
+    return await r.request("POST", f"/session/{what}", body)
+
+
+def generate_body(
+    r: Rig,
+    session_id: str | None = None,
+    auth: dict[str, Any] | None = None,
+    *,
+    prompt: str = "hello there world",
+    tokens: int = 4,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "auth_data": fresh_auth(r) if auth is None else auth,
+        "payload": {"prompt": prompt, "max_response_tokens": tokens},
+    }
+    if session_id is not None:
+        body["session_id"] = session_id
+    return body
+
+
+async def generate(
+    r: Rig, session_id: str | None = None, auth: dict[str, Any] | None = None, **kw: Any
+) -> Reply:
+    return await r.request("POST", "/generate", generate_body(r, session_id, auth, **kw))
+
+
+async def expiration(r: Rig, session_id: str, auth: dict[str, Any]) -> float:
+    reply = await ask(r, "get", session_id, auth)
+    assert reply.status == 200, reply
+    return float(reply.json()["expiration"])
 
 
 def names(reply: Reply, field: str) -> bool:
@@ -271,42 +249,42 @@ def settled(backend: Backend) -> bool:
 
 def test_create_is_verified_like_a_model_request(tmp_path: Path) -> None:
     async def main() -> None:
-        async with rig(tmp_path) as r:
+        async with session_worker(tmp_path) as r:
             # bad signatures: tampered cost, another key's signature, not base64
-            tampered = r.auth("4")
+            tampered = fresh_auth(r, "4")
             tampered["cost"] = "1"
-            assert (await r.create(tampered)).status == 401
-            forged = r.auth()
-            forged["signature"] = r.auth()["signature"]  # another ticket's signature
-            assert (await r.create(forged)).status == 401
-            garbage = r.auth()
+            assert (await create(r, tampered)).status == 401
+            forged = fresh_auth(r)
+            forged["signature"] = fresh_auth(r)["signature"]  # another ticket's signature
+            assert (await create(r, forged)).status == 401
+            garbage = fresh_auth(r)
             garbage["signature"] = "not base64!"
-            assert (await r.create(garbage)).status == 401
-            missing = await r.post("/session/create", {"payload": {}})
+            assert (await create(r, garbage)).status == 401
+            missing = await r.request("POST", "/session/create", {"payload": {}})
             assert missing.status == 422 and names(missing, "auth_data"), missing
             assert r.backend.metrics.sessions_open == 0
 
-            ticket = r.auth()
+            ticket = fresh_auth(r)
             before = time.time()
-            created = await r.create(ticket, lifetime=30)
+            created = await create(r, ticket, lifetime=30)
             assert created.status == 201, created
             answer = created.json()
             assert set(answer) == {"session_id", "expiration"}, answer
             assert isinstance(answer["session_id"], str)
             assert before + 30 <= answer["expiration"] <= time.time() + 30
             # The same seed-layout ticket again: a replay, for a session or a model request.
-            again = await r.create(ticket, lifetime=30)
+            again = await create(r, ticket, lifetime=30)
             assert again.status == 401, again
-            assert (await r.generate(auth=ticket)).status == 401
+            assert (await generate(r, auth=ticket)).status == 401
             assert r.backend.metrics.sessions_open == 1
-            assert (await r.create(lifetime=30)).status == 201  # a fresh ticket is fine
+            assert (await create(r, lifetime=30)).status == 201  # a fresh ticket is fine
 
     run(main())
 
 
 def test_create_names_each_bad_field(tmp_path: Path) -> None:
     async def main() -> None:
-        async with rig(tmp_path, max_sessions=0) as r:
+        async with session_worker(tmp_path, max_sessions=0) as r:
             bad: list[tuple[str, dict[str, Any]]] = [
                 ("lifetime", {"lifetime": 0}),
                 ("lifetime", {"lifetime": -5}),
@@ -326,16 +304,18 @@ def test_create_names_each_bad_field(tmp_path: Path) -> None:
                 ("on_close_payload", {"on_close_payload": 3}),
             ]
             for field, payload in bad:
-                reply = await r.create(**payload)
+                reply = await create(r, **payload)
                 assert reply.status == 422, (payload, reply)
                 assert names(reply, field), (payload, reply.body)
-            both = await r.create(lifetime=0, on_close_route="http://evil.example/x")
+            both = await create(r, lifetime=0, on_close_route="http://evil.example/x")
             assert both.status == 422 and names(both, "lifetime"), both
             assert names(both, "on_close_route"), both
-            not_object = await r.post("/session/create", {"auth_data": r.auth(), "payload": 3})
+            not_object = await r.request(
+                "POST", "/session/create", {"auth_data": fresh_auth(r), "payload": 3}
+            )
             assert not_object.status == 422 and names(not_object, "payload"), not_object
-            assert (await raw_post(r.port, "/session/create", b"{nope")).status == 422
-            assert (await raw_post(r.port, "/session/create", b"[1]")).status == 422
+            assert (await r.request("POST", "/session/create", b"{nope")).status == 422
+            assert (await r.request("POST", "/session/create", b"[1]")).status == 422
             assert r.backend.metrics.sessions_open == 0
             # the limits themselves are fine
             fine: list[dict[str, Any]] = [
@@ -346,7 +326,7 @@ def test_create_names_each_bad_field(tmp_path: Path) -> None:
                 {"on_close_route": f"{r.fake.url}/generate", "on_close_payload": None},
             ]
             for payload in fine:
-                reply = await r.create(**payload)
+                reply = await create(r, **payload)
                 assert reply.status == 201, (payload, reply)
             assert r.backend.metrics.sessions_open == 5
 
@@ -356,9 +336,10 @@ def test_create_names_each_bad_field(tmp_path: Path) -> None:
 def test_create_without_a_key_yet_is_503(tmp_path: Path) -> None:
     async def main() -> None:
         # No PUBKEY_FILE and an autoscaler that is not there: the key never comes.
-        async with rig(tmp_path, pubkey=False) as r:
+        async with session_worker(tmp_path, pubkey=False) as r:
+            await r.wait_ready(pubkey=False)
             assert r.backend.state is State.READY
-            reply = await r.create(lifetime=30)
+            reply = await create(r, lifetime=30)
             assert reply.status == 503, reply
             assert reply.json().get("state") == "no_pubkey", reply
             assert r.backend.metrics.sessions_open == 0
@@ -372,20 +353,20 @@ def test_max_sessions_answers_429_and_0_means_no_limit(tmp_path: Path) -> None:
     (tmp_path / "none").mkdir()
 
     async def main() -> None:
-        async with rig(tmp_path / "two", max_sessions=2) as r:
-            first, auth = await r.open()
-            await r.open()
-            ticket = r.auth()
-            full = await r.create(ticket)
+        async with session_worker(tmp_path / "two", max_sessions=2) as r:
+            first, auth = await open_session(r)
+            await open_session(r)
+            ticket = fresh_auth(r)
+            full = await create(r, ticket)
             assert full.status == 429, full
             assert r.backend.metrics.sessions_open == 2
             assert r.backend.metrics.in_flight.requests == 2
-            assert (await r.ask("end", first, auth)).status == 200
-            assert (await r.create(ticket)).status == 201  # room again; the ticket not spent
-            assert (await r.create()).status == 429
+            assert (await ask(r, "end", first, auth)).status == 200
+            assert (await create(r, ticket)).status == 201  # room again; the ticket not spent
+            assert (await create(r)).status == 429
 
-        async with rig(tmp_path / "none", max_sessions=0) as r:
-            ids = [(await r.open())[0] for _ in range(50)]
+        async with session_worker(tmp_path / "none", max_sessions=0) as r:
+            ids = [(await open_session(r))[0] for _ in range(50)]
             assert r.backend.metrics.sessions_open == 50
             # unguessable: distinct, long, from a wide alphabet, no shared prefixes
             assert len(set(ids)) == 50
@@ -400,12 +381,12 @@ def test_max_sessions_answers_429_and_0_means_no_limit(tmp_path: Path) -> None:
 # Guards: an expired session not yet collected once held a max_sessions slot.
 def test_an_expired_session_holds_no_slot(tmp_path: Path) -> None:
     async def main() -> None:
-        async with rig(tmp_path, max_sessions=1, session_gc_interval=30.0) as r:
-            session, auth = await r.open(lifetime=0.2)
+        async with session_worker(tmp_path, max_sessions=1, session_gc_interval=30.0) as r:
+            session, auth = await open_session(r, lifetime=0.2)
             await asyncio.sleep(0.3)
-            reply = await r.create(lifetime=30)
+            reply = await create(r, lifetime=30)
             assert reply.status == 201, reply
-            assert (await r.ask("get", session, auth)).status == 400
+            assert (await ask(r, "get", session, auth)).status == 400
 
     run(main())
 
@@ -415,27 +396,27 @@ def test_an_expired_session_holds_no_slot(tmp_path: Path) -> None:
 
 def test_a_session_is_one_request_in_flight_with_its_cost(tmp_path: Path) -> None:
     async def main() -> None:
-        async with rig(tmp_path) as r:
+        async with session_worker(tmp_path) as r:
             m = r.backend.metrics
             received, served = m.received.requests, m.served.requests
-            session, auth = await r.open(cost="7", lifetime=30)
+            session, auth = await open_session(r, cost="7", lifetime=30)
             assert (m.in_flight.requests, m.in_flight.workload) == (1, 7.0)
             assert m.received.requests == received + 1
             assert m.consistent()
 
             for _ in range(2):
-                reply = await r.generate(session, auth, prompt="one two three")
+                reply = await generate(r, session, auth, prompt="one two three")
                 assert reply.status == 200, reply
             assert (m.in_flight.requests, m.in_flight.workload) == (1, 7.0)
             assert m.received.requests == received + 3
             assert m.served.requests == served + 2
             assert m.consistent()
 
-            assert (await r.ask("end", session, auth)).status == 200
+            assert (await ask(r, "end", session, auth)).status == 200
             assert (m.in_flight.requests, m.in_flight.workload) == (0, 0.0)
             assert m.served.requests == served + 3
             assert m.consistent()
-            assert (await r.ask("end", session, auth)).status == 410
+            assert (await ask(r, "end", session, auth)).status == 410
             assert m.served.requests == served + 3  # completed once
             assert m.sessions_ended["ended"] == 1
 
@@ -452,18 +433,19 @@ def test_the_session_is_reported_once_and_its_requests_never(tmp_path: Path) -> 
             "report_max_interval": 0.2,
             "report_timeout": 2.0,
         }
-        async with rig(tmp_path, platform=True, **settings) as r:
-            platform = r.platform
-            assert platform is not None
-            auth = r.auth("5", request_idx=501)
-            created = await r.create(auth, lifetime=30)
+        async with (
+            Platform() as platform,
+            session_worker(tmp_path, report_addrs=[platform.url], **settings) as r,
+        ):
+            auth = fresh_auth(r, "5", request_idx=501)
+            created = await create(r, auth, lifetime=30)
             assert created.status == 201, created
             session = created.json()["session_id"]
 
             # A request inside the session, held at the model, with a ticket of its own.
             r.fake.json_delay = 1.0
-            inner = r.generate_body(session, r.auth("2", request_idx=777))
-            held = asyncio.ensure_future(r.post("/generate", inner))
+            inner = generate_body(r, session, fresh_auth(r, "2", request_idx=777))
+            held = asyncio.ensure_future(r.request("POST", "/generate", inner))
             seen = len(platform.reports)
 
             def working_both() -> bool:
@@ -476,9 +458,9 @@ def test_the_session_is_reported_once_and_its_requests_never(tmp_path: Path) -> 
             assert (await held).status == 200
             r.fake.json_delay = 0.0
             # with the session's own ticket too
-            assert (await r.generate(session, auth)).status == 200
+            assert (await generate(r, session, auth)).status == 200
 
-            assert (await r.ask("end", session, auth)).status == 200
+            assert (await ask(r, "end", session, auth)).status == 200
 
             def reported() -> bool:
                 return any(c["request_idx"] == 501 for c in platform.completions())
@@ -493,7 +475,7 @@ def test_the_session_is_reported_once_and_its_requests_never(tmp_path: Path) -> 
             assert last["working_request_idxs"] == [] and last["num_requests_working"] == 0
             assert settled(r.backend)
             # one more, left open: drained at stop, and reported then, once
-            assert (await r.create(r.auth("1", request_idx=601), lifetime=30)).status == 201
+            assert (await create(r, fresh_auth(r, "1", request_idx=601), lifetime=30)).status == 201
         assert platform is not None
         assert [c["request_idx"] for c in platform.completions()] == [501, 601]
 
@@ -505,11 +487,11 @@ def test_the_session_is_reported_once_and_its_requests_never(tmp_path: Path) -> 
 
 def test_requests_inside_are_served_checked_and_extend_it(tmp_path: Path) -> None:
     async def main() -> None:
-        async with rig(tmp_path) as r:
+        async with session_worker(tmp_path) as r:
             payload: dict[str, Any] = {"on_close_route": "/hooks/closed"}
             payload["on_close_payload"] = {"k": [1]}
-            session, auth = await r.open(lifetime=40, **payload)
-            details = await r.ask("get", session, auth)
+            session, auth = await open_session(r, lifetime=40, **payload)
+            details = await ask(r, "get", session, auth)
             assert details.status == 200, details
             got = details.json()
             assert got["session_id"] == session and got["auth_data"] == auth, got
@@ -518,44 +500,46 @@ def test_requests_inside_are_served_checked_and_extend_it(tmp_path: Path) -> Non
             first = float(got["expiration"])
 
             before = len(r.fake.requests)
-            assert (await r.generate(session, auth, prompt="in the session")).status == 200
+            assert (await generate(r, session, auth, prompt="in the session")).status == 200
             assert r.fake.requests[before:] == [
                 {"prompt": "in the session", "max_response_tokens": 4}
             ]
-            second = await r.expiration(session, auth)
+            second = await expiration(r, session, auth)
             assert abs(second - (first + 40)) < 1.0, (first, second)
-            stream = await r.post("/generate_stream", r.generate_body(session, auth))
+            stream = await r.request("POST", "/generate_stream", generate_body(r, session, auth))
             assert stream.status == 200 and stream.complete, stream
             assert stream.body.count(b"data:") == 4, stream
-            third = await r.expiration(session, auth)
+            third = await expiration(r, session, auth)
             assert abs(third - (second + 40)) < 1.0, (second, third)
 
             # a bad signature inside the session: refused, never forwarded, nothing extended
             tampered = dict(auth, cost="1")
-            assert (await r.generate(session, tampered)).status == 401
-            forged = dict(auth, signature=r.auth()["signature"])
-            assert (await r.generate(session, forged)).status == 401
-            no_auth = r.generate_body(session)
+            assert (await generate(r, session, tampered)).status == 401
+            forged = dict(auth, signature=fresh_auth(r)["signature"])
+            assert (await generate(r, session, forged)).status == 401
+            no_auth = generate_body(r, session)
             del no_auth["auth_data"]
-            assert (await r.post("/generate", no_auth)).status == 422
+            assert (await r.request("POST", "/generate", no_auth)).status == 422
             assert len(r.fake.requests) == before + 2
-            assert await r.expiration(session, auth) == third
+            assert await expiration(r, session, auth) == third
             # a ticket of its own inside the session is spent there like anywhere
-            fresh = r.auth()
-            assert (await r.generate(session, fresh)).status == 200
-            assert (await r.generate(auth=fresh)).status == 401
-            assert (await r.generate(session, fresh)).status == 401
+            fresh = fresh_auth(r)
+            assert (await generate(r, session, fresh)).status == 200
+            assert (await generate(r, auth=fresh)).status == 401
+            assert (await generate(r, session, fresh)).status == 401
             assert len(r.fake.requests) == before + 3
-            third = await r.expiration(session, auth)
+            third = await expiration(r, session, auth)
 
             # ids not open: unknown, not a string, ended
-            unknown = await r.generate("no-such-session", auth)
+            unknown = await generate(r, "no-such-session", auth)
             assert (unknown.status, unknown.json()) == (410, INVALID), unknown
-            assert (await r.generate(typing.cast(Any, 5), auth)).status == 422
-            assert (await r.ask("end", session, auth)).status == 200
-            ended = await r.generate(session, auth)
+            assert (await generate(r, typing.cast(Any, 5), auth)).status == 422
+            assert (await ask(r, "end", session, auth)).status == 200
+            ended = await generate(r, session, auth)
             assert (ended.status, ended.json()) == (410, INVALID), ended
-            ended_stream = await r.post("/generate_stream", r.generate_body(session, auth))
+            ended_stream = await r.request(
+                "POST", "/generate_stream", generate_body(r, session, auth)
+            )
             assert (ended_stream.status, ended_stream.json()) == (410, INVALID)
             assert len(r.fake.requests) == before + 3
             assert settled(r.backend)
@@ -565,11 +549,11 @@ def test_requests_inside_are_served_checked_and_extend_it(tmp_path: Path) -> Non
 
 def test_an_expired_id_is_invalid_even_before_collection(tmp_path: Path) -> None:
     async def main() -> None:
-        async with rig(tmp_path, session_gc_interval=30.0) as r:
-            session, auth = await r.open(lifetime=0.2)
+        async with session_worker(tmp_path, session_gc_interval=30.0) as r:
+            session, auth = await open_session(r, lifetime=0.2)
             await asyncio.sleep(0.3)
             assert r.backend.metrics.sessions_ended["expired"] == 0  # not collected yet
-            reply = await r.generate(session, auth)
+            reply = await generate(r, session, auth)
             assert (reply.status, reply.json()) == (410, INVALID), reply
             assert r.backend.metrics.sessions_ended["expired"] == 1
             assert settled(r.backend)
@@ -582,36 +566,36 @@ def test_an_expired_id_is_invalid_even_before_collection(tmp_path: Path) -> None
 
 def test_get_health_and_end_answers(tmp_path: Path) -> None:
     async def main() -> None:
-        async with rig(tmp_path) as r:
-            session, auth = await r.open(lifetime=30)
-            other_auth = r.auth()
+        async with session_worker(tmp_path) as r:
+            session, auth = await open_session(r, lifetime=30)
+            other_auth = fresh_auth(r)
             for what in ("get", "health", "end"):
                 for body in (b"{not json", b"[]", b'"x"', b"{}", b'{"session_id": 5}'):
-                    reply = await raw_post(r.port, f"/session/{what}", body)
+                    reply = await r.request("POST", f"/session/{what}", body)
                     assert reply.status == 422, (what, body, reply)
-                empty = await r.ask(what, "", auth)
+                empty = await ask(r, what, "", auth)
                 assert empty.status == 422, (what, empty)
                 for wrong in (other_auth, None, dict(auth, reqnum=auth["reqnum"] + 1)):
-                    refused = await r.ask(what, session, wrong)
+                    refused = await ask(r, what, session, wrong)
                     assert refused.status == 401, (what, wrong, refused)
             assert r.backend.metrics.sessions_open == 1  # the refused /end ended nothing
 
-            got = await r.ask("get", session, auth)
+            got = await ask(r, "get", session, auth)
             assert got.status == 200 and got.json()["session_id"] == session, got
-            assert (await r.ask("get", "unknown", auth)).status == 400
-            health = await r.ask("health", session, auth)
+            assert (await ask(r, "get", "unknown", auth)).status == 400
+            health = await ask(r, "health", session, auth)
             assert (health.status, health.json()) == (200, {"ok": True}), health
-            unknown = await r.ask("health", "unknown", auth)
+            unknown = await ask(r, "health", "unknown", auth)
             assert (unknown.status, unknown.json()) == (200, {"ok": False}), unknown
 
-            end = await r.ask("end", session, auth)
+            end = await ask(r, "end", session, auth)
             assert end.status == 200, end
             assert end.json() == {"ended": True, "removed_session": session}, end
-            again = await r.ask("end", session, auth)
+            again = await ask(r, "end", session, auth)
             assert again.status == 410, again
-            assert (await r.ask("end", "unknown", auth)).status == 400
-            assert (await r.ask("get", session, auth)).status == 400
-            closed = await r.ask("health", session, auth)
+            assert (await ask(r, "end", "unknown", auth)).status == 400
+            assert (await ask(r, "get", session, auth)).status == 400
+            closed = await ask(r, "health", session, auth)
             assert (closed.status, closed.json()) == (200, {"ok": False}), closed
             assert r.backend.metrics.sessions_ended == {"ended": 1}
             assert settled(r.backend)
@@ -624,14 +608,14 @@ def test_get_health_and_end_answers(tmp_path: Path) -> None:
 
 def test_expired_sessions_are_collected_and_called_back(tmp_path: Path) -> None:
     async def main() -> None:
-        async with rig(tmp_path, session_gc_interval=0.1) as r:
+        async with session_worker(tmp_path, session_gc_interval=0.1) as r:
             m = r.backend.metrics
             payload: dict[str, Any] = {"on_close_route": "/generate"}
             payload["on_close_payload"] = {"prompt": "bye"}
-            created = await r.create(lifetime=0.3, **payload)
+            created = await create(r, lifetime=0.3, **payload)
             assert created.status == 201, created
             session, expiration = created.json()["session_id"], created.json()["expiration"]
-            keeper, _ = await r.open(lifetime=60, on_close_route="/generate")
+            keeper, _ = await open_session(r, lifetime=60, on_close_route="/generate")
             await until(lambda: m.sessions_ended["expired"] == 1, 3.0, "the session to expire")
             assert time.time() >= expiration
             assert m.sessions_open == 1
@@ -653,57 +637,57 @@ def test_expired_sessions_are_collected_and_called_back(tmp_path: Path) -> None:
     run(main())
 
 
-async def open_stream(r: Rig, body: dict[str, Any]) -> tuple[asyncio.StreamReader, Any]:
+async def open_stream(r: Rig, body: dict[str, Any]) -> RawClient:
     """A /generate_stream request on a raw connection, its head read, its first chunk too."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
-    writer.write(encode_request("POST", "/generate_stream", body))
-    status, headers = await asyncio.wait_for(read_head(reader), 5.0)
+    client = await RawClient.connect(r.port, timeout=5.0)
+    await client.send(encode_request("POST", "/generate_stream", body))
+    status, headers = await client.head()
     assert status == 200, (status, headers)
-    assert headers.get("transfer-encoding", "").lower() == "chunked", headers
-    first = await asyncio.wait_for(read_chunk(reader), 5.0)
+    assert (headers.get("transfer-encoding") or "").lower() == "chunked", headers
+    first = await client.chunk_or_none()
     assert first and b"data:" in first, first
-    return reader, writer
+    return client
 
 
-async def rest(reader: asyncio.StreamReader, timeout: float) -> tuple[bytes, bool]:
-    """The rest of a chunked body, and whether it ended with its last chunk."""
+async def rest(client: RawClient, timeout: float) -> tuple[bytes, bool]:
+    """The rest of a chunked body (each chunk within `timeout`), and whether it ended with
+    its last chunk."""
+    client.timeout = timeout
     parts: list[bytes] = []
-    while True:
-        chunk = await asyncio.wait_for(read_chunk(reader), timeout)
-        if not chunk:
-            return b"".join(parts), chunk == b""
+    while chunk := await client.chunk_or_none():
         parts.append(chunk)
+    return b"".join(parts), chunk == b""
 
 
 def test_ending_a_session_cuts_its_stream_and_only_that(tmp_path: Path) -> None:
     async def main() -> None:
-        async with rig(tmp_path) as r:
+        async with session_worker(tmp_path) as r:
             m = r.backend.metrics
             r.fake.token_delay = 0.05
-            session, auth = await r.open(lifetime=30)
+            session, auth = await open_session(r, lifetime=30)
             prompt = "a long answer in the session please"
-            inside = r.generate_body(session, auth, prompt=prompt, tokens=200)  # 10 s
-            outside = r.generate_body(prompt="short and outside", tokens=24)  # 1.2 s
-            in_reader, in_writer = await open_stream(r, inside)
-            out_reader, out_writer = await open_stream(r, outside)
+            inside = generate_body(r, session, auth, prompt=prompt, tokens=200)  # 10 s
+            outside = generate_body(r, prompt="short and outside", tokens=24)  # 1.2 s
+            in_stream = await open_stream(r, inside)
+            out_stream = await open_stream(r, outside)
             try:
                 cancelled = (m.cancelled.requests, m.cancelled.workload)
                 served = m.served.requests
                 assert m.in_flight.requests == 3
 
                 started = time.monotonic()
-                assert (await r.ask("end", session, auth)).status == 200
-                body, complete = await rest(in_reader, 3.0)
+                assert (await ask(r, "end", session, auth)).status == 200
+                body, complete = await rest(in_stream, 3.0)
                 assert not complete, "the session's stream was cut"
                 assert time.monotonic() - started < 2.0
                 assert body.count(b"data:") < 100, body
 
-                body, complete = await rest(out_reader, 5.0)
+                body, complete = await rest(out_stream, 5.0)
                 assert complete, "the stream outside the session ended with its last chunk"
                 assert body.count(b"data:") == 23, body  # after the first one
             finally:
-                in_writer.close()
-                out_writer.close()
+                await in_stream.close()
+                await out_stream.close()
             await until(lambda: m.in_flight.requests == 0, 3.0, "the streams to settle")
             assert m.cancelled.requests == cancelled[0] + 1
             assert abs(m.cancelled.workload - cancelled[1] - count_tokens(prompt)) < 1e-6
@@ -717,38 +701,40 @@ def test_ending_a_session_cuts_its_stream_and_only_that(tmp_path: Path) -> None:
 
 def test_close_callback_once_at_the_resolved_path(tmp_path: Path) -> None:
     async def main() -> None:
-        async with rig(tmp_path) as r:
-            a, a_auth = await r.open(
-                on_close_route="/hooks/closed", on_close_payload={"n": 1, "deep": {"x": [2]}}
+        async with session_worker(tmp_path) as r:
+            a, a_auth = await open_session(
+                r, on_close_route="/hooks/closed", on_close_payload={"n": 1, "deep": {"x": [2]}}
             )
-            b, b_auth = await r.open(
-                on_close_route=f"{r.fake.url}/hooks/other", on_close_payload={"n": 2}
+            b, b_auth = await open_session(
+                r, on_close_route=f"{r.fake.url}/hooks/other", on_close_payload={"n": 2}
             )
-            c, c_auth = await r.open()  # no callback at all
-            d, d_auth = await r.open(
-                on_close_route="/hooks/closed", on_close_payload={"session_id": "x"}
+            c, c_auth = await open_session(r)  # no callback at all
+            d, d_auth = await open_session(
+                r, on_close_route="/hooks/closed", on_close_payload={"session_id": "x"}
             )
-            e, e_auth = await r.open(on_close_route="/generate", on_close_payload={"prompt": "p"})
+            e, e_auth = await open_session(
+                r, on_close_route="/generate", on_close_payload={"prompt": "p"}
+            )
             for session, auth in ((a, a_auth), (b, b_auth), (c, c_auth), (d, d_auth)):
-                assert (await r.ask("end", session, auth)).status == 200
-            await until(lambda: len(r.fake.hooks) >= 3, 3.0, "three callbacks")
-            assert (await r.ask("end", a, a_auth)).status == 410  # no second callback
-            assert (await r.ask("end", e, e_auth)).status == 200
+                assert (await ask(r, "end", session, auth)).status == 200
+            await until(lambda: len(callbacks(r).hooks) >= 3, 3.0, "three callbacks")
+            assert (await ask(r, "end", a, a_auth)).status == 410  # no second callback
+            assert (await ask(r, "end", e, e_auth)).status == 200
             await until(
                 lambda: any(b.get("session_id") == e for b in r.fake.requests), 3.0, "e's call"
             )
             await asyncio.sleep(0.2)
-            assert r.fake.hooks_for(a) == [
+            assert callbacks(r).hooks_for(a) == [
                 ("/hooks/closed", {"n": 1, "deep": {"x": [2]}, "session_id": a})
             ]
-            assert r.fake.hooks_for(b) == [("/hooks/other", {"n": 2, "session_id": b})]
-            assert r.fake.hooks_for(c) == []
-            assert r.fake.hooks_for(d) == [("/hooks/closed", {"session_id": d})]
-            assert len(r.fake.hooks) == 3
+            assert callbacks(r).hooks_for(b) == [("/hooks/other", {"n": 2, "session_id": b})]
+            assert callbacks(r).hooks_for(c) == []
+            assert callbacks(r).hooks_for(d) == [("/hooks/closed", {"session_id": d})]
+            assert len(callbacks(r).hooks) == 3
             calls = [b for b in r.fake.requests if "session_id" in b]
             assert calls == [{"prompt": "p", "session_id": e}], calls
         # Worker.stop() drained nothing more: each callback ran once.
-        assert len(r.fake.hooks) == 3
+        assert len(callbacks(r).hooks) == 3
 
     run(main())
 
@@ -766,31 +752,31 @@ def test_failing_or_hanging_callback_is_logged_and_the_worker_stays_ready(
         )
 
     async def main() -> None:
-        async with rig(tmp_path) as r:
+        async with session_worker(tmp_path) as r:
             # The model answers 500.
-            r.fake.hook_status = 500
-            session, auth = await r.open(on_close_route="/hooks/closed")
-            assert (await r.ask("end", session, auth)).status == 200
+            callbacks(r).hook_status = 500
+            session, auth = await open_session(r, on_close_route="/hooks/closed")
+            assert (await ask(r, "end", session, auth)).status == 200
             await until(lambda: warned("500"), 3.0, "the failed callback's warning")
             assert r.backend.state is State.READY
-            assert (await r.generate()).status == 200
+            assert (await generate(r)).status == 200
 
             # The model never answers: ending is not held up, and the callback times out.
-            r.fake.hook_status = 200
-            r.fake.hook_hold = asyncio.Event()
-            session, auth = await r.open(on_close_route="/hooks/other")
+            callbacks(r).hook_status = 200
+            callbacks(r).hook_hold = asyncio.Event()
+            session, auth = await open_session(r, on_close_route="/hooks/other")
             started = time.monotonic()
-            assert (await r.ask("end", session, auth)).status == 200
+            assert (await ask(r, "end", session, auth)).status == 200
             assert time.monotonic() - started < 1.0  # not the callback's 2 s
-            await until(lambda: len(r.fake.hooks_for(session)) == 1, 3.0, "the hung callback")
-            assert (await r.generate()).status == 200  # served meanwhile
-            assert (await r.ask("health", session, auth)).json() == {"ok": False}
+            await until(lambda: len(callbacks(r).hooks_for(session)) == 1, 3.0, "the hung callback")
+            assert (await generate(r)).status == 200  # served meanwhile
+            assert (await ask(r, "health", session, auth)).json() == {"ok": False}
             await until(lambda: warned("failed"), 5.0, "the hung callback's warning")
             assert r.backend.state is State.READY
-            assert (await r.generate()).status == 200
+            assert (await generate(r)).status == 200
             assert settled(r.backend)
             assert not r.backend.sessions or not r.backend.sessions.callbacks
-            assert len(r.fake.hooks) == 2
+            assert len(callbacks(r).hooks) == 2
         # nothing raised out of a callback task
         assert not [rec for rec in caplog.records if "never retrieved" in rec.getMessage()]
 
@@ -799,18 +785,18 @@ def test_failing_or_hanging_callback_is_logged_and_the_worker_stays_ready(
 
 def test_stop_drains_open_sessions_and_runs_their_callbacks(tmp_path: Path) -> None:
     async def main() -> None:
-        async with rig(tmp_path) as r:
+        async with session_worker(tmp_path) as r:
             m = r.backend.metrics
-            a, _ = await r.open(cost="3", on_close_route="/hooks/closed")
-            b, _ = await r.open(
-                cost="2", on_close_route="/generate", on_close_payload={"prompt": "z"}
+            a, _ = await open_session(r, cost="3", on_close_route="/hooks/closed")
+            b, _ = await open_session(
+                r, cost="2", on_close_route="/generate", on_close_payload={"prompt": "z"}
             )
-            await r.open(cost="1")
-            ended, ended_auth = await r.open(on_close_route="/hooks/other")
-            assert (await r.ask("end", ended, ended_auth)).status == 200
-            await until(lambda: len(r.fake.hooks) == 1, 3.0, "the ended session's callback")
+            await open_session(r, cost="1")
+            ended, ended_auth = await open_session(r, on_close_route="/hooks/other")
+            assert (await ask(r, "end", ended, ended_auth)).status == 200
+            await until(lambda: len(callbacks(r).hooks) == 1, 3.0, "the ended session's callback")
             assert (m.sessions_open, m.in_flight.requests, m.in_flight.workload) == (3, 3, 6.0)
-            fake, backend = r.fake, r.backend
+            fake, backend = callbacks(r), r.backend
         # started_worker ran Worker.stop(), as SIGTERM does
         assert backend.metrics.sessions_ended == {"ended": 1, "drained": 3}
         assert settled(backend)
@@ -832,15 +818,15 @@ def test_deeply_nested_session_auth_is_refused_not_a_500(tmp_path: Path) -> None
         pytest.skip("this JSON parser refuses such nesting already (422)")
 
     async def main() -> None:
-        async with rig(tmp_path) as r:
-            session, _ = await r.open(lifetime=30)
+        async with session_worker(tmp_path) as r:
+            session, _ = await open_session(r, lifetime=30)
             body = f'{{"session_id": {json.dumps(session)}, "session_auth": {{"x": {deep}}}}}'
             for what in ("get", "health", "end"):
-                reply = await raw_post(r.port, f"/session/{what}", body.encode())
+                reply = await r.request("POST", f"/session/{what}", body.encode())
                 assert reply.status == 401, (what, reply)
-            ticket = json.dumps(r.auth())[:-1] + f', "x": {deep}}}'
+            ticket = json.dumps(fresh_auth(r))[:-1] + f', "x": {deep}}}'
             body = f'{{"auth_data": {ticket}, "payload": {{"lifetime": 30}}}}'
-            reply = await raw_post(r.port, "/session/create", body.encode())
+            reply = await r.request("POST", "/session/create", body.encode())
             assert reply.status < 500, reply
 
     run(main())
@@ -851,10 +837,10 @@ def test_deeply_nested_session_auth_is_refused_not_a_500(tmp_path: Path) -> None
 
 def test_metrics_show_sessions_open_and_ended_by_cause(tmp_path: Path) -> None:
     async def main() -> None:
-        async with rig(tmp_path, session_gc_interval=0.05) as r:
+        async with session_worker(tmp_path, session_gc_interval=0.05) as r:
 
             async def samples() -> dict[str, float]:
-                reply = await request(r.port, "GET", "/metrics")
+                reply = await r.request("GET", "/metrics")
                 assert reply.status == 200, reply
                 lines = reply.body.decode().splitlines()
                 pairs = [ln.rsplit(" ", 1) for ln in lines if ln.startswith("pyworker_sessions")]
@@ -862,13 +848,13 @@ def test_metrics_show_sessions_open_and_ended_by_cause(tmp_path: Path) -> None:
 
             before = await samples()
             assert before["pyworker_sessions_open"] == 0, before
-            a, a_auth = await r.open(lifetime=30)
-            await r.open(lifetime=30)
-            await r.open(lifetime=0.1)
+            a, a_auth = await open_session(r, lifetime=30)
+            await open_session(r, lifetime=30)
+            await open_session(r, lifetime=0.1)
             opened = await samples()
             assert opened["pyworker_sessions_open"] == 3, opened
             await until(lambda: r.backend.metrics.sessions_open == 2, 3.0, "an expiry")
-            assert (await r.ask("end", a, a_auth)).status == 200
+            assert (await ask(r, "end", a, a_auth)).status == 200
             after = await samples()
             assert after["pyworker_sessions_open"] == 1, after
             assert after['pyworker_sessions_ended_total{cause="ended"}'] == 1, after
@@ -915,34 +901,34 @@ def test_tls_worker_serves_session_end_in_plain_http_and_nothing_else(tmp_path: 
 
     async def main() -> None:
         tls: dict[str, Any] = {"use_ssl": True, "ssl_cert": str(cert), "ssl_key": str(key)}
-        async with rig(tmp_path, **tls) as r:
+        async with session_worker(tmp_path, **tls) as r:
             plain = r.worker.plain_port
             assert plain is not None and plain != r.port
             forwarded = len(r.fake.requests)
-            session, auth = await r.open(lifetime=30, on_close_route="/hooks/closed")
-            assert (await r.generate(session, auth)).status == 200  # over TLS
+            session, auth = await open_session(r, lifetime=30, on_close_route="/hooks/closed")
+            assert (await generate(r, session, auth)).status == 200  # over TLS
 
             async def end(session_id: str, session_auth: Any) -> Reply:
                 body = {"session_id": session_id, "session_auth": session_auth}
                 return await request(plain, "POST", "/session/end", body)
 
-            assert (await end(session, r.auth())).status == 401
+            assert (await end(session, fresh_auth(r))).status == 401
             assert (await end("unknown", auth)).status == 400
-            assert (await raw_post(plain, "/session/end", b"{bad")).status == 422
+            assert (await request(plain, "POST", "/session/end", b"{bad")).status == 422
             ended = await end(session, auth)
             assert ended.status == 200, ended
             assert ended.json() == {"ended": True, "removed_session": session}
             assert (await end(session, auth)).status == 410
-            await until(lambda: len(r.fake.hooks_for(session)) == 1, 3.0, "the callback")
+            await until(lambda: len(callbacks(r).hooks_for(session)) == 1, 3.0, "the callback")
             # the TLS port knows it ended
-            assert (await r.ask("health", session, auth)).json() == {"ok": False}
+            assert (await ask(r, "health", session, auth)).json() == {"ok": False}
 
             # anything else on the plain port: 404
             for method, path, body in (
-                ("POST", "/session/create", {"auth_data": r.auth(), "payload": {}}),
+                ("POST", "/session/create", {"auth_data": fresh_auth(r), "payload": {}}),
                 ("POST", "/session/get", {"session_id": session, "session_auth": auth}),
                 ("POST", "/session/health", {"session_id": session, "session_auth": auth}),
-                ("POST", "/generate", r.generate_body()),
+                ("POST", "/generate", generate_body(r)),
                 ("GET", "/ping", None),
                 ("GET", "/metrics", None),
                 ("GET", "/healthcheck", None),

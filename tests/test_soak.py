@@ -22,8 +22,10 @@ from support import (
     RawClient,
     Rig,
     Runner,
+    encode_request,
     fetch,
     loaded_model_log,
+    raw_client,
     worker_rig,
 )
 
@@ -218,35 +220,38 @@ def test_soak_sessions_leave_nothing_behind(tmp_path: Path) -> None:
     memory after the last 900 stay within a small bound of what they were after the first
     100; the bookkeeping balances; no session is left open; and once the worker has
     stopped, no task of its is left."""
-    from support import encode_request, read_chunk, read_head
-
     sessions, warmup, concurrency = 1000, 100, 8
     expire_every, cut_every = 25, 50  # left to expire; ended under a stream in flight
 
     async def main() -> dict[str, Any]:
         mine = set(asyncio.all_tasks())  # the test's own (Runner's wait_for)
-        fake = await FakeModel(tokens=400, token_delay=0.002).start()
         loaded_model_log(tmp_path)
-        backend = pyworker.Backend(
-            fake.url,
-            None,
-            True,
-            FastGenerateHandler(),
-            [(pyworker.LogAction.ModelLoaded, FakeModel.LOADED_LINE)],
-            max_sessions=64,
-        )
-        routes = hello_world_routes(backend, FastGenerateHandler())
-        config = worker_config(
+        async with worker_rig(
             tmp_path,
-            fake.url,
-            ["http://127.0.0.1:9"],  # nothing listens: reports fail, quietly
+            fake=FakeModel(tokens=400, token_delay=0.002),
+            report_addrs=[UNUSED_URL],  # nothing listens: reports fail, quietly
+            log_actions=[(pyworker.LogAction.ModelLoaded, FakeModel.LOADED_LINE)],
+            max_sessions=64,
+            ready=False,  # waited for below, under tracemalloc
             unsecured=True,
             report_check_interval=60.0,
             report_max_interval=60.0,
             log_poll_interval=0.05,
             session_gc_interval=0.05,
-        )
-        worker = await pyworker.start_server(backend, routes, config, port=0)
+        ) as rig:
+            result = await soak(rig)
+        # Nothing of the worker's (or the fake model's) is left running.
+        for _ in range(100):
+            left = asyncio.all_tasks() - mine
+            if not left:
+                break
+            await asyncio.sleep(0.02)
+        result["tasks_left"] = [repr(t) for t in asyncio.all_tasks() - mine]
+        result["drained"] = rig.backend.metrics.sessions_ended["drained"]
+        return result
+
+    async def soak(rig: Rig) -> dict[str, Any]:
+        backend, worker, fake = rig.backend, rig.worker, rig.fake
         clients: list[pyworker.HttpClient] = []  # the current phase's, closed at its end
         outcomes: dict[str, int] = {}
 
@@ -265,20 +270,17 @@ def test_soak_sessions_leave_nothing_behind(tmp_path: Path) -> None:
                 "session_id": session_id,
                 "payload": {"prompt": "cut me off", "max_response_tokens": 400},
             }
-            reader, writer = await asyncio.open_connection("127.0.0.1", worker.port)
-            try:
-                writer.write(encode_request("POST", "/generate_stream", body))
-                status, _ = await asyncio.wait_for(read_head(reader), 5)
-                first = await asyncio.wait_for(read_chunk(reader), 5)
+            async with raw_client(worker.port, timeout=5) as client:
+                await client.send(encode_request("POST", "/generate_stream", body))
+                status, _ = await client.head()
+                first = await client.chunk_or_none()
                 ask = {"session_id": session_id, "session_auth": auth}
                 ended, _ = await post("/session/end", ask)
-                while (chunk := await asyncio.wait_for(read_chunk(reader), 5)) is not None:
+                while (chunk := await client.chunk_or_none()) is not None:
                     if chunk == b"":
                         break
                 ok = status == 200 and bool(first) and ended == 200 and chunk is None
                 count("cut" if ok else f"bad cut {status} {ended} {chunk!r}")
-            finally:
-                writer.close()
 
         async def one(i: int) -> None:
             auth = {"cost": "3", "reqnum": i}
@@ -354,13 +356,13 @@ def test_soak_sessions_leave_nothing_behind(tmp_path: Path) -> None:
 
         tracemalloc.start()
         try:
-            await wait_ready(backend, 10.0, interval=0.025)
+            await rig.wait_ready()
             started = time.monotonic()
             base = await phase(0, warmup)
             after = await phase(warmup, sessions)
             elapsed = time.monotonic() - started
             metrics = backend.metrics
-            result: dict[str, Any] = {
+            return {
                 "base": base,
                 "after": after,
                 "outcomes": outcomes,
@@ -377,17 +379,6 @@ def test_soak_sessions_leave_nothing_behind(tmp_path: Path) -> None:
             tracemalloc.stop()
             for client in clients:
                 await client.close()
-            await worker.stop(grace=1)
-            await fake.stop()
-        # Nothing of the worker's (or the fake model's) is left running.
-        for _ in range(100):
-            left = asyncio.all_tasks() - mine
-            if not left:
-                break
-            await asyncio.sleep(0.02)
-        result["tasks_left"] = [repr(t) for t in asyncio.all_tasks() - mine]
-        result["drained"] = backend.metrics.sessions_ended["drained"]
-        return result
 
     quiet = logging.getLogger("pyworker")  # cut streams log warnings; pytest keeps them all
     level = quiet.level
