@@ -237,6 +237,8 @@ BENCHMARK_TIMEOUT = 600.0  # seconds one benchmark request may take
 MAX_SESSION_LIFETIME = 24 * 3600.0  # a session's lifetime, and how far requests extend it
 SESSION_GC_INTERVAL = 5.0  # seconds between collections of expired sessions
 SESSION_CALLBACK_TIMEOUT = 10.0  # seconds a session's close callback to the model may take
+FINAL_REPORT_TIMEOUT = 3.0  # seconds the last reports at shutdown may take (a stalled autoscaler)
+COMPLETION_INTERVAL = 1.0  # seconds between completion report batches, at least
 REPORT_ATTEMPTS = 3  # tries per load report and address, backoff Config.report_backoff (0.5 s)
 LOG_FLUSH_INTERVAL = 0.5  # seconds an INFO line may wait in the log buffer
 LOG_FLUSH_LINES = 512  # ... or this many lines
@@ -3222,6 +3224,7 @@ class PlatformReporter:
         self._disk = _disk_used()
         self._snapshot: tuple[Any, ...] = ()
         self._failing = ""
+        self._arrived = asyncio.Event()  # completion entries are waiting
         log.info(
             "load reports in format %s to %s (mtoken %s)",
             self.VERSION,
@@ -3232,6 +3235,7 @@ class PlatformReporter:
     def completed(self, entry: dict[str, Any]) -> None:
         """Queue one finished request's completion entry."""
         self.pending.append(entry)
+        self._arrived.set()
         if len(self.pending) > self.MAX_PENDING:
             self.pending.popleft()
             self.dropped += 1
@@ -3328,21 +3332,30 @@ class PlatformReporter:
         return False
 
     async def run(self) -> None:
-        """Every check interval: completion reports when any are pending; a load report when
-        something changed (once ready: before, only the state), else every max interval."""
-        last_completions = 0.0
+        """Every check interval, a load report when something changed (once ready; before,
+        only the state), else every max interval."""
         while True:
             await asyncio.sleep(self.config.report_check_interval)
             now = time.monotonic()
-            if self.pending and now - last_completions >= 1.0:
-                last_completions = now
-                await self.send_completions()
             due = now - self._since >= self.config.report_max_interval
             state = self._state()
             ready = self.lifecycle.state in (State.READY, State.ERRORED)
             changed = state != self._snapshot if ready else state[3:] != self._snapshot[3:]
             if due or changed:
                 await self.send_report()
+
+    async def run_completions(self) -> None:
+        """Completion entries go out as they come, in batches at most every second (and,
+        while no address accepts them, again every second)."""
+        while True:
+            await self._arrived.wait()
+            self._arrived.clear()
+            started = time.monotonic()
+            if self.pending:
+                await self.send_completions()
+            await asyncio.sleep(max(COMPLETION_INTERVAL - (time.monotonic() - started), 0.0))
+            if self.pending:
+                self._arrived.set()
 
     async def close(self) -> None:
         for client in self.clients:
@@ -4117,6 +4130,7 @@ class Backend:
             self.reporter = PlatformReporter(config, self.metrics, self.lifecycle)
             self.completions = self.reporter.completed
             self.tasks.spawn(self.reporter.run())
+            self.tasks.spawn(self.reporter.run_completions())
         else:
             self.reporter = LoadReporter(config, self.metrics, self.lifecycle)
             for target in self.reporter.targets:
@@ -4187,12 +4201,12 @@ class Backend:
         await self.sessions.drain()
         await self.tasks.stop()
         reporter = self.reporter
-        if reporter is not None:
+        if reporter is not None:  # the last word: nothing in flight any more
+            last = [reporter.send_report()]
+            if isinstance(reporter, PlatformReporter) and reporter.pending:
+                last.append(reporter.send_completions())
             with contextlib.suppress(Exception):
-                timeout = self.config.report_timeout + 1
-                await asyncio.wait_for(reporter.send_report(), timeout)
-                if isinstance(reporter, PlatformReporter) and reporter.pending:
-                    await asyncio.wait_for(reporter.send_completions(), timeout)
+                await asyncio.wait_for(asyncio.gather(*last), FINAL_REPORT_TIMEOUT)
             await reporter.close()
         if self._client is not None:
             await self._client.close()
