@@ -2518,6 +2518,11 @@ class Lifecycle:
         self.needs_health = False
         self.healthy = False  # the model's health endpoint answered 200 at least once
         self._benchmarked = False
+        self.changed: list[Callable[[], None]] = []  # told when the state changes
+
+    def _tell(self) -> None:
+        for listener in self.changed:
+            listener()
 
     def model_loaded(self) -> bool:
         """Loading -> benchmarking; False when the worker was not loading (a repeated line)."""
@@ -2525,6 +2530,7 @@ class Lifecycle:
             return False
         self.state = State.BENCHMARKING
         self.loaded_at = time.monotonic()
+        self._tell()
         return True
 
     def benchmarked(self, max_perf: float) -> None:
@@ -2545,12 +2551,14 @@ class Lifecycle:
             self.state = State.READY
             self.loadtime = time.monotonic() - self.started_at
             log.info("worker ready after %.1fs (max_perf=%.2f)", self.loadtime, self.max_perf)
+            self._tell()
 
     def errored(self, message: str) -> None:
         if self.state is not State.ERRORED:
             log.error("worker errored: %s", message)
             self.state = State.ERRORED
             self.error_msg = message
+            self._tell()
 
 
 class BackgroundTasks:
@@ -3074,6 +3082,14 @@ class HealthCheck:
 # Backend parts: load reports #####################################################################
 
 
+async def _nap(wake: asyncio.Event, seconds: float) -> None:
+    """Sleep `seconds`, or less if `wake` is set (a reporter told of a state change: the
+    autoscaler learns at once that the worker is ready, not up to a second later)."""
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(wake.wait(), seconds)
+    wake.clear()
+
+
 def _disk_used() -> int:
     """Bytes used on the working directory's filesystem (shutil.disk_usage's figure, without
     importing shutil: with the compression modules it pulls in, half a megabyte of RSS)."""
@@ -3095,7 +3111,9 @@ class ReportTarget:
     finished: int = 0
     disk_used: int = dataclasses.field(default_factory=_disk_used)
     loadtime_sent: bool = False
+    error_msg: str = ""  # the error_msg it was last told
     failing: bool = False
+    wake: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # a state change
     warned: float = 0.0
 
 
@@ -3109,6 +3127,7 @@ class LoadReporter:
         self.lifecycle = lifecycle
         self.targets = [ReportTarget(HttpClient(a, max_idle=2)) for a in config.report_addrs]
         self.clients = [t.client for t in self.targets]
+        lifecycle.changed.append(self._state_changed)
         log.info("load reports in format 2024 to %s", ", ".join(config.report_addrs))
 
     def report_body(self, target: ReportTarget) -> dict[str, Any]:
@@ -3177,16 +3196,22 @@ class LoadReporter:
         target.since, target.load_total, target.served_total = now, load, served
         target.finished, target.disk_used = finished, disk
         target.loadtime_sent = target.loadtime_sent or bool(body_obj["loadtime"])
+        target.error_msg = body_obj["error_msg"]
         return True
+
+    def _state_changed(self) -> None:
+        for target in self.targets:
+            target.wake.set()
 
     async def run(self, target: ReportTarget) -> None:
         """Report to one autoscaler when something changed, else every report_max_interval."""
         while True:
-            await asyncio.sleep(self.config.report_check_interval)
+            await _nap(target.wake, self.config.report_check_interval)
             due = time.monotonic() - target.since >= self.config.report_max_interval
             news = self.metrics.finished > target.finished
             new_loadtime = self.lifecycle.loadtime is not None and not target.loadtime_sent
-            if due or news or new_loadtime:
+            new_error = self.lifecycle.error_msg != target.error_msg
+            if due or news or new_loadtime or new_error:
                 await self.report_to(target)
 
     async def close(self) -> None:
@@ -3225,6 +3250,8 @@ class PlatformReporter:
         self._snapshot: tuple[Any, ...] = ()
         self._failing = ""
         self._arrived = asyncio.Event()  # completion entries are waiting
+        self._wake = asyncio.Event()
+        lifecycle.changed.append(self._wake.set)
         log.info(
             "load reports in format %s to %s (mtoken %s)",
             self.VERSION,
@@ -3335,7 +3362,7 @@ class PlatformReporter:
         """Every check interval, a load report when something changed (once ready; before,
         only the state), else every max interval."""
         while True:
-            await asyncio.sleep(self.config.report_check_interval)
+            await _nap(self._wake, self.config.report_check_interval)
             now = time.monotonic()
             due = now - self._since >= self.config.report_max_interval
             state = self._state()

@@ -131,6 +131,55 @@ def signing_key() -> RsaPrivateKey:
     return load_private_key("test_key.pem")
 
 
+def self_signed_cert(directory: Path) -> tuple[Path, Path]:
+    """A certificate and key for 127.0.0.1 made by the openssl command (tests needing it skip
+    where it is missing)."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return cert, key
+
+
+# The seed's load report (SPEC section 7): exactly these fields
+SEED_REPORT_FIELDS = frozenset(
+    {
+        "id",
+        "loadtime",
+        "cur_load",
+        "error_msg",
+        "max_perf",
+        "cur_perf",
+        "cur_capacity",
+        "max_capacity",
+        "num_requests_working",
+        "num_requests_recieved",
+        "additional_disk_usage",
+        "url",
+    }
+)
+
+
 # The worker in-process: the rig ##################################################################
 
 REPORT_BACKOFF = 0.01  # the rig's Config.report_backoff: a last load report to an autoscaler

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 from support import (
     MODEL_ERROR,
+    SEED_REPORT_FIELDS,
     RawClient,
     Rig,
     Runner,
@@ -46,20 +47,6 @@ from test_load import FakeModel, LocalAutoscaler
 
 LOADED = FakeModel.LOADED_LINE
 ERROR_TEXT = MODEL_ERROR
-REPORT_FIELDS = {
-    "id",
-    "loadtime",
-    "cur_load",
-    "error_msg",
-    "max_perf",
-    "cur_perf",
-    "cur_capacity",
-    "max_capacity",
-    "num_requests_working",
-    "num_requests_recieved",
-    "additional_disk_usage",
-    "url",
-}
 
 
 run = Runner(timeout=30.0)
@@ -514,7 +501,7 @@ def test_report_fields_and_types(tmp_path: Path) -> None:
             await until(lambda: len(rig.reports) >= 2, 3, "two load reports")
         assert rig.autoscaler is not None
         for report in rig.autoscaler.reports:
-            assert set(report) == REPORT_FIELDS
+            assert set(report) == SEED_REPORT_FIELDS
             assert type(report["id"]) is int and report["id"] == 42
             for name in ("loadtime", "cur_load", "max_perf", "cur_perf", "additional_disk_usage"):
                 assert type(report[name]) in (int, float), name

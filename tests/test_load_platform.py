@@ -23,7 +23,14 @@ from pyworker import HttpServer, Request, Response, error_response, json_respons
 from test_load import LoadOptions, LoadResult, LoadTester, LocalAutoscaler
 
 run = Runner(60.0)
-FAST_MODEL = ["--model-load-time", "0.2", "--model-token-delay", "0.002"]
+FAST_MODEL = [
+    "--model-load-time",
+    "0.2",
+    "--model-token-delay",
+    "0.002",
+    "--model-first-token-delay",
+    "0",
+]
 FAST_LOCAL = ["-n", "12", "-rps", "40", "-q", *FAST_MODEL]
 
 

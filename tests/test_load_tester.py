@@ -639,7 +639,14 @@ def test_fake_model_realistic_pacing() -> None:
 
 # --local, end to end #############################################################################
 
-FAST_MODEL = ["--model-load-time", "0.2", "--model-token-delay", "0.002"]
+FAST_MODEL = [
+    "--model-load-time",
+    "0.2",
+    "--model-token-delay",
+    "0.002",
+    "--model-first-token-delay",
+    "0",
+]
 
 
 def alive(pid: int) -> bool:

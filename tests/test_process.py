@@ -32,6 +32,7 @@ from support import (
     free_port,
     generate,
     request,
+    self_signed_cert,
     signing_key,
     spawned_worker,
     unsecured_vars,
@@ -366,37 +367,9 @@ def test_sigterm_stops_accepting_new_connections(tmp_path: Path) -> None:
     run(main())
 
 
-def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    return cert, key
-
-
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
 def test_tls_ping(tmp_path: Path) -> None:
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed_cert(tmp_path)
 
     async def main() -> None:
         context = ssl.create_default_context(cafile=str(cert))

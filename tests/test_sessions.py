@@ -16,7 +16,6 @@ import json
 import logging
 import shutil
 import string
-import subprocess
 import time
 import typing
 from contextlib import AbstractAsyncContextManager
@@ -33,6 +32,7 @@ from support import (
     encode_request,
     loaded_model_log,
     request,
+    self_signed_cert,
     signed_auth,
     signing_key,
     until,
@@ -867,37 +867,9 @@ def test_metrics_show_sessions_open_and_ended_by_cause(tmp_path: Path) -> None:
 # 7. TLS: /session/end in plain HTTP beside it ####################################################
 
 
-def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    return cert, key
-
-
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
 def test_tls_worker_serves_session_end_in_plain_http_and_nothing_else(tmp_path: Path) -> None:
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed_cert(tmp_path)
 
     async def main() -> None:
         tls: dict[str, Any] = {"use_ssl": True, "ssl_cert": str(cert), "ssl_key": str(key)}
