@@ -1950,6 +1950,9 @@ class RsaPublicKey:
         return b"\x00\x01" + b"\xff" * (self.size - len(digest) - 3) + b"\x00" + digest
 
 
+REPLAY_REASONS = frozenset({"stale reqnum", "replayed request"})  # a valid signature, reused
+
+
 class ReplayGuard:
     """Refuses a reqnum more than WINDOW below the highest accepted, and any message identical
     to one of the last WINDOW accepted. Memory is bounded; look-ups are O(1)."""
@@ -2108,9 +2111,11 @@ def peek_auth(msg: dict[str, Any]) -> tuple[int | None, float]:
     idx, cost = fields.get("request_idx"), fields.get("cost")
     workload = 0.0
     if isinstance(cost, (int, float, str)) and not isinstance(cost, bool):
-        with contextlib.suppress(ValueError):
+        with contextlib.suppress(ValueError, OverflowError):  # float(10**400) overflows
             workload = float(cost)
-    return (idx if type(idx) is int else None), (workload if math.isfinite(workload) else 0.0)
+    if not (math.isfinite(workload) and workload > 0):  # claimed, not proven: never negative
+        workload = 0.0
+    return (idx if type(idx) is int else None), workload
 
 
 def parse_client_request(
@@ -2163,6 +2168,108 @@ def parse_client_request(
 # Handler base classes ############################################################################
 
 P = TypeVar("P", bound=ApiPayload)
+
+
+class Multipart:
+    """A multipart/form-data body (RFC 7578): text fields, and files as
+    (field name, file name, content type, bytes). encode() gives the Content-Type and body."""
+
+    def __init__(
+        self,
+        fields: Mapping[str, str] | None = None,
+        files: Sequence[tuple[str, str, str, bytes]] = (),
+    ) -> None:
+        self.fields = dict(fields or {})
+        self.files = list(files)
+
+    @staticmethod
+    def _quoted(text: str) -> str:
+        # RFC 7578 4.2 and the HTML form encoding: a quoted name; CR, LF and " escaped.
+        return '"' + text.replace("\r", "%0D").replace("\n", "%0A").replace('"', "%22") + '"'
+
+    def encode(self) -> tuple[str, bytes]:
+        parts: list[tuple[bytes, bytes]] = []
+        for name, value in self.fields.items():
+            head = f"Content-Disposition: form-data; name={self._quoted(name)}\r\n"
+            parts.append((head.encode("utf-8"), value.encode("utf-8")))
+        for name, filename, content_type, data in self.files:
+            if "\r" in content_type or "\n" in content_type:
+                raise ValueError(f"CR or LF in the content type of file {filename!r}")
+            head = (
+                f"Content-Disposition: form-data; name={self._quoted(name)}; "
+                f"filename={self._quoted(filename)}\r\nContent-Type: {content_type}\r\n"
+            )
+            parts.append((head.encode("utf-8"), data))
+        boundary = secrets.token_hex(16).encode()
+        while any(boundary in data for _, data in parts):  # 2**-128 odds, but checked
+            boundary = secrets.token_hex(16).encode()
+        body = b"".join(b"--%s\r\n%s\r\n%s\r\n" % (boundary, head, data) for head, data in parts)
+        body += b"--%s--\r\n" % boundary
+        return f"multipart/form-data; boundary={boundary.decode()}", body
+
+
+def model_request_body(body: dict[str, Any] | Multipart) -> tuple[str, bytes]:
+    """(Content-Type, bytes) of what a handler's model_body() returned."""
+    if isinstance(body, Multipart):
+        return body.encode()
+    return "application/json", json_dumps(body)
+
+
+def _upstream_message(exc: BaseException) -> str:
+    """What a client is told when the model fails; the details (addresses) go to the log."""
+    if isinstance(exc, UpstreamTimeout):
+        return "the model server did not answer in time"
+    if isinstance(exc, UpstreamError):
+        return "the model server failed"
+    return "internal error"
+
+
+class _ToClient:
+    """The boundary between the model and the client: a model stream's failure becomes an
+    HttpError, which the server answers (502, 504) if nothing was sent yet, else cuts.
+    (Backend's accounting wraps the model's chunks itself and does the same.)"""
+
+    __slots__ = ("chunks",)
+
+    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
+        self.chunks = chunks
+
+    def __aiter__(self) -> _ToClient:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await self.chunks.__anext__()
+        except UpstreamError as exc:
+            raise HttpError(exc.status, _upstream_message(exc)) from exc
+
+    async def aclose(self) -> None:
+        aclose = getattr(self.chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+async def relay_json(model_response: ClientResponse) -> Response:
+    """The model's answer read whole: its status, content type and body."""
+    body = await model_response.read()
+    return Response(model_response.status, body, content_type=model_response.content_type)
+
+
+async def relay_stream(model_response: ClientResponse) -> Response:
+    """The model's body relayed chunk by chunk as it arrives (chunked / SSE streams)."""
+    return Response(
+        model_response.status,
+        content_type=model_response.content_type,
+        stream=_ToClient(model_response.iter_chunks()),
+    )
+
+
+async def relay(model_response: ClientResponse) -> Response:
+    """The model's answer as it is: streamed chunk by chunk when the model streams (chunked,
+    text/event-stream, application/x-ndjson), else read whole and sent with its length."""
+    if model_response.streaming:
+        return await relay_stream(model_response)
+    return await relay_json(model_response)
 
 
 class EndpointHandler(abc.ABC, Generic[P]):
@@ -2231,51 +2338,6 @@ class EndpointHandler(abc.ABC, Generic[P]):
         return await relay(model_response)
 
 
-class Multipart:
-    """A multipart/form-data body (RFC 7578): text fields, and files as
-    (field name, file name, content type, bytes). encode() gives the Content-Type and body."""
-
-    def __init__(
-        self,
-        fields: Mapping[str, str] | None = None,
-        files: Sequence[tuple[str, str, str, bytes]] = (),
-    ) -> None:
-        self.fields = dict(fields or {})
-        self.files = list(files)
-
-    @staticmethod
-    def _quoted(text: str) -> str:
-        # RFC 7578 4.2 and the HTML form encoding: a quoted name; CR, LF and " escaped.
-        return '"' + text.replace("\r", "%0D").replace("\n", "%0A").replace('"', "%22") + '"'
-
-    def encode(self) -> tuple[str, bytes]:
-        parts: list[tuple[bytes, bytes]] = []
-        for name, value in self.fields.items():
-            head = f"Content-Disposition: form-data; name={self._quoted(name)}\r\n"
-            parts.append((head.encode("utf-8"), value.encode("utf-8")))
-        for name, filename, content_type, data in self.files:
-            if "\r" in content_type or "\n" in content_type:
-                raise ValueError(f"CR or LF in the content type of file {filename!r}")
-            head = (
-                f"Content-Disposition: form-data; name={self._quoted(name)}; "
-                f"filename={self._quoted(filename)}\r\nContent-Type: {content_type}\r\n"
-            )
-            parts.append((head.encode("utf-8"), data))
-        boundary = secrets.token_hex(16).encode()
-        while any(boundary in data for _, data in parts):  # 2**-128 odds, but checked
-            boundary = secrets.token_hex(16).encode()
-        body = b"".join(b"--%s\r\n%s\r\n%s\r\n" % (boundary, head, data) for head, data in parts)
-        body += b"--%s--\r\n" % boundary
-        return f"multipart/form-data; boundary={boundary.decode()}", body
-
-
-def model_request_body(body: dict[str, Any] | Multipart) -> tuple[str, bytes]:
-    """(Content-Type, bytes) of what a handler's model_body() returned."""
-    if isinstance(body, Multipart):
-        return body.encode()
-    return "application/json", json_dumps(body)
-
-
 def _endpoint_of(handler: EndpointHandler[Any]) -> str:
     """A handler's model path, whichever form declares it (a string, or a property)."""
     endpoint = getattr(handler, "endpoint", None)
@@ -2283,52 +2345,6 @@ def _endpoint_of(handler: EndpointHandler[Any]) -> str:
         name = type(handler).__name__
         raise TypeError(f'{name}.endpoint must be a path such as "/generate", not {endpoint!r}')
     return endpoint
-
-
-def _upstream_message(exc: BaseException) -> str:
-    """What a client is told when the model fails; the details (addresses) go to the log."""
-    if isinstance(exc, UpstreamTimeout):
-        return "the model server did not answer in time"
-    if isinstance(exc, UpstreamError):
-        return "the model server failed"
-    return "internal error"
-
-
-async def relay(model_response: ClientResponse) -> Response:
-    """The model's answer as it is: streamed chunk by chunk when the model streams (chunked,
-    text/event-stream, application/x-ndjson), else read whole and sent with its length."""
-    if model_response.streaming:
-        return await relay_stream(model_response)
-    return await relay_json(model_response)
-
-
-async def relay_json(model_response: ClientResponse) -> Response:
-    """The model's answer read whole: its status, content type and body."""
-    body = await model_response.read()
-    return Response(model_response.status, body, content_type=model_response.content_type)
-
-
-async def relay_stream(model_response: ClientResponse) -> Response:
-    """The model's body relayed chunk by chunk as it arrives (chunked / SSE streams)."""
-    return Response(
-        model_response.status,
-        content_type=model_response.content_type,
-        stream=_told_to_client(model_response.iter_chunks()),
-    )
-
-
-async def _told_to_client(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """The boundary between the model and the client: a model stream's failure becomes an
-    HttpError, which the server answers (502, 504) if nothing was sent yet, else cuts."""
-    try:
-        async for data in chunks:
-            yield data
-    except UpstreamError as exc:
-        raise HttpError(exc.status, _upstream_message(exc)) from exc
-    finally:
-        aclose = getattr(chunks, "aclose", None)
-        if aclose is not None:
-            await aclose()
 
 
 class LogAction(enum.Enum):
@@ -2383,7 +2399,7 @@ class Config:
     benchmark_cache: str | None = ".has_benchmark"  # BENCHMARK_CACHE; None ("off"): no cache
     report_check_interval: float = 1.0  # how often a report is considered
     report_max_interval: float = 10.0  # a report goes out at least this often
-    report_timeout: float = 5.0
+    report_timeout: float = 10.0  # SPEC 11.3: timeout 10 s, 3 tries
     report_backoff: float = 0.5  # seconds before a failed report's second try; doubled after
     healthcheck_interval: float = 10.0
     log_poll_interval: float = 0.2
@@ -3028,7 +3044,7 @@ class HealthCheck:
     ) -> None:
         self.endpoint = endpoint
         self.path = endpoint
-        self.client = client
+        self.client = self._model = client
         if not endpoint.startswith("/"):  # a URL of its own
             self.client = HttpClient(endpoint, max_idle=1)
             self.path = "" if self.client.prefix else "/"
@@ -3037,6 +3053,10 @@ class HealthCheck:
         self.start_timeout = start_timeout
         self.max_failures = max_failures
         self.on_first_ok = on_first_ok
+
+    async def close(self) -> None:
+        if self.client is not self._model:  # a URL of its own: its own connections
+            await self.client.close()
 
     async def ask(self) -> Response:
         """The model's health answer as it is (the worker's /healthcheck route)."""
@@ -3090,11 +3110,11 @@ async def _nap(wake: asyncio.Event, seconds: float) -> None:
     wake.clear()
 
 
-def _disk_used() -> int:
-    """Bytes used on the working directory's filesystem (shutil.disk_usage's figure, without
-    importing shutil: with the compression modules it pulls in, half a megabyte of RSS)."""
+def _disk_used(path: str = ".") -> int:
+    """Bytes used on the filesystem of `path` (shutil.disk_usage's figure, without importing
+    shutil: with the compression modules it pulls in, half a megabyte of RSS)."""
     try:
-        st = os.statvfs(".")
+        st = os.statvfs(path)
     except OSError:
         return 0
     return (st.f_blocks - st.f_bfree) * st.f_frsize
@@ -3130,11 +3150,12 @@ class LoadReporter:
         lifecycle.changed.append(self._state_changed)
         log.info("load reports in format 2024 to %s", ", ".join(config.report_addrs))
 
-    def report_body(self, target: ReportTarget) -> dict[str, Any]:
+    def report_body(self, target: ReportTarget, disk: int | None = None) -> dict[str, Any]:
         """The load report for one autoscaler (SPEC section 7), fields spelled as it expects.
 
         Rates are over the time since the last report that autoscaler accepted.
         """
+        disk = _disk_used() if disk is None else disk
         m = self.metrics
         life = self.lifecycle
         elapsed = max(time.monotonic() - target.since, 1e-6)
@@ -3151,7 +3172,7 @@ class LoadReporter:
             "max_capacity": 0,
             "num_requests_working": m.in_flight.requests,
             "num_requests_recieved": m.received.requests,  # sic: the wire name
-            "additional_disk_usage": max(_disk_used() - target.disk_used, 0) / 1e9,
+            "additional_disk_usage": max(disk - target.disk_used, 0) / 1e9,
             "url": self.config.public_url,
         }
 
@@ -3166,7 +3187,7 @@ class LoadReporter:
         m = self.metrics
         now, load, served, finished = time.monotonic(), m.load_total, m.served.workload, m.finished
         disk = _disk_used()
-        body_obj = self.report_body(target)
+        body_obj = self.report_body(target, disk)
         body = json_dumps(body_obj)
         delay = self.config.report_backoff
         why = ""
@@ -3235,6 +3256,7 @@ class PlatformReporter:
 
     VERSION = "1.1.0"
     MAX_PENDING = 10_000
+    REMEMBERED = 100_000  # request_idx already reported, to report each once
     COMPLETIONS_SKIP = "https://cloud.vast.ai/api/v0"  # takes load reports only (SPEC 11.4)
 
     def __init__(self, config: Config, metrics: Metrics, lifecycle: Lifecycle) -> None:
@@ -3246,10 +3268,11 @@ class PlatformReporter:
         self.dropped = 0
         self._since = time.monotonic()  # the last accepted report: its time and amounts
         self._load = self._refused = self._served = 0.0
-        self._disk = _disk_used()
+        self._disk = _disk_used("/")  # SPEC 11.3: GB used on /
         self._snapshot: tuple[Any, ...] = ()
         self._failing = ""
         self._arrived = asyncio.Event()  # completion entries are waiting
+        self._reported: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._wake = asyncio.Event()
         lifecycle.changed.append(self._wake.set)
         log.info(
@@ -3260,7 +3283,14 @@ class PlatformReporter:
         )
 
     def completed(self, entry: dict[str, Any]) -> None:
-        """Queue one finished request's completion entry."""
+        """Queue one finished request's completion entry: once per request_idx (a ticket
+        retried after a 429, or sent twice, is reported at its first end only)."""
+        idx = entry["request_idx"]
+        if idx in self._reported:
+            return
+        self._reported[idx] = None
+        if len(self._reported) > self.REMEMBERED:
+            self._reported.popitem(last=False)
         self.pending.append(entry)
         self._arrived.set()
         if len(self.pending) > self.MAX_PENDING:
@@ -3271,7 +3301,7 @@ class PlatformReporter:
 
     def report_body(self) -> dict[str, Any]:
         m, life = self.metrics, self.lifecycle
-        disk = _disk_used()
+        disk = _disk_used("/")
         return {
             "id": self.config.container_id,
             "mtoken": self.config.master_token,
@@ -3321,13 +3351,16 @@ class PlatformReporter:
 
     async def send_completions(self) -> bool:
         entries = list(self.pending)
+        dropped = self.dropped
         body: dict[str, Any] = {"worker_id": self.config.container_id, "requests": entries}
         body["mtoken"] = self.config.master_token
         clients = [c for c in self.clients if c.base_url != self.COMPLETIONS_SKIP]
         if not clients or not await self._post("/delete_requests/", body, clients):
             return False
-        for _ in range(min(len(entries), len(self.pending))):
-            self.pending.popleft()  # those sent; newer ones stay
+        # Those sent leave the queue; newer ones stay. Entries dropped meanwhile (the queue was
+        # full) were among the oldest, the ones sent: fewer are left to take out.
+        for _ in range(max(len(entries) - (self.dropped - dropped), 0)):
+            self.pending.popleft()
         return True
 
     async def _post(self, path: str, body: dict[str, Any], clients: list[HttpClient]) -> bool:
@@ -3495,7 +3528,8 @@ class _AccountedStream:
     ) -> None:
         self._job = job
         self._model_response = model_response
-        self._inner = inner
+        # relay_stream's boundary does what this does: one step a chunk, not two
+        self._inner = inner.chunks if isinstance(inner, _ToClient) else inner
         self._release = release
 
     def __aiter__(self) -> _AccountedStream:
@@ -3705,6 +3739,7 @@ class SessionTable:
         self.gc_interval = gc_interval
         self.open: dict[str, Session] = {}
         self.ended: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self.held = 0.0  # the open sessions' workload, in flight while they are open
 
     def full(self) -> bool:
         if 0 < self.max_sessions <= len(self.open):
@@ -3765,6 +3800,7 @@ class SessionTable:
         )
         self.open[session.session_id] = session
         self.metrics.sessions_open += 1
+        self.held += job.workload
         return session
 
     def get(self, session_id: str) -> Session | None:
@@ -3798,6 +3834,7 @@ class SessionTable:
             self.ended.popitem(last=False)
         self.metrics.sessions_open -= 1
         self.metrics.sessions_ended[cause] += 1
+        self.held = max(self.held - session.job.workload, 0.0) if self.open else 0.0
         for job, task in session.requests.items():
             if not job.done:  # the connection's task: its model request is abandoned
                 task.cancel()
@@ -4009,12 +4046,10 @@ class Backend:
             msg = decode_client_json(request.body)
         except HttpError as exc:
             return self._refuse(route, refusal or error_response(exc.status, exc.message))
-        idx, claimed = peek_auth(msg)
         session_id = msg.get("session_id")
-        if type(session_id) is str:
-            idx = None  # the session's own: reported once, as the session
+        in_session = type(session_id) is str  # its ticket is the session's: reported once
         if refusal is not None:
-            return self._refuse(route, refusal, idx)
+            return self._refuse(route, refusal, None if in_session else peek_auth(msg)[0])
         session: Session | None = None
         replay = True
         if type(session_id) is str:
@@ -4027,14 +4062,24 @@ class Backend:
             checker = None if self.config.unsecured else self.signatures
             parse = payload_cls.from_json_msg
             payload, auth = parse_client_request(parse, msg, checker, replay=replay)
-        except HttpError as exc:
+        except HttpError as exc:  # 401: the claimed cost counts only if it was signed
+            idx, claimed = (None, 0.0) if in_session else peek_auth(msg)
+            claimed = claimed if exc.message in REPLAY_REASONS else 0.0
             return self._refuse(route, error_response(exc.status, exc.message), idx, claimed)
         except JsonDataException as exc:
+            idx = None if in_session else peek_auth(msg)[0]
             return self._refuse(route, json_response(exc.message, 422), idx)
+        if in_session:
+            idx = None
+        elif auth is not None:
+            idx = auth.request_idx
+        else:  # UNSECURED: the request_idx, unchecked
+            idx = peek_auth(msg)[0]
         workload = float(payload.count_workload())
         perf = self.lifecycle.max_perf
         if self.max_queue_time is not None and perf > 0:
-            wait = self.metrics.in_flight.workload / perf
+            # Open sessions hold their cost in flight, but no model time: left out here.
+            wait = (self.metrics.in_flight.workload - self.sessions.held) / perf
             if wait > self.max_queue_time:
                 self.metrics.rejected += 1
                 retry = str(max(1, math.ceil(wait - self.max_queue_time)))
@@ -4092,7 +4137,8 @@ class Backend:
             parse = SessionPayload.from_json_msg
             payload, auth = parse_client_request(parse, msg, checker)
             on_close = self.sessions.check(payload)
-        except HttpError as exc:
+        except HttpError as exc:  # 401: the claimed cost counts only if it was signed
+            claimed = claimed if exc.message in REPLAY_REASONS else 0.0
             return self._refuse(route, error_response(exc.status, exc.message), idx, claimed)
         except JsonDataException as exc:
             return self._refuse(route, json_response(exc.message, 422), idx)
@@ -4235,6 +4281,8 @@ class Backend:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.gather(*last), FINAL_REPORT_TIMEOUT)
             await reporter.close()
+        if self.health is not None:
+            await self.health.close()
         if self._client is not None:
             await self._client.close()
 

@@ -941,3 +941,75 @@ def test_bare_lf_request_line_in_pieces_gets_400_at_once(tmp_path: Path) -> None
                 assert elapsed < 0.6, f"400 after {elapsed:.2f}s"
 
     run(main())
+
+
+# Regressions from the review of this protocol's code ############################################
+
+
+def test_claimed_cost_is_never_negative_nor_an_error() -> None:
+    # Guards: an unverified cost of -1e12 made cur_load negative; 10**400 raised OverflowError
+    # on the stdlib JSON path (a 500 per request).
+    for cost, expected in ((-1e12, 0.0), (10**400, 0.0), ("1e999", 0.0), ("7", 7.0), (True, 0.0)):
+        assert pyworker.peek_auth({"auth_data": {"cost": cost, "request_idx": 3}}) == (3, expected)
+
+
+def test_a_bad_signature_adds_no_rejected_load(tmp_path: Path) -> None:
+    # Guards: an anonymous 401 once added whatever cost it claimed to rej_load.
+    async def main() -> None:
+        async with FakeAutoscaler() as platform, platform_worker(tmp_path, platform) as r:
+            bad = ticket(r, "seed", request_idx=77, cost="1000000")
+            bad["signature"] = signed(KEY, "not the message")
+            assert (await send(r, bad)).status == 401
+            assert r.backend.metrics.refused.requests == 1
+            assert r.backend.metrics.refused.workload == 0.0
+            await until(lambda: 77 in platform.completed(), 5.0, "the 401's completion")
+            assert platform.completed()[77]["status"] == "Rejected"
+
+    run(main())
+
+
+def test_each_request_idx_is_reported_once_even_if_its_ticket_comes_twice(tmp_path: Path) -> None:
+    # Guards: a url-layout ticket (never spent) sent twice reported its request_idx twice.
+    async def main() -> None:
+        async with FakeAutoscaler() as platform, platform_worker(tmp_path, platform) as r:
+            auth = ticket(r, "url", request_idx=88)
+            assert (await send(r, auth)).status == 200
+            assert (await send(r, auth)).status == 200
+            await until(lambda: 88 in platform.completed(), 5.0, "the completion")
+            await asyncio.sleep(1.3)  # a second batch would have left by now
+            entries = [e for d in platform.deletes for e in d["requests"]]
+            assert [e["request_idx"] for e in entries].count(88) == 1, entries
+
+    run(main())
+
+
+def test_completions_queued_during_a_send_are_not_lost() -> None:
+    # Guards: entries dropped from a full queue while a batch was being sent made the send's
+    # clean-up take newer, unsent entries out of the queue.
+    class Small(pyworker.PlatformReporter):
+        MAX_PENDING = 3
+
+    async def main() -> None:
+        reporter: pyworker.PlatformReporter | None = None
+
+        async def delete(request: Request) -> Response:
+            assert reporter is not None
+            for idx in (10, 11, 12, 13):  # arrive while the batch [1, 2, 3] is in flight
+                reporter.completed(pyworker.completion(idx, "Success", 1.0))
+            return pyworker.json_response({"ok": True})
+
+        server = pyworker.HttpServer([post("/delete_requests/", delete)])
+        port = await server.start("127.0.0.1", 0)
+        try:
+            config = pyworker.Config(report_addrs=[f"http://127.0.0.1:{port}"], master_token="t")
+            reporter = Small(config, pyworker.Metrics(), pyworker.Lifecycle())
+            for idx in (1, 2, 3):
+                reporter.completed(pyworker.completion(idx, "Success", 1.0))
+            assert await reporter.send_completions()
+            assert [e["request_idx"] for e in reporter.pending] == [11, 12, 13]
+            assert reporter.dropped == 4  # 1, 2, 3 (sent anyway) and 10 were pushed out
+            await reporter.close()
+        finally:
+            await server.shutdown(0.0)
+
+    run(main())

@@ -911,3 +911,19 @@ def test_tls_worker_serves_session_end_in_plain_http_and_nothing_else(tmp_path: 
             assert len(r.fake.requests) == forwarded + 1
 
     run(main())
+
+
+def test_open_sessions_do_not_count_in_the_queue_estimate(tmp_path: Path) -> None:
+    # Guards: a session holds its cost in flight with no model time; counted in the estimated
+    # wait, three idle sessions of cost 1,000 made every request a 429 while the model idled.
+    async def main() -> None:
+        async with session_worker(tmp_path, max_queue_time=1.0) as r:
+            r.backend.max_perf = 100.0  # 1,000 of workload is 10 s of the model's time
+            assert r.backend.max_queue_time == 1.0
+            for _ in range(3):
+                await open_session(r, cost="1000", lifetime=30)
+            assert r.backend.metrics.in_flight.workload >= 3000
+            reply = await r.post("/generate", r.body("hello"))
+            assert reply.status == 200, reply
+
+    run(main())
