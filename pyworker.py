@@ -3748,7 +3748,7 @@ class SessionTable:
 
     def check(self, payload: SessionPayload) -> str | None:
         """A session's payload checked beyond its types: its close route, resolved.
-        Raises JsonDataException naming each bad field."""
+        Raises JsonDataException naming each bad field (of the payload)."""
         errors: dict[str, str] = {}
         if not 0 < payload.lifetime <= MAX_SESSION_LIFETIME:
             errors["lifetime"] = f"expected seconds, above 0 and at most {MAX_SESSION_LIFETIME:g}"
@@ -3758,7 +3758,7 @@ class SessionTable:
         except ValueError as exc:
             errors["on_close_route"] = str(exc)
         if errors:
-            raise JsonDataException({"payload": errors})
+            raise JsonDataException(errors)
         return route
 
     def resolve_route(self, route: str | None) -> str | None:
@@ -3935,6 +3935,18 @@ class SessionTable:
 # The request pipeline, and the wiring of the parts above.
 
 
+@dataclasses.dataclass
+class _Admitted(Generic[_T]):
+    """A request past Backend._admit: signed (unless UNSECURED), its payload parsed."""
+
+    msg: dict[str, Any]
+    payload: _T
+    auth: AuthData | None
+    idx: int | None  # the request_idx to report it under (None inside a session)
+    session: Session | None  # the session it is served in
+    replay: bool  # its ticket is spent when accepted (not a session's own, sent again)
+
+
 class Backend:
     """The worker's core: the request pipeline (readiness, signature, payload, admission,
     then ModelQueue to the model and back) and the parts it wires together (Lifecycle,
@@ -4041,12 +4053,40 @@ class Backend:
         request: Request,
     ) -> Response:
         route = request.path
-        refusal = self._not_ready()  # first: a loading worker says so, whatever it was sent
+        admitted = self._admit(route, request.body, payload_cls.from_json_msg, sessions=True)
+        if isinstance(admitted, Response):
+            return admitted
+        payload, auth, idx = admitted.payload, admitted.auth, admitted.idx
+        workload = float(payload.count_workload())
+        perf = self.lifecycle.max_perf
+        if self.max_queue_time is not None and perf > 0:
+            # Open sessions hold their cost in flight, but no model time: left out here.
+            wait = (self.metrics.in_flight.workload - self.sessions.held) / perf
+            if wait > self.max_queue_time:
+                self.metrics.rejected += 1
+                retry = str(max(1, math.ceil(wait - self.max_queue_time)))
+                why = {"error": "queue too long", "estimated_wait": round(wait, 3)}
+                answer = json_response(why, 429, [("Retry-After", retry)])
+                return self._refuse(route, answer, idx, workload)
+        if auth is not None and admitted.replay:  # accepted: from now on the ticket is spent
+            self.signatures.spend(auth)
+        job = _Job(self.metrics, route, workload, idx, self.completions)
+        if admitted.session is not None:
+            self.sessions.enter(admitted.session, job)
+        return await self.queue.forward(handler, endpoint, payload, request, job)
+
+    def _admit(
+        self, route: str, body: bytes, parse: Callable[[dict[str, Any]], _T], *, sessions: bool
+    ) -> _Admitted[_T] | Response:
+        """The steps every signed request takes first: readiness (a loading worker says so,
+        whatever it was sent), the JSON, the session it names (model routes), the signature,
+        the payload. A refusal comes back as its Response, counted and reported."""
+        refusal = self._not_ready()
         try:
-            msg = decode_client_json(request.body)
+            msg = decode_client_json(body)
         except HttpError as exc:
             return self._refuse(route, refusal or error_response(exc.status, exc.message))
-        session_id = msg.get("session_id")
+        session_id = msg.get("session_id") if sessions else None
         in_session = type(session_id) is str  # its ticket is the session's: reported once
         if refusal is not None:
             return self._refuse(route, refusal, None if in_session else peek_auth(msg)[0])
@@ -4060,7 +4100,6 @@ class Backend:
             replay = not self.sessions.authorized(session, msg.get("auth_data"))
         try:
             checker = None if self.config.unsecured else self.signatures
-            parse = payload_cls.from_json_msg
             payload, auth = parse_client_request(parse, msg, checker, replay=replay)
         except HttpError as exc:  # 401: the claimed cost counts only if it was signed
             idx, claimed = (None, 0.0) if in_session else peek_auth(msg)
@@ -4075,23 +4114,7 @@ class Backend:
             idx = auth.request_idx
         else:  # UNSECURED: the request_idx, unchecked
             idx = peek_auth(msg)[0]
-        workload = float(payload.count_workload())
-        perf = self.lifecycle.max_perf
-        if self.max_queue_time is not None and perf > 0:
-            # Open sessions hold their cost in flight, but no model time: left out here.
-            wait = (self.metrics.in_flight.workload - self.sessions.held) / perf
-            if wait > self.max_queue_time:
-                self.metrics.rejected += 1
-                retry = str(max(1, math.ceil(wait - self.max_queue_time)))
-                why = {"error": "queue too long", "estimated_wait": round(wait, 3)}
-                answer = json_response(why, 429, [("Retry-After", retry)])
-                return self._refuse(route, answer, idx, workload)
-        if auth is not None and replay:  # accepted: from now on this ticket is spent
-            self.signatures.spend(auth)
-        job = _Job(self.metrics, route, workload, idx, self.completions)
-        if session is not None:
-            self.sessions.enter(session, job)
-        return await self.queue.forward(handler, endpoint, payload, request, job)
+        return _Admitted(msg, payload, auth, idx, session, replay)
 
     def _not_ready(self) -> Response | None:
         life = self.lifecycle
@@ -4124,24 +4147,16 @@ class Backend:
         """POST /session/create: auth_data verified like any model request's, then a session
         that counts as one request in flight (workload `cost`) until it ends."""
         route = request.path
-        refusal = self._not_ready()
-        try:
-            msg = decode_client_json(request.body)
-        except HttpError as exc:
-            return self._refuse(route, refusal or error_response(exc.status, exc.message))
-        idx, claimed = peek_auth(msg)
-        if refusal is not None:
-            return self._refuse(route, refusal, idx)
-        try:
-            checker = None if self.config.unsecured else self.signatures
-            parse = SessionPayload.from_json_msg
-            payload, auth = parse_client_request(parse, msg, checker)
-            on_close = self.sessions.check(payload)
-        except HttpError as exc:  # 401: the claimed cost counts only if it was signed
-            claimed = claimed if exc.message in REPLAY_REASONS else 0.0
-            return self._refuse(route, error_response(exc.status, exc.message), idx, claimed)
-        except JsonDataException as exc:
-            return self._refuse(route, json_response(exc.message, 422), idx)
+
+        def parse(msg: dict[str, Any]) -> tuple[SessionPayload, str | None]:
+            payload = SessionPayload.from_json_msg(msg)
+            return payload, self.sessions.check(payload)  # the close route, resolved
+
+        admitted = self._admit(route, request.body, parse, sessions=False)
+        if isinstance(admitted, Response):
+            return admitted
+        (payload, on_close), auth, idx = admitted.payload, admitted.auth, admitted.idx
+        msg, claimed = admitted.msg, peek_auth(admitted.msg)[1]
         auth_data = msg.get("auth_data")
         key = _auth_key(auth_data, for_keeping=True)
         if key is None:
