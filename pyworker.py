@@ -4172,37 +4172,6 @@ class Backend:
         reply = {"session_id": session.session_id, "expiration": session.expiration}
         return json_response(reply, 201)
 
-    # Built-in routes --------------------------------------------------------------------------
-
-    async def handle_ping(self, request: Request) -> Response:
-        return Response(200, b"pong", content_type="text/plain; charset=utf-8")
-
-    async def handle_healthcheck(self, request: Request) -> Response:
-        if self.health is None:
-            life = self.lifecycle
-            return json_response({"state": life.state.value, "error_msg": life.error_msg})
-        return await self.health.ask()
-
-    async def handle_update(self, request: Request) -> Response:
-        """POST /pyworker/update (SPEC 11.6), served only with a MASTER_TOKEN: the platform
-        asks for the worker's update; the flag file tells its start script to do it."""
-        expected = f"Bearer {self.config.master_token}".encode()
-        given = (request.headers.get("authorization") or "").encode("latin-1")
-        if not self.config.master_token or not hmac.compare_digest(given, expected):
-            return error_response(401, "unauthorized")
-        path = self.config.force_update_file
-        try:
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o644))
-        except OSError as exc:
-            log.error("update requested, but %s cannot be created: %s", path, exc)
-            return error_response(500, "cannot create the update flag file")
-        log.info("update requested: %s created", path)
-        return json_response({"ok": True})
-
-    async def handle_metrics(self, request: Request) -> Response:
-        text = self.metrics.render(self.lifecycle)
-        return Response(200, text.encode(), content_type="text/plain; version=0.0.4")
-
     # Life -------------------------------------------------------------------------------------
 
     async def start(self, config: Config) -> None:
@@ -4330,6 +4299,52 @@ class Worker:
         await self.backend.stop()
 
 
+def builtin_routes(backend: Backend, config: Config) -> list[Route]:
+    """The worker's own routes beside the model's: /ping, /healthcheck, /metrics, the
+    sessions of SPEC 11.5, and with a MASTER_TOKEN, POST /pyworker/update (SPEC 11.6)."""
+
+    async def ping(request: Request) -> Response:
+        return Response(200, b"pong", content_type="text/plain; charset=utf-8")
+
+    async def healthcheck(request: Request) -> Response:
+        if backend.health is None:
+            life = backend.lifecycle
+            return json_response({"state": life.state.value, "error_msg": life.error_msg})
+        return await backend.health.ask()
+
+    async def metrics(request: Request) -> Response:
+        text = backend.metrics.render(backend.lifecycle)
+        return Response(200, text.encode(), content_type="text/plain; version=0.0.4")
+
+    async def update(request: Request) -> Response:
+        # The platform asks for the worker's update; the flag file tells its start script.
+        expected = f"Bearer {config.master_token}".encode()
+        given = (request.headers.get("authorization") or "").encode("latin-1")
+        if not config.master_token or not hmac.compare_digest(given, expected):
+            return error_response(401, "unauthorized")
+        path = config.force_update_file
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o644))
+        except OSError as exc:
+            log.error("update requested, but %s cannot be created: %s", path, exc)
+            return error_response(500, "cannot create the update flag file")
+        log.info("update requested: %s created", path)
+        return json_response({"ok": True})
+
+    routes = [
+        get("/ping", ping),
+        get("/healthcheck", healthcheck),
+        get("/metrics", metrics),
+        post("/session/create", backend.handle_session_create),
+        post("/session/get", backend.sessions.handle_get),
+        post("/session/health", backend.sessions.handle_health),
+        post("/session/end", backend.sessions.handle_end),
+    ]
+    if config.master_token:
+        routes.append(post("/pyworker/update", update))
+    return routes
+
+
 def _server_tls_context(config: Config) -> ssl.SSLContext:
     for name, path in (("WORKER_SSL_CERT", config.ssl_cert), ("WORKER_SSL_KEY", config.ssl_key)):
         if not os.path.isfile(path):
@@ -4349,20 +4364,7 @@ async def start_server(
 ) -> Worker:
     """Listen and start the backend; /ping answers before anything else finishes."""
     config = config or Config.from_env()
-    builtin = [
-        get("/ping", backend.handle_ping),
-        get("/healthcheck", backend.handle_healthcheck),
-        get("/metrics", backend.handle_metrics),
-    ]
-    builtin += [
-        post("/session/create", backend.handle_session_create),
-        post("/session/get", backend.sessions.handle_get),
-        post("/session/health", backend.sessions.handle_health),
-        post("/session/end", backend.sessions.handle_end),
-    ]
-    if config.master_token:
-        builtin.append(post("/pyworker/update", backend.handle_update))
-    server = HttpServer([*builtin, *routes], max_body=config.max_body)
+    server = HttpServer([*builtin_routes(backend, config), *routes], max_body=config.max_body)
     ssl_context = None
     if config.use_ssl:
         ssl_context = _server_tls_context(config)
