@@ -516,6 +516,17 @@ class _ModelStream:
 # A local autoscaler ##############################################################################
 
 
+def _workload(cost: Any) -> float:
+    """A route call's cost as a number (it is signed as sent, string or number)."""
+    if isinstance(cost, bool) or not isinstance(cost, (str, int, float)):
+        return 0.0
+    try:
+        value = float(cost)
+    except ValueError:
+        return 0.0
+    return value if math.isfinite(value) and value > 0 else 0.0
+
+
 @dataclasses.dataclass
 class WorkerView:
     """What the local autoscaler knows of a worker: its last load report."""
@@ -528,7 +539,8 @@ class WorkerView:
 
     @property
     def ready(self) -> bool:
-        return not self.report.get("error_msg") and float(self.report.get("max_perf", 0)) > 0
+        # _workload: a number however the report spelled it (a faulty one must not crash this)
+        return not self.report.get("error_msg") and _workload(self.report.get("max_perf")) > 0
 
     @property
     def load(self) -> float:
@@ -539,20 +551,9 @@ class WorkerView:
         got every request until its next report (the herd), since a routed request added
         only a tie-breaking 1e-3.
         """
-        max_perf = float(self.report.get("max_perf", 0)) or 1.0
-        reported = float(self.report.get("cur_load", 0))
+        max_perf = _workload(self.report.get("max_perf")) or 1.0
+        reported = _workload(self.report.get("cur_load"))
         return (reported + self.routed_workload) / max_perf + self.routed * 1e-3
-
-
-def _workload(cost: Any) -> float:
-    """A route call's cost as a number (it is signed as sent, string or number)."""
-    if isinstance(cost, bool) or not isinstance(cost, (str, int, float)):
-        return 0.0
-    try:
-        value = float(cost)
-    except ValueError:
-        return 0.0
-    return value if math.isfinite(value) and value > 0 else 0.0
 
 
 PLATFORMS = ("today", "2024")  # what a LocalAutoscaler and the load tester speak (SPEC 11, 1-10)
@@ -648,8 +649,9 @@ def completion_faults(body: dict[str, Any]) -> list[str]:
 
 def expected_statuses(status: int | None, outcome: str) -> tuple[str, ...]:
     """The completion statuses a worker may report for a request the client saw end so:
-    2xx -> Success; 401, 429, 503 -> Rejected; another failure -> Error or Cancelled."""
-    if outcome == "ok" or (status is not None and 200 <= status < 300):
+    2xx read whole -> Success; 401, 429, 503 -> Rejected; another failure -> Error or
+    Cancelled (a 2xx whose stream broke, or that the client gave up reading, included)."""
+    if outcome == "ok":
         return ("Success",)
     if status in (401, 429, 503):
         return ("Rejected",)
@@ -1281,6 +1283,7 @@ class LoadTester:
         per = self.options.session
         interval = per / self.options.rps
         clients = math.ceil(self.options.total / per)
+        clients_started: list[asyncio.Task[None]] = []
         for c in range(clients):
             due = self.started + c * interval
             delay = due - time.monotonic()
@@ -1292,6 +1295,9 @@ class LoadTester:
             task = loop.create_task(self._session_client(c, due, count))
             self._tasks.add(task)
             task.add_done_callback(self._task_done)
+            clients_started.append(task)
+        # The sending goes on inside the sessions: it ends when the last one has sent all.
+        await asyncio.gather(*clients_started, return_exceptions=True)
         self.send_ended = time.monotonic()
 
     async def _session_client(self, index: int, due: float, count: int) -> None:
@@ -1312,22 +1318,18 @@ class LoadTester:
         session.worker = url
         session.request_idx = first.request_idx
         sid = await self._session_call(session, url, "/session/create", auth, deadline)
-        records = [first]
-        for i in range(1, count):
-            record = RequestRecord(index=first.index + i, due=time.monotonic())
-            self.records.append(record)
-            records.append(record)
-        for i, record in enumerate(records):
+        for i in range(count):
+            record = first
+            if i:  # made when it is sent (an interrupted run has no unsent records)
+                record = RequestRecord(index=first.index + i, due=time.monotonic())
+                self.records.append(record)
             if sid is None:
-                if i:
-                    record.started = time.monotonic()
+                record.started = record.started or time.monotonic()
                 record.worker = url
                 self._fail(record, "route_error", "session", f"no session: {session.message}")
                 record.finished = time.monotonic()
                 self.counts[record.outcome] += 1
                 continue
-            if i:
-                record.due = time.monotonic()  # the previous one's end: sent at once
             await self._one(record, target=target, session_id=sid, routed=i == 0)
         if sid is not None:
             end_deadline = time.monotonic() + self.options.timeout
@@ -1734,8 +1736,10 @@ class LoadResult:
 
     @property
     def ok(self) -> bool:
-        """Every asked request was sent and succeeded: the exit status is 0."""
-        return not self.failed and len(self.records) == self.options.total
+        """Every asked request was sent and succeeded, and every session opened was ended:
+        the exit status is 0."""
+        sessions_ended = all(s.ended for s in self.sessions if s.opened)
+        return not self.failed and len(self.records) == self.options.total and sessions_ended
 
     def report(self) -> dict[str, Any]:
         """The report as JSON-ready data (schema: the class docstring); `--json FILE`
@@ -2400,6 +2404,13 @@ class LocalSetup:
         deadline = time.monotonic() + timeout
         while self.autoscaler.pending_completions() and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
+        # Then a quiet spell longer than a worker's batch interval (one a second), so that a
+        # request reported twice, in a later batch, is seen as twice.
+        seen, quiet_since = self.autoscaler.completion_bodies, time.monotonic()
+        while time.monotonic() - quiet_since < 1.2 and time.monotonic() < deadline + 1.2:
+            await asyncio.sleep(0.1)
+            if self.autoscaler.completion_bodies != seen:
+                seen, quiet_since = self.autoscaler.completion_bodies, time.monotonic()
 
     def reconciliation(self, client: dict[int, tuple[str, ...]]) -> dict[str, Any]:
         """The "reconciliation" part of the report: what the autoscaler routed against the
@@ -2426,7 +2437,9 @@ class LocalSetup:
         for worker in self.workers:
             view = self.autoscaler.workers.get(worker.url)
             mine = [(t, r) for t, r in reports if r.get("url") == worker.url]
-            loadtimes = [float(r["loadtime"]) for _, r in mine if float(r.get("loadtime") or 0)]
+            loadtimes = [
+                _workload(r.get("loadtime")) for _, r in mine if _workload(r.get("loadtime"))
+            ]
             under_load = [
                 r for t, r in mine if under_load_until is not None and t <= under_load_until
             ]
@@ -2451,7 +2464,8 @@ class LocalSetup:
         the last one sent while the load was on, and the very last one."""
         head = ("received", "working", "cur_load", "cur_perf", "max_perf")
         lines = [
-            "load reports of each worker (POST /worker_status/; workload per second):",
+            "load reports of each worker (POST /worker_status/; cur_load: in flight in format"
+            " 1.1.0, per second in 2024's):",
             f"  {'worker':<8}{'report':<12}"
             + "".join(f"{h:>10}" for h in head)
             + f"{'loadtime':>10}  error",
@@ -2765,6 +2779,14 @@ def _add_local_options(parser: argparse.ArgumentParser) -> None:
     _add_fake_model_options(local, prefix="model-")
 
 
+def _given(argv: Sequence[str], short: str, long: str) -> bool:
+    """Whether the command line itself names this option (-kKEY, -k KEY, --api-key=KEY ...)."""
+    return any(
+        a == long or a.startswith(long + "=") or (a.startswith(short) and not a.startswith("--"))
+        for a in argv
+    )
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """The load tester's arguments; exits with status 2 and a message on bad ones."""
     parser = build_parser()
@@ -2775,9 +2797,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.error("--workers: 64 at most")
     if args.local_autoscaler and (args.local or args.worker):
         parser.error("-l: not with --local or --worker")
-    if args.local_autoscaler:  # `test_load.py autoscaler` takes these by default
-        args.api_key = args.api_key or "local-key"
-        args.endpoint = args.endpoint or "local"
+    if args.local_autoscaler:  # `test_load.py autoscaler`'s defaults, not $API_KEY (a real key)
+        if not _given(argv, "-k", "--api-key"):
+            args.api_key = "local-key"
+        if not _given(argv, "-e", "--endpoint"):
+            args.endpoint = "local"
     if not (args.local or args.worker):
         if not args.api_key:
             parser.error("no API key: give -k KEY or set API_KEY")

@@ -623,3 +623,49 @@ def test_module_helpers(tmp_path: Path) -> None:
     assert test_load.worker_first_route(module) == "/generate"
     assert test_load.worker_loaded_lines(module) == [test_load.FakeModel.LOADED_LINE]
     assert os.path.exists(ROOT / "hello_world.py")
+
+
+# Regressions from the review of the load tester ##################################################
+
+
+def test_a_2xx_the_client_did_not_read_whole_is_not_expected_as_success() -> None:
+    # Guards: a 200 whose stream broke (or that the client gave up reading) was expected to
+    # be reported Success, and the worker's correct Cancelled counted as its mismatch.
+    assert test_load.expected_statuses(200, "ok") == ("Success",)
+    assert test_load.expected_statuses(200, "timeout") == ("Error", "Cancelled")
+    assert test_load.expected_statuses(200, "broken") == ("Error", "Cancelled")
+    assert test_load.expected_statuses(429, "http_429") == ("Rejected",)
+
+
+def test_l_takes_the_local_key_not_the_environments(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Guards: with API_KEY set (a real key), `-l` sent it to the local autoscaler: all 401.
+    monkeypatch.setenv("API_KEY", "real-key")
+    monkeypatch.setenv("ENDPOINT_NAME", "real-endpoint")
+    args = test_load.parse_args(["-l"])
+    assert (args.api_key, args.endpoint) == ("local-key", "local")
+    args = test_load.parse_args(["-l", "-kmine", "--endpoint=ep"])
+    assert (args.api_key, args.endpoint) == ("mine", "ep")
+
+
+def test_a_faulty_report_does_not_break_routing() -> None:
+    # Guards: a report with "max_perf": null, logged as the worker's fault, then crashed every
+    # /route/ call (float(None)).
+    view = test_load.WorkerView("http://w", {"url": "http://w", "max_perf": None, "cur_load": "x"})
+    assert not view.ready
+    assert view.load == 0.0
+
+
+def test_a_session_left_open_fails_the_run() -> None:
+    # Guards: a failed /session/end left the exit status at 0 against a real endpoint.
+    async def main() -> LoadResult:
+        options = LoadOptions(total=1, rps=10, server=None, worker="http://127.0.0.1:9")
+        tester = LoadTester(options, hello_world.InputData.for_test)
+        return LoadResult(tester)
+
+    result = run(main())
+    result.records = [test_load.RequestRecord(index=0, due=0.0, outcome="ok")]
+    session = test_load.SessionRecord(0, opened=True, ended=True)
+    result.sessions = [session]
+    assert result.ok  # one request, ok, its session ended
+    session.ended = False
+    assert not result.ok
