@@ -54,25 +54,13 @@ CACHED_MAX_PERF = 2.0  # max_perf from the benchmark cache: a known queue estima
 LOG_ACTIONS = [(LogAction.ModelLoaded, FakeModel.LOADED_LINE)]
 
 # SPEC 11.3, exactly
-REPORT_1_1_0_FIELDS = {
-    "id",
+REPORT_1_1_0_FIELDS = SEED_REPORT_FIELDS | {
     "mtoken",
     "version",
-    "loadtime",
-    "cur_load",
     "rej_load",
     "new_load",
-    "error_msg",
-    "max_perf",
-    "cur_perf",
-    "cur_capacity",
-    "max_capacity",
-    "num_requests_working",
-    "num_requests_recieved",
-    "additional_disk_usage",
     "disk_usage",
     "working_request_idxs",
-    "url",
 }
 INT_FIELDS = ("id", "num_requests_working", "num_requests_recieved")
 NUMBER_FIELDS = (

@@ -7,6 +7,7 @@ memory; and that the bookkeeping balances at the end. tests/soak.py is the long 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import logging
@@ -14,6 +15,7 @@ import os
 import random
 import time
 import tracemalloc
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,19 @@ DISCONNECT_RATE = 0.12  # share of requests whose client goes away at a random m
 SEED = 7
 
 run = Runner(timeout=100.0)
+
+
+@contextlib.contextmanager
+def quiet_worker_log() -> Generator[None, None, None]:
+    """Each abandoned or cut stream logs a warning, and pytest keeps every captured record in
+    memory: that would be the test's growth, not the worker's."""
+    quiet = logging.getLogger("pyworker")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        quiet.setLevel(level)
 
 
 def open_fds() -> int:
@@ -170,15 +185,8 @@ def test_soak_has_bounded_growth(tmp_path: Path) -> None:
             "errored": metrics.errored.requests,
         }
 
-    # Each abandoned stream logs a warning, and pytest keeps every captured record in memory:
-    # that would be the test's growth, not the worker's.
-    quiet = logging.getLogger("pyworker")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
+    with quiet_worker_log():
         r = run(main())
-    finally:
-        quiet.setLevel(level)
     base, after, outcomes = r["base"], r["after"], r["outcomes"]
     total = WARMUP + SOAK
     assert sum(outcomes.values()) == total, outcomes
@@ -380,13 +388,8 @@ def test_soak_sessions_leave_nothing_behind(tmp_path: Path) -> None:
             for client in clients:
                 await client.close()
 
-    quiet = logging.getLogger("pyworker")  # cut streams log warnings; pytest keeps them all
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
+    with quiet_worker_log():
         r = run(main())
-    finally:
-        quiet.setLevel(level)
     base, after, outcomes = r["base"], r["after"], r["outcomes"]
     expired = len(range(1, sessions, expire_every))
     cut_off = len([i for i in range(sessions) if i % cut_every == 3 and i % expire_every != 1])
