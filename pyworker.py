@@ -3058,23 +3058,25 @@ class HealthCheck:
         if self.client is not self._model:  # a URL of its own: its own connections
             await self.client.close()
 
+    async def _get(self) -> Response:
+        """One GET of the health endpoint, read whole; UpstreamError when it fails."""
+        async with await self.client.request("GET", self.path, timeout=10.0) as resp:
+            return Response(resp.status, await resp.read(), content_type=resp.content_type)
+
     async def ask(self) -> Response:
         """The model's health answer as it is (the worker's /healthcheck route)."""
         try:
-            async with await self.client.request("GET", self.path, timeout=10.0) as resp:
-                body = await resp.read()
-                return Response(resp.status, body, content_type=resp.content_type)
+            return await self._get()
         except UpstreamError as exc:
             return error_response(exc.status, "model healthcheck failed: " + str(exc))
 
     async def probe(self) -> str | None:
         """One health request: None when healthy (200), else why not."""
         try:
-            async with await self.client.request("GET", self.path, timeout=10.0) as resp:
-                await resp.read()
+            status = (await self._get()).status
         except UpstreamError as exc:
             return str(exc)
-        return None if resp.status == 200 else f"status {resp.status}"
+        return None if status == 200 else f"status {status}"
 
     async def run(self) -> None:
         life = self.lifecycle

@@ -789,13 +789,20 @@ class LocalAutoscaler:
         self.unauthorized += 1
         return False
 
-    async def _worker_status(self, request: Request) -> Response:
-        report: Any = pyworker.json_loads(request.body)
-        if not isinstance(report, dict):
-            return pyworker.error_response(422, "expected a report object")
-        body = typing.cast(dict[str, Any], report)
+    def _authorized_body(self, request: Request) -> dict[str, Any] | Response:
+        """A report's JSON object with the right mtoken, or the answer refusing it."""
+        data: Any = pyworker.json_loads(request.body)
+        if not isinstance(data, dict):
+            return pyworker.error_response(422, "expected a JSON object")
+        body = typing.cast(dict[str, Any], data)
         if not self._authorized(body):
             return pyworker.error_response(401, "bad mtoken")
+        return body
+
+    async def _worker_status(self, request: Request) -> Response:
+        body = self._authorized_body(request)
+        if isinstance(body, Response):
+            return body
         if not isinstance(body.get("url"), str):
             self._fault(f"a load report without url: {body!r:.200}")
             return pyworker.error_response(422, "the report has no url")
@@ -815,12 +822,9 @@ class LocalAutoscaler:
     async def _delete_requests(self, request: Request) -> Response:
         if self.platform != "today":
             return pyworker.error_response(404, "not found")
-        data: Any = pyworker.json_loads(request.body)
-        if not isinstance(data, dict):
-            return pyworker.error_response(422, "expected an object")
-        body = typing.cast(dict[str, Any], data)
-        if not self._authorized(body):
-            return pyworker.error_response(401, "bad mtoken")
+        body = self._authorized_body(request)
+        if isinstance(body, Response):
+            return body
         faults = completion_faults(body)
         if faults:
             self._fault(

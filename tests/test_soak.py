@@ -60,6 +60,18 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def resources(worker: pyworker.Worker, backend: pyworker.Backend) -> dict[str, float]:
+    """What a worker holds now, which a soak must leave where it found it."""
+    return {
+        "fds": open_fds(),
+        "tasks": len(asyncio.all_tasks()),
+        "pooled": backend.client.idle_connections,
+        "server_connections": worker.server.connections,
+        "traced_bytes": tracemalloc.get_traced_memory()[0],
+        "in_flight": backend.metrics.in_flight.requests,
+    }
+
+
 class Load:
     """Closed-loop load: CONCURRENCY clients, mixed routes, random disconnects."""
 
@@ -156,14 +168,7 @@ def test_soak_has_bounded_growth(tmp_path: Path) -> None:
                 await asyncio.sleep(0.02)
             fake.requests.clear()  # the fake model's own record, not the worker's memory
             gc.collect()  # closed transports sit in reference cycles until collected
-            return {
-                "fds": open_fds(),
-                "tasks": len(asyncio.all_tasks()),
-                "pooled": backend.client.idle_connections,
-                "server_connections": worker.server.connections,
-                "traced_bytes": tracemalloc.get_traced_memory()[0],
-                "in_flight": backend.metrics.in_flight.requests,
-            }
+            return resources(worker, backend)
 
         outcomes: dict[str, int] = {}
         started = time.monotonic()
@@ -352,12 +357,7 @@ def test_soak_sessions_leave_nothing_behind(tmp_path: Path) -> None:
             fake.requests.clear()  # the fake model's own record, not the worker's memory
             gc.collect()
             return {
-                "fds": open_fds(),
-                "tasks": len(asyncio.all_tasks()),
-                "pooled": backend.client.idle_connections,
-                "server_connections": worker.server.connections,
-                "traced_bytes": tracemalloc.get_traced_memory()[0],
-                "in_flight": backend.metrics.in_flight.requests,
+                **resources(worker, backend),
                 "sessions_open": backend.metrics.sessions_open,
                 "callbacks": len(sessions_table.callbacks),
             }
