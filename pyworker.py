@@ -4276,7 +4276,7 @@ class Backend:
 # Server and run() ################################################################################
 
 
-class Worker:
+class RunningWorker:
     """A running worker: the HTTP server and the backend behind it."""
 
     def __init__(
@@ -4363,7 +4363,7 @@ async def start_server(
     *,
     host: str | None = None,
     port: int | None = None,
-) -> Worker:
+) -> RunningWorker:
     """Listen and start the backend; /ping answers before anything else finishes."""
     config = config or Config.from_env()
     server = HttpServer([*builtin_routes(backend, config), *routes], max_body=config.max_body)
@@ -4390,7 +4390,7 @@ async def start_server(
         log.info("/session/end also served in plain HTTP on port %d", plain_port)
     await backend.start(config)
     log.info("pyworker listening on port %d (%s)", bound, "TLS" if ssl_context else "plain HTTP")
-    return Worker(backend, server, bound, plain, plain_port)
+    return RunningWorker(backend, server, bound, plain, plain_port)
 
 
 class _LogHandler(logging.Handler):

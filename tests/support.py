@@ -221,8 +221,8 @@ def hello_world_routes(
     ]
 
 
-async def stop_worker(worker: pyworker.Worker, grace: float = 1.0, stack_limit: int = 6) -> None:
-    """Worker.stop, bounded: a stop that hangs fails the test and shows what it waits on."""
+async def stop_worker(worker: pyworker.RunningWorker, grace: float = 1.0, stack_limit: int = 6) -> None:
+    """RunningWorker.stop, bounded: a stop that hangs fails the test and shows what it waits on."""
     stopping = asyncio.ensure_future(worker.stop(grace=grace))
     done, _ = await asyncio.wait([stopping], timeout=grace + 8.0)
     if not done:
@@ -231,14 +231,14 @@ async def stop_worker(worker: pyworker.Worker, grace: float = 1.0, stack_limit: 
             if task is not asyncio.current_task():
                 task.print_stack(limit=stack_limit, file=stacks)
         stopping.cancel()
-        raise AssertionError("Worker.stop() hung; pending tasks:\n" + stacks.getvalue())
+        raise AssertionError("RunningWorker.stop() hung; pending tasks:\n" + stacks.getvalue())
     stopping.result()
 
 
-async def _let_closed_connections_go(worker: pyworker.Worker, bound: float = 0.05) -> None:
+async def _let_closed_connections_go(worker: pyworker.RunningWorker, bound: float = 0.05) -> None:
     """Wait (`bound` at most) for the connections the test closed to leave the server: a
-    close takes a few loop steps to arrive, and Worker.stop finding none left spares every
-    test its 50 ms shutdown poll. Connections still open are Worker.stop's business."""
+    close takes a few loop steps to arrive, and RunningWorker.stop finding none left spares every
+    test its 50 ms shutdown poll. Connections still open are RunningWorker.stop's business."""
     deadline = time.monotonic() + bound
     while worker.server.connections and time.monotonic() < deadline:
         await asyncio.sleep(0.001)
@@ -258,7 +258,7 @@ class Rig:
     """A worker running in this event loop on 127.0.0.1, and what surrounds it (worker_rig)."""
 
     backend: Backend
-    worker: pyworker.Worker
+    worker: pyworker.RunningWorker
     fake: FakeModel  # the rig's model server (the worker may be pointed elsewhere: model_url)
     autoscaler: LocalAutoscaler | None  # None when the test named report_addrs itself
     client: pyworker.HttpClient  # keep-alive connections to the worker

@@ -372,11 +372,11 @@ def test_model_refused_then_back(tmp_path: Path) -> None:
 
 
 def test_cancelling_a_request_while_it_connects_is_not_swallowed() -> None:
-    """Guards Worker.stop() against hanging: a task cancelled while HttpClient is connecting
+    """Guards RunningWorker.stop() against hanging: a task cancelled while HttpClient is connecting
     must end with CancelledError. asyncio.wait_for (Python <= 3.11) returns the inner result
     when the connection completes in the same loop step as the cancel, swallowing it; the
     report loop then runs on forever and Backend.stop() waits for it without end (seen as a
-    hung Worker.stop in the abuse tests). Each delay below lands the cancel on one step of the
+    hung RunningWorker.stop in the abuse tests). Each delay below lands the cancel on one step of the
     connect; every one of them must be honoured."""
 
     async def main() -> dict[int, str]:
@@ -589,7 +589,7 @@ def test_huge_log_line_is_matched_on_its_start_only_once(tmp_path: Path) -> None
 
 
 def test_stop_under_load_finishes_every_request_in_flight(tmp_path: Path) -> None:
-    """Guards SIGTERM handling (Worker.stop is what the signal handler runs): 20 requests in
+    """Guards SIGTERM handling (RunningWorker.stop is what the signal handler runs): 20 requests in
     flight (JSON and streams) when the stop begins all complete whole; new connections are
     refused; the bookkeeping counts them all served."""
 

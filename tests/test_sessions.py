@@ -5,7 +5,7 @@
 cost) until it ends, reported once; requests inside it are served, signature-checked and
 extend it; /session/get, /health, /end; expiry collected in the background; ending a
 session cuts its own streams only; the close callback reaches the model server once, at
-the resolved path, and its failures are only logged; Worker.stop() drains; /metrics; the
+the resolved path, and its failures are only logged; RunningWorker.stop() drains; /metrics; the
 plain-HTTP /session/end listener beside TLS.
 """
 
@@ -733,7 +733,7 @@ def test_close_callback_once_at_the_resolved_path(tmp_path: Path) -> None:
             assert len(callbacks(r).hooks) == 3
             calls = [b for b in r.fake.requests if "session_id" in b]
             assert calls == [{"prompt": "p", "session_id": e}], calls
-        # Worker.stop() drained nothing more: each callback ran once.
+        # RunningWorker.stop() drained nothing more: each callback ran once.
         assert len(callbacks(r).hooks) == 3
 
     run(main())
@@ -797,7 +797,7 @@ def test_stop_drains_open_sessions_and_runs_their_callbacks(tmp_path: Path) -> N
             await until(lambda: len(callbacks(r).hooks) == 1, 3.0, "the ended session's callback")
             assert (m.sessions_open, m.in_flight.requests, m.in_flight.workload) == (3, 3, 6.0)
             fake, backend = callbacks(r), r.backend
-        # started_worker ran Worker.stop(), as SIGTERM does
+        # started_worker ran RunningWorker.stop(), as SIGTERM does
         assert backend.metrics.sessions_ended == {"ended": 1, "drained": 3}
         assert settled(backend)
         assert fake.hooks_for(a) == [("/hooks/closed", {"session_id": a})]

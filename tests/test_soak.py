@@ -60,7 +60,7 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def resources(worker: pyworker.Worker, backend: pyworker.Backend) -> dict[str, float]:
+def resources(worker: pyworker.RunningWorker, backend: pyworker.Backend) -> dict[str, float]:
     """What a worker holds now, which a soak must leave where it found it."""
     return {
         "fds": open_fds(),
