@@ -4356,7 +4356,7 @@ def _server_tls_context(config: Config) -> ssl.SSLContext:
     return context
 
 
-async def start_server(
+async def start_worker(
     backend: Backend,
     routes: Iterable[Route],
     config: Config | None = None,
@@ -4549,15 +4549,16 @@ def _arguments(argv: Sequence[str]) -> None:
         sys.exit(2)
 
 
-def run(backend: Backend, routes: Iterable[Route]) -> None:
-    """Run a worker until SIGTERM or SIGINT: the entry point of a worker file."""
-    _arguments(sys.argv)
+def _configure() -> tuple[Config, _LogHandler]:
+    """The environment, read and checked (a bad value exits with one line and a failed-start
+    report), and the worker's logging set up: what run() and serve() do first."""
     try:
         config = Config.from_env()
     except ConfigError as exc:
         message = f"bad configuration: {exc}"
         print(f"pyworker: {message}", file=sys.stderr)
-        asyncio.run(report_failed_start(_lenient_config(os.environ), message))
+        with contextlib.suppress(RuntimeError):  # inside a running loop (serve): no report
+            asyncio.run(report_failed_start(_lenient_config(os.environ), message))
         sys.exit(1)
     handler = _LogHandler()
     logging.basicConfig(level=config.log_level, handlers=[handler])
@@ -4567,30 +4568,51 @@ def run(backend: Backend, routes: Iterable[Route]) -> None:
     # caller's source line, thread, process (the format shows none of them).
     logging._srcfile = None  # pyright: ignore[reportPrivateUsage]
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-    if install_uvloop():
-        log.debug("using uvloop")
-    routes = list(routes)
+    return config, handler
 
-    async def main() -> None:
-        try:
-            worker = await start_server(backend, routes, config)
-        except (OSError, KeyFormatError, ssl.SSLError, ConfigError) as exc:
-            log.error("cannot start: %s", exc)
-            handler.flush()
-            await report_failed_start(config, f"cannot start: {exc}")
-            raise SystemExit(1) from None
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        flusher = loop.create_task(handler.flush_periodically())
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+
+async def serve(
+    backend: Backend,
+    routes: Iterable[Route],
+    config: Config | None = None,
+    log_handler: _LogHandler | None = None,
+) -> None:
+    """Serve until SIGTERM or SIGINT, in the running event loop; run() without its own loop.
+    Without a config, the environment is read now (not when the worker file was imported)."""
+    if config is None or log_handler is None:
+        config, log_handler = _configure()
+    handler = log_handler
+    routes = list(routes)
+    try:
+        worker = await start_worker(backend, routes, config)
+    except (OSError, KeyFormatError, ssl.SSLError, ConfigError) as exc:
+        log.error("cannot start: %s", exc)
+        handler.flush()
+        await report_failed_start(config, f"cannot start: {exc}")
+        raise SystemExit(1) from None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    flusher = loop.create_task(handler.flush_periodically())
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
         await stop.wait()
         log.info("shutting down: finishing %d requests in flight", worker.server.busy_connections)
         await worker.stop()
         log.info("stopped")
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
         flusher.cancel()
 
-    asyncio.run(main())
+
+def run(backend: Backend, routes: Iterable[Route]) -> None:
+    """Run a worker until SIGTERM or SIGINT: the entry point of a worker file."""
+    _arguments(sys.argv)
+    config, handler = _configure()
+    if install_uvloop():
+        log.debug("using uvloop")
+    asyncio.run(serve(backend, routes, config, handler))
 
 
 if __name__ == "__main__":

@@ -151,7 +151,7 @@ async def child(setup: str, requests: int) -> None:
             model_server_url=url,
             report_check_interval=3600,
         )
-        worker = await pyworker.start_server(backend, routes, config, port=0)
+        worker = await pyworker.start_worker(backend, routes, config, port=0)
         backend.state = pyworker.State.READY  # no model log, no benchmark: ready at once
         backend.max_perf = 1000.0
         port = worker.port

@@ -437,7 +437,7 @@ async def worker_rig(
             model_routes = hello_world_routes(backend, handler)
         else:
             model_routes = routes(backend) if callable(routes) else routes
-        worker = await pyworker.start_server(backend, model_routes, config, port=0)
+        worker = await pyworker.start_worker(backend, model_routes, config, port=0)
         client = pyworker.HttpClient(f"http://127.0.0.1:{worker.port}")
         key = signer or (autoscaler.key if autoscaler is not None else None)
         rig = Rig(backend, worker, fake, autoscaler, client, log, cache, key, cost)
