@@ -24,7 +24,15 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -221,7 +229,9 @@ def hello_world_routes(
     ]
 
 
-async def stop_worker(worker: pyworker.RunningWorker, grace: float = 1.0, stack_limit: int = 6) -> None:
+async def stop_worker(
+    worker: pyworker.RunningWorker, grace: float = 1.0, stack_limit: int = 6
+) -> None:
     """RunningWorker.stop, bounded: a stop that hangs fails the test and shows what it waits on."""
     stopping = asyncio.ensure_future(worker.stop(grace=grace))
     done, _ = await asyncio.wait([stopping], timeout=grace + 8.0)
@@ -555,11 +565,12 @@ async def launch_hello_world(
     stdout: int | IO[Any] | None,
     stderr: int | IO[Any] | None,
     stdin: int | IO[Any] | None = None,
+    program: Sequence[str] = (),
 ) -> asyncio.subprocess.Process:
-    """`python hello_world.py` in `workdir` with exactly `env`."""
+    """`python hello_world.py` (or `python *program`) in `workdir` with exactly `env`."""
     return await asyncio.create_subprocess_exec(
         sys.executable,
-        str(WORKER_FILE),
+        *(program or [str(WORKER_FILE)]),
         cwd=str(workdir),
         env=env,
         stdin=stdin,
@@ -609,9 +620,12 @@ class WorkerProcess:
 
 
 @contextlib.asynccontextmanager
-async def spawned_worker(workdir: Path, **env: str) -> AsyncGenerator[WorkerProcess, None]:
-    """`python hello_world.py` in `workdir` with child_env(**env) (WORKER_PORT is picked if
-    absent), its output in workdir/worker.out; killed and reaped on the way out."""
+async def spawned_worker(
+    workdir: Path, program: Sequence[str] = (), **env: str
+) -> AsyncGenerator[WorkerProcess, None]:
+    """`python hello_world.py` (or `python *program`, e.g. ["-m", "workers_2024.hello.server"])
+    in `workdir` with child_env(**env) (WORKER_PORT is picked if absent), its output (stdout
+    and stderr) in workdir/worker.out; killed and reaped on the way out."""
     os.makedirs(workdir, exist_ok=True)
     env.setdefault("WORKER_PORT", str(free_port()))
     log_file = workdir / "worker.out"
@@ -622,6 +636,7 @@ async def spawned_worker(workdir: Path, **env: str) -> AsyncGenerator[WorkerProc
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
+            program=program,
         )
     try:
         yield WorkerProcess(proc, int(env["WORKER_PORT"]), log_file)
