@@ -402,7 +402,7 @@ class Request:
     expect_continue: bool = False
     body: bytes = b""
     remote: str = ""
-    connection: _ServerProtocol | None = dataclasses.field(default=None, repr=False)
+    connection: _ServerProtocol | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def path(self) -> str:
