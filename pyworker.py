@@ -402,6 +402,7 @@ class Request:
     expect_continue: bool = False
     body: bytes = b""
     remote: str = ""
+    # the server's connection it came on: how its handler may answer early (responder)
     connection: _ServerProtocol | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
