@@ -1,0 +1,73 @@
+"""A worker file of today's vastai form (configuration only), as its authors write them, with
+the one import line changed to pyworker. Its environment is set before the import, as such
+files do. Used by tests/test_compat_vastai.py, which runs it as a process."""
+
+import math
+import os
+from typing import Any
+
+os.environ.setdefault("WORKER_PORT", os.environ.get("TEST_WORKER_PORT", "8000"))
+
+from pyworker import (  # the environment first, as today's worker files do
+    BenchmarkConfig,
+    HandlerConfig,
+    JsonDataException,
+    LogActionConfig,
+    Worker,
+    WorkerConfig,
+)
+
+PROMPTS = ["tell me about cats", "a poem about the sea", "why is the sky blue"]
+
+
+def prompt_words(payload: dict[str, Any]) -> float:
+    return float(len(payload["prompt"].split()))
+
+
+def parse_text(payload: dict[str, Any]) -> dict[str, Any]:
+    """/v1/parsed takes {"text": ...}: the model gets a prompt."""
+    if "text" not in payload:
+        raise JsonDataException({"text": "missing parameter"})
+    if not isinstance(payload["text"], str):
+        raise ValueError("text must be a string")  # not a JsonDataException: still a 422
+    return {"prompt": payload["text"], "max_response_tokens": payload.get("tokens", 4)}
+
+
+worker_config = WorkerConfig(
+    model_server_url="http://127.0.0.1",
+    model_server_port=9,  # MODEL_SERVER_URL (set by the test) wins, as pyworker documents
+    model_log_file="/nonexistent/model.log",  # MODEL_LOG wins too
+    handlers=[
+        HandlerConfig(
+            route="/generate",
+            allow_parallel_requests=True,
+            max_queue_time=60.0,
+            benchmark_config=BenchmarkConfig(
+                dataset=[{"prompt": p, "max_response_tokens": 8} for p in PROMPTS],
+                runs=2,
+                concurrency=4,
+            ),
+            workload_calculator=prompt_words,
+        ),
+        HandlerConfig(
+            route="/generate_stream",
+            allow_parallel_requests=True,
+            max_queue_time=None,
+            workload_calculator=lambda p: p["max_response_tokens"],
+        ),
+        HandlerConfig(
+            route="/v1/parsed",
+            request_parser=parse_text,
+            workload_calculator=lambda p: p["missing key"],  # raises: counts 100
+        ),
+        HandlerConfig(route="/v1/nan", workload_calculator=lambda p: math.nan),
+        HandlerConfig(route="/v1/negative", workload_calculator=lambda p: -5),
+    ],
+    log_action_config=LogActionConfig(
+        on_load=["infer server has started"],
+        on_error=["Exception: corrupted model file"],
+        on_info=['"message":"Download'],
+    ),
+)
+
+Worker(worker_config).run()
