@@ -29,6 +29,24 @@ the section of this file it is in (sections start with a banner line "# Name ###
                           post, get         a route: post("/generate", create_handler(...))
     Server and run()      run               run(backend, routes): serve until SIGTERM
 
+Worker files written for other libraries run with their imports changed to pyworker's (the
+README's "Bring your worker"); these names are for them, not for new worker files:
+
+    Compatibility: the 2024 lib
+                          web               aiohttp.web's names: Request, Response,
+                                            StreamResponse, json_response, post, get
+                          start_server      start_server(backend, routes): run()
+                          AuthData          the autoscaler's ticket (lib.data_types')
+                          and, in the core: Backend(max_wait_time=), backend.session;
+                          EndpointHandler(benchmark_runs=...); ClientResponse.content
+    Compatibility: today's vastai workers
+                          Worker            Worker(config).run(), await .run_async()
+                          WorkerConfig      the model server, log, handlers, lifecycle
+                          HandlerConfig     one route: parallel, queue time, parser,
+                                            workload, response_generator, classes
+                          BenchmarkConfig   the benchmark: dataset or generator, runs
+                          LogActionConfig   on_load, on_error, on_info log lines
+
 Everything else is the machinery behind them, readable top to bottom.
 
 One request travels through this module like this:
@@ -124,6 +142,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 __all__ = [
     "ApiPayload",
+    "AuthData",
     "Backend",
     "BenchmarkConfig",
     "ClientResponse",
@@ -146,7 +165,9 @@ __all__ = [
     "relay_json",
     "relay_stream",
     "run",
+    "start_server",
     "text_response",
+    "web",
 ]
 
 # Optional accelerators ###########################################################################
@@ -279,11 +300,12 @@ class UpstreamTimeout(UpstreamError):
 
 
 class JsonDataException(Exception):
-    """Bad fields in a client's JSON: {field: message}, answered as 422 (SPEC section 2)."""
+    """Bad fields in a client's JSON: {field: message} (or one message), answered as 422
+    (SPEC section 2)."""
 
-    def __init__(self, json_msg: Mapping[str, Any]) -> None:
+    def __init__(self, json_msg: Mapping[str, Any] | str) -> None:
         super().__init__(json_msg)
-        self.message = dict(json_msg)
+        self.message: Any = json_msg if isinstance(json_msg, str) else dict(json_msg)
 
 
 # HTTP framing ####################################################################################
@@ -332,18 +354,24 @@ class Headers:
         self._index = index
 
     def get(self, name: str, default: str | None = None) -> str | None:
-        values = self._index.get(name)
+        values = self._index.get(name) or self._index.get(name.lower())  # any case, as aiohttp's
         return values[0] if values else default
+
+    def __getitem__(self, name: str) -> str:
+        value = self.get(name)
+        if value is None:
+            raise KeyError(name)
+        return value
 
     def values(self, name: str) -> Sequence[str]:
         """Every value of `name`, in arrival order (for reading only: not a copy)."""
-        return self._index.get(name, ())
+        return self._index.get(name) or self._index.get(name.lower(), ())
 
     def items(self) -> list[tuple[str, str]]:
         return list(self._fields)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._index
+        return name in self._index or (isinstance(name, str) and name.lower() in self._index)
 
     def __len__(self) -> int:
         return len(self._fields)
@@ -384,10 +412,43 @@ class Request:
     expect_continue: bool = False
     body: bytes = b""
     remote: str = ""
+    # set by the server before the handler runs: how a handler answers early (HttpServer)
+    responder: EarlyResponse | None = dataclasses.field(default=None, repr=False)
 
     @property
     def path(self) -> str:
         return self.target.split("?", 1)[0]
+
+    @property
+    def query_string(self) -> str:
+        """The target's query, after "?" (still percent-encoded)."""
+        return self.target.partition("?")[2]
+
+    @property
+    def query(self) -> dict[str, str]:
+        """The query's parameters, decoded; a repeated one keeps its first value."""
+        import urllib.parse
+
+        pairs = urllib.parse.parse_qsl(self.query_string, keep_blank_values=True)
+        return dict(reversed(pairs))
+
+    async def read(self) -> bytes:
+        return self.body
+
+    async def text(self) -> str:
+        return self.body.decode("utf-8", errors="replace")
+
+    async def json(self) -> Any:
+        """The body as JSON; HttpError(400) when it is not JSON."""
+        try:
+            return json_loads(self.body)
+        except _JSON_DECODE_ERRORS:
+            raise HttpError(400, "invalid JSON") from None
+
+    @property
+    def response_started(self) -> bool:
+        """Whether the handler began its answer already (EarlyResponse.start)."""
+        return self.responder is not None and self.responder.started
 
 
 def _parse_head(head: bytes) -> tuple[bytes, Headers]:
@@ -899,6 +960,9 @@ class HttpClient:
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.scheme, self.host, self.port, self.prefix = split_url(base_url)
+        # 0.0.0.0 is where a server listens on every address, not an address to connect to
+        # (worker files write http://0.0.0.0:5001 for the model): this host is meant.
+        self.host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
         scheme = self.scheme
         self.max_idle = max_idle
         self.max_body = max_body
@@ -1057,15 +1121,32 @@ class ClientResponse:
 
     @property
     def content_type(self) -> str:
-        return self.headers.get("content-type") or "application/octet-stream"
+        """The media type, lower-cased and without parameters ("text/event-stream"), as
+        aiohttp has it; the whole field, to relay, is headers.get("content-type")."""
+        return _media_type(self.headers.get("content-type"))
 
     @property
     def streaming(self) -> bool:
         """Whether the body is a stream to relay as it comes: chunked, or a streaming type."""
-        if self._head.framing.kind == "chunked":
-            return True
-        media_type = self.content_type.partition(";")[0].strip().lower()
-        return media_type in STREAM_MEDIA_TYPES
+        return self._head.framing.kind == "chunked" or self.content_type in STREAM_MEDIA_TYPES
+
+    @property
+    def content(self) -> BodyStream:
+        """The body as a stream (aiohttp's name): `async for line in response.content`,
+        iter_any(), iter_chunked(n). For handlers that read the model's stream themselves."""
+        return BodyStream(self.iter_chunks())
+
+    async def text(self) -> str:
+        """The whole body, decoded with the charset it names (UTF-8 if none)."""
+        charset = "utf-8"
+        for param in (self.headers.get("content-type") or "").split(";")[1:]:
+            name, _, value = param.strip().partition("=")
+            if name.lower() == "charset" and value:
+                charset = value.strip('"')
+        try:
+            return (await self.read()).decode(charset, errors="replace")
+        except LookupError:  # a charset Python does not know
+            return (await self.read()).decode("utf-8", errors="replace")
 
     async def read(self) -> bytes:
         """The whole body (at most the client's max_body bytes)."""
@@ -1173,6 +1254,41 @@ class ClientResponse:
 
     async def __aexit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _media_type(field: str | None) -> str:
+    """A Content-Type field's media type: "Text/HTML; charset=utf-8" -> "text/html"."""
+    return (field or "").partition(";")[0].strip().lower() or "application/octet-stream"
+
+
+class BodyStream:
+    """A body arriving in pieces (ClientResponse.content): iterated, it yields lines (each
+    with its b"\n", the last one perhaps without), as aiohttp's StreamReader does;
+    iter_any() yields what arrived, iter_chunked(n) pieces of at most n bytes."""
+
+    def __init__(self, pieces: AsyncIterator[bytes]) -> None:
+        self._pieces = pieces
+
+    def iter_any(self) -> AsyncIterator[bytes]:
+        return self._pieces
+
+    async def iter_chunked(self, n: int) -> AsyncIterator[bytes]:
+        async for data in self._pieces:
+            for start in range(0, len(data), n):
+                yield data[start : start + n]
+
+    async def read(self) -> bytes:
+        return b"".join([data async for data in self._pieces])
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        rest = b""
+        async for data in self._pieces:
+            rest += data
+            *lines, rest = rest.split(b"\n")
+            for line in lines:
+                yield line + b"\n"
+        if rest:
+            yield rest
 
 
 # HTTP server #####################################################################################
@@ -1508,14 +1624,21 @@ class HttpServer:
             response.headers = [("Allow", allow)]
             access_log.info("%s 405 (%s not allowed)", request.path, request.method)
         else:
+            early = request.responder = EarlyResponse(request, proto, writer, self.closing)
             try:
                 response = await methods[request.method](request)
             except HttpError as exc:
+                if early.started:
+                    return early.cut(exc.__cause__ or exc)
                 response = error_response(exc.status, exc.message)
                 response.headers = exc.headers
-            except Exception:
+            except Exception as exc:
+                if early.started:
+                    return early.cut(exc)
                 log.exception("handler for %s %s failed", request.method, request.path)
                 response = error_response(500, "internal error")
+            if early.started:  # the handler wrote its answer itself; it returned: the end
+                return await early.finish()
         return await self._write_response(request, response, proto, writer)
 
     async def _write_response(
@@ -1608,17 +1731,89 @@ class HttpServer:
 
     @staticmethod
     async def _drain(proto: _ServerProtocol, writer: asyncio.StreamWriter) -> None:
-        """Wait while the client's socket buffer is full (back-pressure), but not forever."""
-        transport = writer.transport
-        if transport.is_closing():
-            raise ConnectionResetError("client connection closed")
-        if transport.get_write_buffer_size() <= 64 * 1024:
-            return  # asyncio's drain() would return at once; skip its overhead
-        proto.enter(_Phase.RESPONDING, WRITE_TIMEOUT)  # the client must read within it
-        try:
-            await writer.drain()
-        finally:
-            proto.enter(_Phase.RESPONDING)
+        await _drain(proto, writer)
+
+
+async def _drain(proto: _ServerProtocol, writer: asyncio.StreamWriter) -> None:
+    """Wait while the client's socket buffer is full (back-pressure), but not forever."""
+    transport = writer.transport
+    if transport.is_closing():
+        raise ConnectionResetError("client connection closed")
+    if transport.get_write_buffer_size() <= 64 * 1024:
+        return  # asyncio's drain() would return at once; skip its overhead
+    proto.enter(_Phase.RESPONDING, WRITE_TIMEOUT)  # the client must read within it
+    try:
+        await writer.drain()
+    finally:
+        proto.enter(_Phase.RESPONDING)
+
+
+class EarlyResponse:
+    """An answer a handler writes itself while it runs (request.responder): start() sends
+    the head at once, each write() is sent before it returns, and the server ends it when
+    the handler returns (the last chunk), or cuts it (no last chunk) if the handler raised.
+
+    Why a hook, and not a Response returned: a handler that relays a model's stream in its
+    own loop (aiohttp's StreamResponse, the 2024 form: prepare, write ..., return) returns
+    only once the stream is over, and buffering its writes until then would turn a token
+    stream into one late answer. Written from inside the handler, it stays a stream, with
+    no task or queue between the handler and the socket, and whatever bookkeeping wraps the
+    handler's call (ModelQueue's job and FIFO turn) ends when the stream does."""
+
+    __slots__ = ("_chunked", "_keep_alive", "_proto", "_request", "_writer", "started")
+
+    def __init__(
+        self,
+        request: Request,
+        proto: _ServerProtocol,
+        writer: asyncio.StreamWriter,
+        closing: bool,
+    ) -> None:
+        self._request = request
+        self._proto = proto
+        self._writer = writer
+        # An HTTP/1.0 client knows no chunked coding: its stream ends when the connection does.
+        self._chunked = request.version == "HTTP/1.1"
+        self._keep_alive = request.keep_alive and self._chunked and not closing
+        self.started = False
+
+    def start(self, status: int, headers: Sequence[tuple[str, str]]) -> None:
+        """Send the head (status, header fields; the framing is added here)."""
+        if self.started:
+            raise RuntimeError("the response was started already")
+        self.started = True
+        self._proto.enter(_Phase.RESPONDING)
+        self._writer.write(
+            response_head(
+                status,
+                headers,
+                content_length=None,
+                keep_alive=self._keep_alive,
+                chunked=self._chunked,
+            )
+        )
+
+    async def write(self, data: bytes) -> None:
+        """Send `data` as the body's next piece (waiting while the client does not read)."""
+        if not self.started:
+            raise RuntimeError("start() the response before writing to it")
+        if data:
+            self._writer.write(encode_chunk(data) if self._chunked else data)
+            await _drain(self._proto, self._writer)
+
+    async def finish(self) -> bool:
+        """(The server's, when the handler returned.) The last chunk; whether to keep alive."""
+        if self._chunked:
+            self._writer.write(LAST_CHUNK)
+        await _drain(self._proto, self._writer)
+        return self._keep_alive
+
+    def cut(self, why: BaseException) -> bool:
+        """(The server's, when the handler raised.) Cut the stream, so the client sees an
+        error rather than a short success."""
+        log.warning("stream for %s cut: %s", self._request.path, why)
+        _abort(self._writer.transport)
+        return False
 
 
 # Payload protocol ################################################################################
@@ -2160,6 +2355,8 @@ def parse_client_request(
                 parse_payload(typing.cast(dict[str, Any], raw_payload))
             except JsonDataException as exc:
                 errors["payload"] = exc.message
+            except _PAYLOAD_READ_ERRORS:
+                errors["payload"] = "invalid payload"
         raise JsonDataException(errors)
     if signatures is not None and auth is not None:
         reason = signatures.check(auth, replay=replay)
@@ -2169,6 +2366,14 @@ def parse_client_request(
         return parse_payload(typing.cast(dict[str, Any], raw_payload)), auth
     except JsonDataException as exc:
         raise JsonDataException({"payload": exc.message}) from None
+    except _PAYLOAD_READ_ERRORS as exc:
+        # A worker's own from_json_msg that indexes the payload (json_msg["input"]["x"]) meets
+        # a client's bad payload: the client's to fix (422), not the worker's failure (500).
+        log.info("payload refused: %s raised %r", parse_payload, exc)
+        raise JsonDataException({"payload": "invalid payload"}) from None
+
+
+_PAYLOAD_READ_ERRORS = (KeyError, IndexError, TypeError, ValueError, AttributeError)
 
 
 # Handler base classes ############################################################################
@@ -2255,17 +2460,22 @@ class _ToClient:
             await aclose()
 
 
+def _relayed_type(model_response: ClientResponse) -> str:
+    """The model's Content-Type field as it is, parameters included (a charset matters)."""
+    return model_response.headers.get("content-type") or "application/octet-stream"
+
+
 async def relay_json(model_response: ClientResponse) -> Response:
     """The model's answer read whole: its status, content type and body."""
     body = await model_response.read()
-    return Response(model_response.status, body, content_type=model_response.content_type)
+    return Response(model_response.status, body, content_type=_relayed_type(model_response))
 
 
 async def relay_stream(model_response: ClientResponse) -> Response:
     """The model's body relayed chunk by chunk as it arrives (chunked / SSE streams)."""
     return Response(
         model_response.status,
-        content_type=model_response.content_type,
+        content_type=_relayed_type(model_response),
         stream=_ToClient(model_response.iter_chunks()),
     )
 
@@ -2278,6 +2488,17 @@ async def relay(model_response: ClientResponse) -> Response:
     return await relay_json(model_response)
 
 
+class _Unset:
+    """The value of a handler setting not given as a keyword (see EndpointHandler)."""
+
+    def __repr__(self) -> str:
+        return "<class attribute>"
+
+
+_UNSET: Any = _Unset()
+
+
+@dataclasses.dataclass(eq=False)
 class EndpointHandler(abc.ABC, Generic[P]):
     """One model API route: the model's path, the payload class, how the answer is relayed.
 
@@ -2289,17 +2510,46 @@ class EndpointHandler(abc.ABC, Generic[P]):
     Override generate_client_response to shape it, make_benchmark_payload to benchmark
     with other payloads.
 
-    The 2024 library's form works too: `endpoint` as a property, a `payload_cls`
-    classmethod, generate_client_response(client_request, model_response) overridden, and
-    benchmark_runs / healthcheck_endpoint as class attributes of the benchmark handler (now
-    Backend arguments). The base class declares no `endpoint`, so that both a plain string
-    and a property type-check; Backend.create_handler checks it.
+    The route's settings are class attributes, or keywords (GenerateHandler(benchmark_runs=3)):
+
+        allow_parallel_requests  None: the Backend's. False: this route's model requests
+                                 wait in the one FIFO queue that all such routes share
+        max_queue_time           None: the Backend's; seconds of estimated wait past which
+                                 a request gets 429
+        concurrency              requests per benchmark round (this handler benchmarking);
+                                 None: 10 if the route is parallel, else 1
+        benchmark_runs           rounds of the benchmark; Backend(benchmark_runs=) wins, else 8
+        do_warmup_benchmark      the benchmark's warm-up request first
+
+    The 2024 library's form works too: the handler a dataclass (its subclasses decorated
+    with @dataclasses.dataclass, adding fields), `endpoint` as a property, a `payload_cls`
+    classmethod, generate_client_response(client_request, model_response) overridden,
+    healthcheck_endpoint on the benchmark handler, and benchmark_words (kept, unused). The
+    base class declares no `endpoint`, so that both a plain string and a property
+    type-check; Backend.create_handler checks it.
     """
 
     #: the ApiPayload subclass this route takes; set from EndpointHandler[...] when not given
     payload_class: ClassVar[type[ApiPayload] | None] = None
     #: seconds a model request may take, answer included (None: no limit, for long streams)
     model_timeout: ClassVar[float | None] = None
+
+    # The settings are dataclass fields, so that GenerateHandler(benchmark_runs=3) and the
+    # 2024 form's @dataclass subclasses take them as keywords; their default is _UNSET, which
+    # __post_init__ removes from the instance, so that a subclass's plain class attribute
+    # (allow_parallel_requests = True) is what shows instead of being hidden by a default.
+    allow_parallel_requests: bool | None = dataclasses.field(default=_UNSET, kw_only=True)
+    max_queue_time: float | None = dataclasses.field(default=_UNSET, kw_only=True)
+    concurrency: int | None = dataclasses.field(default=_UNSET, kw_only=True)
+    benchmark_runs: int | None = dataclasses.field(default=_UNSET, kw_only=True)
+    do_warmup_benchmark: bool = dataclasses.field(default=_UNSET, kw_only=True)
+    benchmark_words: int | None = dataclasses.field(default=_UNSET, kw_only=True)
+
+    def __post_init__(self) -> None:
+        own = vars(self)
+        for name in _HANDLER_SETTINGS:
+            if own.get(name) is _UNSET:
+                delattr(self, name)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -2342,6 +2592,25 @@ class EndpointHandler(abc.ABC, Generic[P]):
     ) -> Response:
         """The client's answer; by default the model's, relayed as it is (see relay)."""
         return await relay(model_response)
+
+
+_HANDLER_SETTINGS = {
+    "allow_parallel_requests": None,
+    "max_queue_time": None,
+    "concurrency": None,
+    "benchmark_runs": None,
+    "do_warmup_benchmark": True,
+    "benchmark_words": None,
+}
+for _name, _default in _HANDLER_SETTINGS.items():  # the class attributes under the fields
+    setattr(EndpointHandler, _name, _default)
+
+
+def handler_setting(handler: EndpointHandler[Any], name: str) -> Any:
+    """A handler's setting: its own, else its class's (also when a subclass's __post_init__
+    did not call EndpointHandler's)."""
+    value = getattr(handler, name)
+    return getattr(type(handler), name) if value is _UNSET else value
 
 
 def _endpoint_of(handler: EndpointHandler[Any]) -> str:
@@ -2939,12 +3208,14 @@ class Benchmark:
         runs: int,
         concurrency: int,
         cache_path: str | None,
+        warmup: bool = True,
     ) -> None:
         self.client = client
         self.handler = handler
         self.runs = runs
         self.concurrency = concurrency
         self.cache_path = cache_path
+        self.warmup = warmup
         module = sys.modules.get(type(handler).__module__)
         worker = os.path.abspath(getattr(module, "__file__", None) or type(handler).__module__)
         self.identity = {"worker": worker, "route": _endpoint_of(handler)}
@@ -2983,7 +3254,8 @@ class Benchmark:
         """max_perf in workload per second; 0.0 when no request to the model succeeded."""
         handler = self.handler
         cached = self.cached()
-        await self._request(handler.make_benchmark_payload())  # warm-up, discarded
+        if self.warmup:
+            await self._request(handler.make_benchmark_payload())  # warm-up, discarded
         if cached:
             log.info("benchmark: using cached max_perf=%.2f from %s", cached, self.cache_path)
             return cached
@@ -3067,7 +3339,7 @@ class HealthCheck:
     async def _get(self) -> Response:
         """One GET of the health endpoint, read whole; UpstreamError when it fails."""
         async with await self.client.request("GET", self.path, timeout=10.0) as resp:
-            return Response(resp.status, await resp.read(), content_type=resp.content_type)
+            return Response(resp.status, await resp.read(), content_type=_relayed_type(resp))
 
     async def ask(self) -> Response:
         """The model's health answer as it is (the worker's /healthcheck route)."""
@@ -3587,14 +3859,15 @@ def _nothing() -> None:
 
 
 class ModelQueue:
-    """Forwards accepted requests to the model server: one at a time in arrival order (FIFO)
-    when the model takes one request at a time, else all at once. It relays the answer
-    through the handler and settles each request's job exactly once, however it ends; a
-    stream settles it (and frees the model) when it ends."""
+    """Forwards accepted requests to the model server. A route that takes one request at a
+    time waits in the one FIFO queue shared by every such route (one of their requests at
+    the model at a time, in arrival order); a parallel route goes straight to the model. It
+    relays the answer through the handler and settles each request's job exactly once,
+    however it ends; a stream settles it (and frees the model) when it ends."""
 
-    def __init__(self, metrics: Metrics, *, one_at_a_time: bool) -> None:
+    def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
-        self.lock = asyncio.Lock() if one_at_a_time else None  # Lock wakes waiters FIFO
+        self.lock = asyncio.Lock()  # asyncio.Lock wakes its waiters in FIFO order
         self.client: HttpClient | None = None  # the model server (set by Backend.start)
 
     async def forward(
@@ -3604,8 +3877,10 @@ class ModelQueue:
         payload: ApiPayload,
         request: Request,
         job: _Job,
+        *,
+        one_at_a_time: bool,
     ) -> Response:
-        lock = self.lock
+        lock = self.lock if one_at_a_time else None
         holding = False
         try:
             if self.client is None:
@@ -3645,6 +3920,8 @@ class ModelQueue:
         except UpstreamError as exc:  # the boundary: the model's failure, told to the client
             job.finish("errored", exc.status)
             log.warning("%s: model request failed: %s", job.route, exc)
+            if request.response_started:  # the handler's own stream broke off: it is cut
+                raise HttpError(exc.status, _upstream_message(exc)) from exc
             return error_response(exc.status, _upstream_message(exc))
         except HttpError as exc:  # raised by the worker's own handler code
             job.finish("errored", exc.status)
@@ -3987,18 +4264,21 @@ class Backend:
         healthcheck_endpoint: str | None = None,
         benchmark_runs: int | None = None,
         max_sessions: int = 10,
+        max_wait_time: float | None = None,
     ) -> None:
         self.model_server_url = model_server_url
         self.model_log_file = model_log_file
         self.allow_parallel_requests = allow_parallel_requests
         self.benchmark_handler = benchmark_handler
         self.log_actions = list(log_actions)
-        self.max_queue_time = max_queue_time
+        # max_wait_time: the 2025 library's name for it
+        self.max_queue_time = max_queue_time if max_queue_time is not None else max_wait_time
         old: Any = benchmark_handler  # the 2024 places, read once here
         self.healthcheck_endpoint: str | None = healthcheck_endpoint or getattr(
             old, "healthcheck_endpoint", None
         )
-        self.benchmark_runs: int = benchmark_runs or getattr(old, "benchmark_runs", 8)
+        runs = benchmark_runs or handler_setting(benchmark_handler, "benchmark_runs")
+        self.benchmark_runs: int = runs or 8
         self.max_sessions = max_sessions
         # Set before start() when the model is known to be loaded then (a worker file's
         # lifecycle context entered): the reason, logged; the benchmark starts at once.
@@ -4007,7 +4287,7 @@ class Backend:
         self.metrics = Metrics()
         self.lifecycle = Lifecycle()
         self.signatures = SignatureChecker()
-        self.queue = ModelQueue(self.metrics, one_at_a_time=not allow_parallel_requests)
+        self.queue = ModelQueue(self.metrics)
         self.reporter: LoadReporter | PlatformReporter | None = None
         self.completions: Completions | None = None  # today's platform: completion reports
         self.health: HealthCheck | None = None
@@ -4048,19 +4328,35 @@ class Backend:
             raise RuntimeError("Backend.start() has not run")
         return self._client
 
+    @property
+    def session(self) -> ModelSession:
+        """The model server for a worker's own routes, with aiohttp's ClientSession names
+        (the 2024 library's `backend.session`; see Compatibility: the 2024 lib)."""
+        return ModelSession(lambda: self.client)
+
+    def _parallel(self, handler: EndpointHandler[Any]) -> bool:
+        """Whether a route's model requests go straight to the model (else: FIFO)."""
+        own = handler_setting(handler, "allow_parallel_requests")
+        return self.allow_parallel_requests if own is None else bool(own)
+
     # The request pipeline ---------------------------------------------------------------------
 
     def create_handler(self, handler: EndpointHandler[Any]) -> Handler:
         """The server-side handler for a route forwarding to `handler.endpoint`."""
         endpoint = _endpoint_of(handler)  # checked now: a mistake stops the worker at start
         payload_cls = handler.payload_cls()
-        return functools.partial(self._handle, handler, endpoint, payload_cls)
+        own_limit = handler_setting(handler, "max_queue_time")
+        limit = self.max_queue_time if own_limit is None else float(own_limit)
+        parallel = self._parallel(handler)
+        return functools.partial(self._handle, handler, endpoint, payload_cls, parallel, limit)
 
     async def _handle(
         self,
         handler: EndpointHandler[Any],
         endpoint: str,
         payload_cls: type[ApiPayload],
+        parallel: bool,
+        max_queue_time: float | None,
         request: Request,
     ) -> Response:
         route = request.path
@@ -4068,14 +4364,18 @@ class Backend:
         if isinstance(admitted, Response):
             return admitted
         payload, auth, idx = admitted.payload, admitted.auth, admitted.idx
-        workload = float(payload.count_workload())
+        try:
+            workload = float(payload.count_workload())
+        except _PAYLOAD_READ_ERRORS as exc:  # a payload its own class cannot weigh: as above
+            log.info("payload refused: count_workload raised %r", exc)
+            return self._refuse(route, json_response({"payload": "invalid payload"}, 422), idx)
         perf = self.lifecycle.max_perf
-        if self.max_queue_time is not None and perf > 0:
+        if max_queue_time is not None and perf > 0:
             # Open sessions hold their cost in flight, but no model time: left out here.
             wait = (self.metrics.in_flight.workload - self.sessions.held) / perf
-            if wait > self.max_queue_time:
+            if wait > max_queue_time:
                 self.metrics.rejected += 1
-                retry = str(max(1, math.ceil(wait - self.max_queue_time)))
+                retry = str(max(1, math.ceil(wait - max_queue_time)))
                 why = {"error": "queue too long", "estimated_wait": round(wait, 3)}
                 answer = json_response(why, 429, [("Retry-After", retry)])
                 return self._refuse(route, answer, idx, workload)
@@ -4084,7 +4384,9 @@ class Backend:
         job = _Job(self.metrics, route, workload, idx, self.completions)
         if admitted.session is not None:
             self.sessions.enter(admitted.session, job)
-        return await self.queue.forward(handler, endpoint, payload, request, job)
+        return await self.queue.forward(
+            handler, endpoint, payload, request, job, one_at_a_time=not parallel
+        )
 
     def _admit(
         self, route: str, body: bytes, parse: Callable[[dict[str, Any]], _T], *, sessions: bool
@@ -4215,6 +4517,10 @@ class Backend:
         else:
             self.tasks.spawn(self.signatures.fetch(self.reporter.clients[0]))
         health = config.model_health_endpoint or self.healthcheck_endpoint
+        base = self.model_server_url.rstrip("/")
+        if health and config.model_server_url and health.startswith(base + "/"):
+            # A URL on the worker file's model server, which MODEL_SERVER_URL moved: its path
+            health = health[len(base) :]
         if health:
             self.lifecycle.needs_health = True
             self.health = HealthCheck(
@@ -4252,12 +4558,15 @@ class Backend:
             self.tasks.spawn(self._benchmark())
 
     async def _benchmark(self) -> None:
+        handler = self.benchmark_handler
+        concurrency = handler_setting(handler, "concurrency")
         benchmark = Benchmark(
             self.client,
-            self.benchmark_handler,
+            handler,
             runs=self.benchmark_runs,
-            concurrency=10 if self.allow_parallel_requests else 1,
+            concurrency=concurrency or (10 if self._parallel(handler) else 1),
             cache_path=self.config.benchmark_cache,
+            warmup=bool(handler_setting(handler, "do_warmup_benchmark")),
         )
         max_perf = await benchmark.run()
         if max_perf <= 0:
@@ -4377,7 +4686,14 @@ async def start_worker(
 ) -> RunningWorker:
     """Listen and start the backend; /ping answers before anything else finishes."""
     config = config or Config.from_env()
-    server = HttpServer([*builtin_routes(backend, config), *routes], max_body=config.max_body)
+    routes, builtin = list(routes), builtin_routes(backend, config)
+    # A worker file's own route wins over a built-in one on the same method and path: the
+    # file says so explicitly (2024 worker files serve their own /ping and /healthcheck).
+    own = {(r.method, r.path) for r in routes}
+    for route in builtin:
+        if (route.method, route.path) in own:
+            log.info("%s %s: the worker file's own route serves it", route.method, route.path)
+    server = HttpServer([*builtin, *routes], max_body=config.max_body)
     ssl_context = None
     if config.use_ssl:
         ssl_context = _server_tls_context(config)
@@ -4597,8 +4913,22 @@ async def _configure_in_loop() -> tuple[Config, _LogHandler]:
 def _set_up_logging(config: Config) -> _LogHandler:
     """The worker's log handler on the root logger at LOG_LEVEL, and the access log's shortcut."""
     handler = _LogHandler()
-    logging.basicConfig(level=config.log_level, handlers=[handler])
-    if logging.getLogger().handlers == [handler] and not access_log.handlers:
+    root = logging.getLogger()
+    if root.handlers:
+        # The worker file set up logging itself (the 2024 files call logging.basicConfig(
+        # level=logging.DEBUG) at import): its own lines keep going to its handlers, and
+        # pyworker's go to pyworker's handler at LOG_LEVEL, once (not also through the
+        # root's, at the worker's level).
+        for old in [h for h in log.handlers if isinstance(h, _LogHandler)]:
+            log.removeHandler(old)
+        log.addHandler(handler)
+        log.setLevel(config.log_level)
+        log.propagate = False
+        alone = log.handlers == [handler]
+    else:
+        logging.basicConfig(level=config.log_level, handlers=[handler])
+        alone = root.handlers == [handler]
+    if alone and not access_log.handlers:
         _access_log_line.direct = handler.access  # the access log went nowhere else
     # The Logging HOWTO's "Optimization" knobs: a record per request need not look up its
     # caller's source line, thread, process (the format shows none of them).
@@ -4649,6 +4979,275 @@ def run(backend: Backend, routes: Iterable[Route]) -> None:
     if install_uvloop():
         log.debug("using uvloop")
     asyncio.run(serve(backend, routes, config, handler))
+
+
+# Compatibility: the 2024 lib ####################################################################
+# Worker files written for the platform's 2024 `lib/` (on aiohttp) run on pyworker with their
+# imports changed: `from lib.backend import Backend, LogAction`, `from lib.data_types import
+# ...` and `from lib.server import start_server` become `from pyworker import ...` with the
+# same names, and `from aiohttp import web, ClientResponse` becomes `from pyworker import web,
+# ClientResponse`. What follows is aiohttp's names for what the core does: the core's
+# Request, Route and ClientResponse already answer to them (query_string, json(), content,
+# content_type ...); the answers (web.Response, web.StreamResponse) and backend.session are
+# shaped here. No second server: the same path, limits and accounting as a native worker.
+
+SESSION_TIMEOUT = 300.0  # seconds a worker's own request through backend.session may take
+
+
+def _header_fields(
+    headers: Mapping[str, str] | None, charset: str | None, content_type: str | None
+) -> tuple[list[tuple[str, str]], str | None]:
+    """aiohttp's headers={...}: the fields to send, and a Content-Type among them (taken
+    out: the core sends the content type once; a Content-Length is the core's to write)."""
+    fields = list((headers or {}).items())
+    given = next((v for k, v in fields if k.lower() == "content-type"), None)
+    fields = [(k, v) for k, v in fields if k.lower() not in ("content-type", "content-length")]
+    media = content_type or given
+    if media is not None and charset and "charset=" not in media.lower():
+        media = f"{media}; charset={charset}"
+    return fields, media
+
+
+class _AioResponse(Response):
+    """aiohttp.web.Response: body= (bytes, a str, or backend.session's answer .content),
+    text=, status=, content_type=, charset=, headers= (a dict)."""
+
+    def __init__(
+        self,
+        *,
+        body: Any = None,
+        status: int = 200,
+        reason: str | None = None,
+        text: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        content_type: str | None = None,
+        charset: str | None = None,
+    ) -> None:
+        if text is not None and body is not None:
+            raise ValueError("body and text are not allowed together")
+        if isinstance(body, _ReadBody):  # a session answer's .content: the model's body
+            body = body.data
+        if text is not None or isinstance(body, str):
+            charset = charset or "utf-8"
+            data = typing.cast(str, text if text is not None else body).encode(charset)
+            default = "text/plain"
+        elif body is None or isinstance(body, (bytes, bytearray, memoryview)):
+            data = bytes(typing.cast("bytes | bytearray | memoryview", body or b""))
+            default = "application/octet-stream"
+        else:
+            raise TypeError(f"web.Response body: bytes or str, not {type(body).__name__}")
+        fields, media = _header_fields(headers, charset, content_type)
+        if media is None:
+            media = f"{default}; charset={charset}" if charset else default
+        super().__init__(status, data, content_type=media, headers=fields)
+
+
+def _aio_json_response(
+    data: Any = None,
+    *,
+    text: str | None = None,
+    body: bytes | None = None,
+    status: int = 200,
+    reason: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    content_type: str = "application/json",
+    dumps: Callable[[Any], str] | None = None,
+) -> _AioResponse:
+    """aiohttp.web.json_response(data=..., status=...)."""
+    if body is None and text is None:
+        body = json_dumps(data) if dumps is None else dumps(data).encode()
+    return _AioResponse(
+        body=body, text=text, status=status, headers=headers, content_type=content_type
+    )
+
+
+class _AioStreamResponse(Response):
+    """aiohttp.web.StreamResponse: set content_type, `await prepare(request)` (the head goes
+    to the client at once), `await write(data)` (each piece goes out as it is written),
+    `await write_eof()`, return it. It is the request's EarlyResponse underneath: when the
+    handler returns, the stream ends; if the handler raises (the model broke off), it is
+    cut. Prepared outside a server's request, the writes become the body."""
+
+    def __init__(
+        self,
+        *,
+        status: int = 200,
+        reason: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        fields, media = _header_fields(headers, None, None)
+        super().__init__(status, content_type=media or "application/octet-stream", headers=fields)
+        self.prepared = False
+        self._early: EarlyResponse | None = None
+        self._pieces: list[bytes] = []
+
+    async def prepare(self, request: Request) -> None:
+        if self.prepared:
+            return
+        self.prepared = True
+        self._early = request.responder
+        if self._early is not None:
+            self._early.start(self.status, [("Content-Type", self.content_type), *self.headers])
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not self.prepared:
+            raise RuntimeError("StreamResponse.write before prepare()")
+        if self._early is not None:
+            await self._early.write(bytes(data))
+        else:
+            self._pieces.append(bytes(data))
+            self.body = b"".join(self._pieces)
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        """The end comes when the handler returns; this only writes the last `data`."""
+        if data:
+            await self.write(data)
+
+
+class _ReadBody(BodyStream):
+    """A body read whole, as a BodyStream (a session answer's .content)."""
+
+    def __init__(self, data: bytes) -> None:
+        async def pieces() -> AsyncIterator[bytes]:
+            if data:
+                yield data
+
+        super().__init__(pieces())
+        self.data = data
+
+
+class _SessionResponse:
+    """A backend.session answer, read whole: aiohttp's ClientResponse names (status,
+    headers, content_type, content, read(), json(), text())."""
+
+    def __init__(self, status: int, reason: str, headers: Headers, body: bytes) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.content = _ReadBody(body)
+        self.content_type = _media_type(headers.get("content-type"))
+        self._body = body
+
+    async def read(self) -> bytes:
+        return self._body
+
+    async def text(self) -> str:
+        return self._body.decode("utf-8", errors="replace")
+
+    async def json(self) -> Any:
+        try:
+            return json_loads(self._body)
+        except _JSON_DECODE_ERRORS:
+            raise UpstreamError("the model answered invalid JSON") from None
+
+    def release(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+    async def __aenter__(self) -> _SessionResponse:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        return None
+
+
+class _SessionCall:
+    """What backend.session.get(...) returns: awaited, or used with `async with`."""
+
+    def __init__(self, send: Callable[[], Awaitable[_SessionResponse]]) -> None:
+        self._send = send
+
+    def __await__(self) -> typing.Generator[Any, None, _SessionResponse]:
+        return self._send().__await__()
+
+    async def __aenter__(self) -> _SessionResponse:
+        return await self._send()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        return None
+
+
+class ModelSession:
+    """backend.session: the model server with aiohttp's ClientSession names (get, post, put,
+    delete, request), over the backend's pooled connections; a path is on the model server,
+    a whole URL is asked on a connection of its own. Each answer is read whole (at most
+    MAX_UPSTREAM_BODY): for a worker's own routes (/healthcheck, a /view proxy); model
+    routes relay streams through their handlers."""
+
+    def __init__(self, client: Callable[[], HttpClient]) -> None:
+        self._client = client
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        json: Any = None,
+        data: bytes | str | None = None,
+        params: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: float | None = SESSION_TIMEOUT,
+    ) -> _SessionCall:
+        import urllib.parse
+
+        body = json_dumps(json) if json is not None else data
+        body = body.encode() if isinstance(body, str) else body
+        fields = [(k, v) for k, v in (headers or {}).items() if k.lower() != "content-type"]
+        content_type = next(
+            (v for k, v in (headers or {}).items() if k.lower() == "content-type"),
+            "application/json" if json is not None else "application/octet-stream",
+        )
+        if params:
+            url += ("&" if "?" in url else "?") + urllib.parse.urlencode(params)
+
+        async def send() -> _SessionResponse:
+            own = None if url.startswith("/") else HttpClient(url, max_idle=0)
+            client = self._client() if own is None else own
+            try:
+                path = url if own is None else ""
+                resp = await client.request(
+                    method, path, body, headers=fields, content_type=content_type, timeout=timeout
+                )
+                async with resp:
+                    return _SessionResponse(
+                        resp.status, resp.reason, resp.headers, await resp.read()
+                    )
+            finally:
+                if own is not None:
+                    await own.close()
+
+        return _SessionCall(send)
+
+    def get(self, url: str, **options: Any) -> _SessionCall:
+        return self.request("GET", url, **options)
+
+    def post(self, url: str, **options: Any) -> _SessionCall:
+        return self.request("POST", url, **options)
+
+    def put(self, url: str, **options: Any) -> _SessionCall:
+        return self.request("PUT", url, **options)
+
+    def delete(self, url: str, **options: Any) -> _SessionCall:
+        return self.request("DELETE", url, **options)
+
+
+class web:  # lower-case: it stands for the module of `from aiohttp import web`
+    """aiohttp.web's names that worker files use, over the core's."""
+
+    Request = Request
+    Response = _AioResponse
+    StreamResponse = _AioStreamResponse
+    RouteDef = Route
+    json_response = staticmethod(_aio_json_response)
+    post = staticmethod(post)
+    get = staticmethod(get)
+
+
+def start_server(backend: Backend, routes: Iterable[Route]) -> None:
+    """The 2024 library's name for run(backend, routes): serve until SIGTERM."""
+    run(backend, routes)
 
 
 # Compatibility: today's vastai workers ###########################################################
@@ -4806,9 +5405,9 @@ class _ConfigHandler(EndpointHandler[Any]):
             math.inf if settings.max_queue_time is None else settings.max_queue_time
         )
         bench = settings.benchmark_config
-        if bench is not None:
+        if bench is not None:  # as vastai: `concurrency` at once only on a parallel route
             self.benchmark_runs = bench.runs
-            self.concurrency = bench.concurrency or 10
+            self.concurrency = (bench.concurrency or 10) if self.allow_parallel_requests else 1
             self.do_warmup_benchmark = bench.do_warmup
 
     async def generate_client_response(
