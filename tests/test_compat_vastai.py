@@ -33,6 +33,7 @@ from support import (
     signing_key,
 )
 
+from pyworker import Response
 from test_load import FakeModel, LocalAutoscaler
 
 run = Runner(timeout=90.0)
@@ -43,13 +44,25 @@ TOKEN = "vastai-form-token"
 
 class GatedModel(FakeModel):
     """A FakeModel whose streams, while `gated`, send their first token and then wait for
-    `gate`: what the client has by then came before the model finished."""
+    `gate`: what the client has by then came before the model finished. While `holding`,
+    JSON answers wait for `release`."""
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         self.gated = False
         self.gate = asyncio.Event()
         self.streams_done = 0
+        self.holding = False
+        self.release = asyncio.Event()
+
+    async def _generate_json(self, payload: dict[str, Any]) -> Response:
+        if self.holding:
+            self.active += 1  # held at the model: in progress there
+            try:
+                await self.release.wait()
+            finally:
+                self.active -= 1
+        return await super()._generate_json(payload)
 
     async def _tokens(
         self, payload: dict[str, Any], *, done_marker: bool = False
@@ -143,6 +156,7 @@ async def child_worker(
             await proc.wait()
     finally:
         model.gate.set()
+        model.release.set()
         await model.stop()
         await scaler.stop()
 
@@ -194,6 +208,14 @@ def test_config_worker_serves_every_route(tmp_path: Path) -> None:
                 c, "/generate_stream", {"prompt": "tell me", "max_response_tokens": 5}
             )
             assert body.count(b"data: ") == 5, body
+            # A response_generator writing a web.StreamResponse: relayed as it is written.
+            body = await stream_chunk_by_chunk(
+                c, "/v1/tokens_stream", {"prompt": "go", "max_response_tokens": 3}
+            )
+            assert body.count(b"data: ") == 4 and body.endswith(b"data: [DONE]\n\n"), body
+            reply = await c.post("/v1/wrapped", {"prompt": "wrap it"})
+            assert reply.status == 200, reply
+            assert isinstance(reply.json()["wrapped"]["response"], str), reply
             for route in ("/v1/parsed", "/v1/nan", "/v1/negative"):
                 payload = {"text": "hi"} if route == "/v1/parsed" else {"prompt": "hi"}
                 for _ in range(2):  # twice: a bad calculator is logged once per route
@@ -224,6 +246,49 @@ def test_config_worker_serves_every_route(tmp_path: Path) -> None:
 
             await c.proc.until(served_reported, 20.0, "a report of the requests served")
             assert not c.scaler.faults, c.scaler.faults
+
+    run(main())
+
+
+async def metric(child: Child, name: str) -> float:
+    reply = await request(child.proc.port, "GET", "/metrics")
+    for line in reply.body.decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"no {name} in /metrics")
+
+
+def test_serial_routes_share_one_queue_and_parallel_ones_pass_it(tmp_path: Path) -> None:
+    # config_worker.py's routes without allow_parallel_requests take the model one at a time
+    # among them (one FIFO); /generate (parallel) goes straight to the model meanwhile.
+    async def main() -> None:
+        async with child_worker(tmp_path, "config_worker.py") as c:
+            await c.wait_ready()
+            model = c.model
+            model.holding = True
+            model.release.clear()
+            serial = [
+                asyncio.ensure_future(c.post(route, {"prompt": "one at a time"}))
+                for route in ("/v1/nan", "/v1/negative", "/v1/wrapped")
+            ]
+
+            async def two_queued() -> bool:
+                return model.active == 1 and await metric(c, "pyworker_requests_queued") == 2
+
+            await c.proc.until(two_queued, 20.0, "one serial request at the model, two queued")
+            parallel = [
+                asyncio.ensure_future(c.post("/generate", {"prompt": "at once"})) for _ in range(2)
+            ]
+
+            async def parallel_in() -> bool:
+                return model.active == 3
+
+            await c.proc.until(parallel_in, 20.0, "the parallel requests past the queue")
+            assert await metric(c, "pyworker_requests_queued") == 2
+            model.holding = False
+            model.release.set()
+            replies = await asyncio.gather(*serial, *parallel)
+            assert [r.status for r in replies] == [200] * 5, replies
 
     run(main())
 

@@ -15,6 +15,7 @@ from pyworker import (  # the environment first, as today's worker files do
     LogActionConfig,
     Worker,
     WorkerConfig,
+    web,
 )
 
 PROMPTS = ["tell me about cats", "a poem about the sea", "why is the sky blue"]
@@ -31,6 +32,23 @@ def parse_text(payload: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(payload["text"], str):
         raise ValueError("text must be a string")  # not a JsonDataException: still a 422
     return {"prompt": payload["text"], "max_response_tokens": payload.get("tokens", 4)}
+
+
+async def relay_tokens(client_request: Any, model_response: Any) -> Any:
+    """The model's stream, relayed as today's files write it: aiohttp's StreamResponse."""
+    res = web.StreamResponse(status=model_response.status)
+    res.content_type = model_response.content_type
+    await res.prepare(client_request)
+    async for line in model_response.content:
+        await res.write(line)
+    await res.write_eof()
+    return res
+
+
+async def wrap_answer(client_request: Any, model_response: Any) -> Any:
+    if model_response.status != 200:
+        return web.Response(status=model_response.status)
+    return web.json_response(data={"wrapped": await model_response.json()}, status=200)
 
 
 worker_config = WorkerConfig(
@@ -61,6 +79,13 @@ worker_config = WorkerConfig(
             workload_calculator=lambda p: p["missing key"],  # raises: counts 100
         ),
         HandlerConfig(route="/v1/nan", workload_calculator=lambda p: math.nan),
+        HandlerConfig(
+            route="/v1/tokens_stream",
+            allow_parallel_requests=True,
+            response_generator=relay_tokens,
+            workload_calculator=lambda p: 10,
+        ),
+        HandlerConfig(route="/v1/wrapped", response_generator=wrap_answer),
         HandlerConfig(route="/v1/negative", workload_calculator=lambda p: -5),
     ],
     log_action_config=LogActionConfig(
