@@ -47,6 +47,8 @@ class GatedModel(FakeModel):
     `gate`: what the client has by then came before the model finished. While `holding`,
     JSON answers wait for `release`."""
 
+    active: int
+
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         self.gated = False
