@@ -5476,11 +5476,6 @@ class Worker:
             raise ValueError(
                 f"route {bench_settings.route}: BenchmarkConfig has no dataset or generator"
             )
-        if config.benchmark_data or config.benchmark_route:
-            log.warning(
-                "WorkerConfig.benchmark_data / benchmark_route are not used (as in vastai "
-                "1.9.1): the route's BenchmarkConfig says what the benchmark sends"
-            )
         url = config.model_server_url or "http://127.0.0.1"
         if config.model_server_port is not None:
             url = f"{url}:{config.model_server_port}"
@@ -5523,6 +5518,11 @@ class Worker:
     async def _serve(self, config: Config, log_handler: _LogHandler) -> None:
         backend = self.backend
         assert backend is not None
+        if self.config.benchmark_data or self.config.benchmark_route:
+            log.warning(
+                "WorkerConfig.benchmark_data / benchmark_route are not used (as in vastai "
+                "1.9.1): the route's BenchmarkConfig says what the benchmark sends"
+            )
         lifecycle = self.config.lifecycle
         if lifecycle is None:
             await serve(backend, self.routes, config, log_handler)
