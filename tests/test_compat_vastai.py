@@ -187,6 +187,29 @@ async def stream_chunk_by_chunk(child: Child, route: str, payload: dict[str, Any
     return first + rest
 
 
+async def failed_start(
+    tmp_path: Path, name: str, **env: str
+) -> tuple[int, str, list[dict[str, Any]]]:
+    """tests/workers_vastai/`name` run with `env` where it cannot start: its exit status, its
+    output, and the failed-start reports a local autoscaler got."""
+    scaler = await LocalAutoscaler(signing_key()).start()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(WORKERS / name),
+            cwd=str(tmp_path),
+            env=child_env(REPORT_ADDR=scaler.url, MASTER_TOKEN="tok", **env),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        output, _ = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode is not None
+        return proc.returncode, output.decode(errors="replace"), scaler.reports
+    finally:
+        await scaler.stop()
+
+
 # Tests ###########################################################################################
 
 
@@ -342,32 +365,24 @@ def test_class_worker_with_lifecycle_and_run_async(tmp_path: Path) -> None:
 def test_configuration_mistake_stops_with_one_line(
     tmp_path: Path, case: str, expected: str
 ) -> None:
-    async def main() -> tuple[int, str, list[dict[str, Any]]]:
-        scaler = await LocalAutoscaler(signing_key()).start()
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                str(WORKERS / "bad_config.py"),
-                cwd=str(tmp_path),
-                env=child_env(
-                    BAD_CASE=case,
-                    REPORT_ADDR=scaler.url,
-                    MASTER_TOKEN="tok",
-                    WORKER_PORT=str(free_port()),
-                ),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-            )
-            output, _ = await asyncio.wait_for(proc.communicate(), 30)
-            assert proc.returncode is not None
-            return proc.returncode, output.decode(errors="replace"), scaler.reports
-        finally:
-            await scaler.stop()
-
-    code, output, reports = run(main())
+    worker_port = str(free_port())
+    code, output, reports = run(
+        failed_start(tmp_path, "bad_config.py", BAD_CASE=case, WORKER_PORT=worker_port)
+    )
     lines = [line for line in output.splitlines() if line.strip()]
     assert code != 0, output
     assert len(lines) == 1, output
     assert expected in lines[0], output
     assert [r["error_msg"] for r in reports] == [lines[0].removeprefix("pyworker: ")], reports
+
+
+def test_run_async_with_a_bad_environment_reports_and_exits(tmp_path: Path) -> None:
+    # Guards the environment read inside a running loop (run_async): one line, exit 1, and the
+    # failed-start report sent all the same (run() outside a loop always sent it).
+    env = {"TEST_MODEL_URL": "http://127.0.0.1:9", "TEST_MARKS": str(tmp_path)}
+    code, output, reports = run(failed_start(tmp_path, "class_worker.py", WORKER_PORT="abc", **env))
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert code == 1, output
+    assert len(lines) == 1 and "WORKER_PORT" in lines[0], output
+    assert len(reports) == 1 and "WORKER_PORT" in reports[0]["error_msg"], reports
+    assert not (tmp_path / "entered").exists()  # the lifecycle is not entered
