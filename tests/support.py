@@ -24,7 +24,15 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -557,11 +565,12 @@ async def launch_hello_world(
     stdout: int | IO[Any] | None,
     stderr: int | IO[Any] | None,
     stdin: int | IO[Any] | None = None,
+    program: Sequence[str] = (),
 ) -> asyncio.subprocess.Process:
-    """`python hello_world.py` in `workdir` with exactly `env`."""
+    """`python hello_world.py` (or `python *program`) in `workdir` with exactly `env`."""
     return await asyncio.create_subprocess_exec(
         sys.executable,
-        str(WORKER_FILE),
+        *(program or [str(WORKER_FILE)]),
         cwd=str(workdir),
         env=env,
         stdin=stdin,
@@ -611,9 +620,12 @@ class WorkerProcess:
 
 
 @contextlib.asynccontextmanager
-async def spawned_worker(workdir: Path, **env: str) -> AsyncGenerator[WorkerProcess, None]:
-    """`python hello_world.py` in `workdir` with child_env(**env) (WORKER_PORT is picked if
-    absent), its output in workdir/worker.out; killed and reaped on the way out."""
+async def spawned_worker(
+    workdir: Path, program: Sequence[str] = (), **env: str
+) -> AsyncGenerator[WorkerProcess, None]:
+    """`python hello_world.py` (or `python *program`, e.g. ["-m", "workers_2024.hello.server"])
+    in `workdir` with child_env(**env) (WORKER_PORT is picked if absent), its output (stdout
+    and stderr) in workdir/worker.out; killed and reaped on the way out."""
     os.makedirs(workdir, exist_ok=True)
     env.setdefault("WORKER_PORT", str(free_port()))
     log_file = workdir / "worker.out"
@@ -624,6 +636,7 @@ async def spawned_worker(workdir: Path, **env: str) -> AsyncGenerator[WorkerProc
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
+            program=program,
         )
     try:
         yield WorkerProcess(proc, int(env["WORKER_PORT"]), log_file)
