@@ -119,8 +119,9 @@ async def child_worker(
     **env: str,
 ) -> AsyncGenerator[Child, None]:
     """tests/workers_vastai/`name` as a process in tmp_path, secured, before a GatedModel (its
-    URL in the variable `model_url_in`) and a LocalAutoscaler; killed and reaped on the way
-    out. WORKER_PORT is in `env` or picked; `log` False: no MODEL_LOG."""
+    URL in the variable `model_url_in`, or its port if that name ends in _PORT) and a
+    LocalAutoscaler; killed and reaped on the way out. WORKER_PORT is in `env` or picked;
+    `log` False: no MODEL_LOG."""
     model_log = tmp_path / "model.log"
     model = GatedModel(log_path=str(model_log) if log else None)
     scaler = LocalAutoscaler(signing_key(), master_token=TOKEN)
@@ -131,7 +132,7 @@ async def child_worker(
         "REPORT_ADDR": scaler.url,
         "MASTER_TOKEN": TOKEN,
         "PUBLIC_IPADDR": "127.0.0.1",
-        model_url_in: model.url,
+        model_url_in: str(model.port) if model_url_in.endswith("_PORT") else model.url,
         **({"MODEL_LOG": str(model_log)} if log else {}),
         **env,
     }
@@ -216,11 +217,13 @@ async def failed_start(
 def test_config_worker_serves_every_route(tmp_path: Path) -> None:
     # config_worker.py: dataset benchmark, the default relay (JSON and SSE), a request_parser
     # raising JsonDataException and ValueError, calculators that raise / give NaN / negative,
-    # WORKER_PORT set by the file before its import, MODEL_SERVER_URL / MODEL_LOG winning
-    # over the file's values.
+    # WORKER_PORT set by the file before its import, MODEL_LOG winning over the file's value,
+    # the model at http://0.0.0.0:<port> as the file writes it.
     async def main() -> None:
         port = free_port()
-        async with child_worker(tmp_path, "config_worker.py", TEST_WORKER_PORT=str(port)) as c:
+        async with child_worker(
+            tmp_path, "config_worker.py", model_url_in="TEST_MODEL_PORT", TEST_WORKER_PORT=str(port)
+        ) as c:
             assert c.proc.port == port
             await c.wait_ready()
             report = c.ready_reports()[-1]
@@ -287,7 +290,7 @@ def test_serial_routes_share_one_queue_and_parallel_ones_pass_it(tmp_path: Path)
     # config_worker.py's routes without allow_parallel_requests take the model one at a time
     # among them (one FIFO); /generate (parallel) goes straight to the model meanwhile.
     async def main() -> None:
-        async with child_worker(tmp_path, "config_worker.py") as c:
+        async with child_worker(tmp_path, "config_worker.py", model_url_in="TEST_MODEL_PORT") as c:
             await c.wait_ready()
             model = c.model
             model.holding = True
@@ -341,6 +344,10 @@ def test_class_worker_with_lifecycle_and_run_async(tmp_path: Path) -> None:
             reply = await c.post("/echo", {"prompt": "a dog"})
             assert reply.status == 200, reply
             assert isinstance(reply.json()["echo"]["response"], str)
+            body = await stream_chunk_by_chunk(
+                c, "/echo_stream", {"prompt": "a fox", "max_response_tokens": 4}
+            )
+            assert body.count(b"data: ") == 4, body
             reply = await c.post("/generate", {"max_response_tokens": 3})
             assert reply.status == 422, reply
             assert reply.json()["payload"] == {"prompt": "missing parameter"}

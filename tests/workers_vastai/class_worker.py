@@ -22,6 +22,7 @@ from pyworker import (
     Worker,
     WorkerConfig,
     json_response,
+    web,
 )
 
 os.environ["MODEL_SERVER_URL"] = os.environ["TEST_MODEL_URL"]  # read when the worker runs
@@ -56,6 +57,32 @@ class EchoHandler(EndpointHandler[Completion]):
         return json_response({"echo": await model_response.json()}, model_response.status)
 
 
+class StreamHandler(EndpointHandler[Completion]):
+    """/echo_stream: the model's /generate_stream, relayed by the handler itself with
+    aiohttp's names, as the platform's vllm example does."""
+
+    endpoint = "/generate_stream"
+    has_benchmark = False
+    allow_parallel_requests = True
+
+    async def generate_client_response(
+        self, client_request: Request, model_response: ClientResponse
+    ) -> Response:
+        streaming = (
+            model_response.content_type == "text/event-stream"
+            or model_response.headers.get("Transfer-Encoding") == "chunked"
+        )
+        if model_response.status != 200 or not streaming:
+            return web.Response(status=502, text="not a stream")
+        res = web.StreamResponse()
+        res.content_type = model_response.content_type
+        await res.prepare(client_request)
+        async for chunk in model_response.content.iter_any():
+            await res.write(chunk)
+        await res.write_eof()
+        return res
+
+
 @contextlib.asynccontextmanager
 async def model_lifecycle() -> AsyncGenerator[None, None]:
     with open(os.path.join(MARKS, "entered"), "w"):
@@ -83,6 +110,7 @@ worker_config = WorkerConfig(
             benchmark_config=BenchmarkConfig(generator=sample, runs=1, concurrency=2),
         ),
         HandlerConfig(route="/echo", handler_class=EchoHandler),
+        HandlerConfig(route="/echo_stream", handler_class=StreamHandler),
     ],
 )
 

@@ -52,9 +52,9 @@ async def wrap_answer(client_request: Any, model_response: Any) -> Any:
 
 
 worker_config = WorkerConfig(
-    model_server_url="http://127.0.0.1",
-    model_server_port=9,  # MODEL_SERVER_URL (set by the test) wins, as pyworker documents
-    model_log_file="/nonexistent/model.log",  # MODEL_LOG wins too
+    model_server_url="http://0.0.0.0",  # as the platform's examples write it: this host
+    model_server_port=int(os.environ["TEST_MODEL_PORT"]),
+    model_log_file="/nonexistent/model.log",  # MODEL_LOG (set by the test) wins
     handlers=[
         HandlerConfig(
             route="/generate",
