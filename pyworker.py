@@ -5316,8 +5316,9 @@ class WorkerConfig:
     values), its routes, log lines, sessions, and an optional lifecycle: an async context
     manager entered before the worker serves (the model counts as loaded once it is; a model
     log is still read for errors) and exited when it stops. A handler's `healthcheck` is the
-    model's health route when model_healthcheck_url is not given. benchmark_data and benchmark_route are accepted and unused, as in
-    vastai 1.9.1: a route's BenchmarkConfig says what the benchmark sends."""
+    model's health route when model_healthcheck_url is not given. benchmark_data and
+    benchmark_route are accepted and unused, as in vastai 1.9.1: a route's BenchmarkConfig
+    says what the benchmark sends."""
 
     model_server_url: str | None = None
     model_server_port: int | None = None
