@@ -354,7 +354,9 @@ class Headers:
         self._index = index
 
     def get(self, name: str, default: str | None = None) -> str | None:
-        values = self._index.get(name) or self._index.get(name.lower())  # any case, as aiohttp's
+        values = self._index.get(name)
+        if values is None and not name.islower():  # "Content-Type": any case, as aiohttp's
+            values = self._index.get(name.lower())
         return values[0] if values else default
 
     def __getitem__(self, name: str) -> str:
@@ -365,13 +367,18 @@ class Headers:
 
     def values(self, name: str) -> Sequence[str]:
         """Every value of `name`, in arrival order (for reading only: not a copy)."""
-        return self._index.get(name) or self._index.get(name.lower(), ())
+        values = self._index.get(name)
+        if values is None and not name.islower():
+            values = self._index.get(name.lower())
+        return values or ()
 
     def items(self) -> list[tuple[str, str]]:
         return list(self._fields)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._index or (isinstance(name, str) and name.lower() in self._index)
+        if name in self._index:
+            return True
+        return isinstance(name, str) and not name.islower() and name.lower() in self._index
 
     def __len__(self) -> int:
         return len(self._fields)
@@ -1287,6 +1294,9 @@ class BodyStream:
             *lines, rest = rest.split(b"\n")
             for line in lines:
                 yield line + b"\n"
+            if len(rest) > UPSTREAM_READ_SIZE:  # no newline in sight: memory stays bounded
+                yield rest
+                rest = b""
         if rest:
             yield rest
 
@@ -2319,6 +2329,10 @@ def peek_auth(msg: dict[str, Any]) -> tuple[int | None, float]:
     return (idx if type(idx) is int else None), workload
 
 
+# What a worker's own payload code raises on a payload it cannot read (see below)
+_PAYLOAD_READ_ERRORS = (KeyError, IndexError, TypeError, ValueError, AttributeError)
+
+
 def parse_client_request(
     parse_payload: Callable[[dict[str, Any]], _T],
     msg: dict[str, Any],
@@ -2371,9 +2385,6 @@ def parse_client_request(
         # a client's bad payload: the client's to fix (422), not the worker's failure (500).
         log.info("payload refused: %s raised %r", parse_payload, exc)
         raise JsonDataException({"payload": "invalid payload"}) from None
-
-
-_PAYLOAD_READ_ERRORS = (KeyError, IndexError, TypeError, ValueError, AttributeError)
 
 
 # Handler base classes ############################################################################
@@ -4244,12 +4255,14 @@ class Backend:
     benchmark_handler      the route whose payloads measure the model's throughput
     log_actions            [(LogAction, substring)] matched against each model-log line
     max_queue_time         seconds of estimated wait past which a request gets 429
+                           (max_wait_time: the 2025 library's name for it)
     healthcheck_endpoint   the model's health route (GET), polled once ready; None: none
     benchmark_runs         rounds of the benchmark (8)
     max_sessions           sessions open at once at most (10; 0: no limit)
 
-    The last two default to the benchmark handler's class attributes of the same names,
-    where the 2024 library kept them.
+    A handler's own allow_parallel_requests and max_queue_time win over these for its route
+    (see EndpointHandler); healthcheck_endpoint and benchmark_runs default to the benchmark
+    handler's, where the 2024 library kept them.
     """
 
     def __init__(
@@ -4345,8 +4358,8 @@ class Backend:
         """The server-side handler for a route forwarding to `handler.endpoint`."""
         endpoint = _endpoint_of(handler)  # checked now: a mistake stops the worker at start
         payload_cls = handler.payload_cls()
-        own_limit = handler_setting(handler, "max_queue_time")
-        limit = self.max_queue_time if own_limit is None else float(own_limit)
+        limit = handler_setting(handler, "max_queue_time")  # None: the Backend's, when asked
+        limit = None if limit is None else float(limit)
         parallel = self._parallel(handler)
         return functools.partial(self._handle, handler, endpoint, payload_cls, parallel, limit)
 
@@ -4370,6 +4383,8 @@ class Backend:
             log.info("payload refused: count_workload raised %r", exc)
             return self._refuse(route, json_response({"payload": "invalid payload"}, 422), idx)
         perf = self.lifecycle.max_perf
+        if max_queue_time is None:
+            max_queue_time = self.max_queue_time
         if max_queue_time is not None and perf > 0:
             # Open sessions hold their cost in flight, but no model time: left out here.
             wait = (self.metrics.in_flight.workload - self.sessions.held) / perf

@@ -210,7 +210,7 @@ def test_loaded_line_repeated_benchmarks_once(tmp_path: Path) -> None:
         append(log, f"{LOADED}\n{LOADED}\n")
         async with running_worker(tmp_path, fake=FakeModel()) as rig:
             await rig.wait_ready()
-            expected = 1 + FastHandler.benchmark_runs * 10  # warm-up + rounds of 10
+            expected = 1 + rig.backend.benchmark_runs * 10  # warm-up + rounds of 10
             assert len(rig.fake.requests) == expected
             append(log, f"{LOADED} again\n")
             await asyncio.sleep(0.5)

@@ -1,11 +1,11 @@
 """A worker file in the style of the platform's public 2024 PyWorker `lib/` hello_world
 (workers/hello_world/server.py and data_types.py), ported to pyworker.
 
-What changed from the 2024 file is the imports only: the names below come from pyworker
-instead of `lib.backend`, `lib.data_types`, `lib.server` and aiohttp's `web`
-(web.json_response -> json_response, web.Response -> Response, web.post -> post,
-start_server -> run; a streamed answer is relay_stream(model_response) instead of writing
-model_response.content into a web.StreamResponse). The forms are the 2024 ones:
+It is the 2024 form with pyworker's native names (web.json_response -> json_response,
+web.Response -> Response, web.post -> post, start_server -> run, a web.StreamResponse ->
+relay_stream(model_response)): a worker ported by hand. The 2024 files themselves, with
+aiohttp's names and only their imports changed, are tests/workers_2024/ (README, "Bring your
+worker"). The forms are the 2024 ones:
 
   - `endpoint` is a property, `payload_cls` a classmethod;
   - generate_client_response(client_request, model_response) is overridden and matches on
