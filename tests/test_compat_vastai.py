@@ -273,6 +273,13 @@ def test_config_worker_serves_every_route(tmp_path: Path) -> None:
                 return any(r["cur_perf"] > 0 for r in c.scaler.reports if r["url"] == c.url)
 
             await c.proc.until(served_reported, 20.0, "a report of the requests served")
+
+            async def all_completed() -> bool:  # every request_idx sent, reported once ended
+                return all(i in c.scaler.completions for i in range(1, c.idx + 1))
+
+            await c.proc.until(all_completed, 20.0, "the completion reports")
+            first = c.scaler.completions[1]  # the first /generate: a success
+            assert [e["status"] for e in first] == ["Success"], first
             assert not c.scaler.faults, c.scaler.faults
 
     run(main())
@@ -351,6 +358,9 @@ def test_class_worker_with_lifecycle_and_run_async(tmp_path: Path) -> None:
             reply = await c.post("/generate", {"max_response_tokens": 3})
             assert reply.status == 422, reply
             assert reply.json()["payload"] == {"prompt": "missing parameter"}
+            # The file's max_sessions=2: a third session is refused.
+            created = [await c.post("/session/create", {"lifetime": 60}) for _ in range(3)]
+            assert [r.status for r in created] == [201, 201, 429], created
             c.proc.proc.send_signal(signal.SIGTERM)
             assert await asyncio.wait_for(c.proc.proc.wait(), 20) == 0, c.proc.output()
             assert (marks / "exited").exists(), c.proc.output()
