@@ -377,6 +377,7 @@ def test_class_worker_with_lifecycle_and_run_async(tmp_path: Path) -> None:
         ("remote_function", "remote_function / is_remote_dispatch"),
         ("remote_dispatch", "remote_function / is_remote_dispatch"),
         ("empty_benchmark", "BenchmarkConfig has no dataset or generator"),
+        ("lifecycle_fails", "the lifecycle context failed: RuntimeError('no model server binary')"),
     ],
 )
 def test_configuration_mistake_stops_with_one_line(
