@@ -366,19 +366,15 @@ class Headers:
         return value
 
     def values(self, name: str) -> Sequence[str]:
-        """Every value of `name`, in arrival order (for reading only: not a copy)."""
-        values = self._index.get(name)
-        if values is None and not name.islower():
-            values = self._index.get(name.lower())
-        return values or ()
+        """Every value of `name` (lower-cased), in arrival order (for reading only: not a
+        copy). `in` takes a lower-cased name too; get() and [] take any case."""
+        return self._index.get(name, ())
 
     def items(self) -> list[tuple[str, str]]:
         return list(self._fields)
 
     def __contains__(self, name: object) -> bool:
-        if name in self._index:
-            return True
-        return isinstance(name, str) and not name.islower() and name.lower() in self._index
+        return name in self._index
 
     def __len__(self) -> int:
         return len(self._fields)
@@ -419,8 +415,7 @@ class Request:
     expect_continue: bool = False
     body: bytes = b""
     remote: str = ""
-    # set by the server before the handler runs: how a handler answers early (HttpServer)
-    responder: EarlyResponse | None = dataclasses.field(default=None, repr=False)
+    connection: _ServerProtocol | None = dataclasses.field(default=None, repr=False)
 
     @property
     def path(self) -> str:
@@ -453,9 +448,21 @@ class Request:
             raise HttpError(400, "invalid JSON") from None
 
     @property
+    def responder(self) -> EarlyResponse | None:
+        """How the handler answers before it returns (EarlyResponse); None outside a server.
+        Made when first asked for: a request that never asks costs nothing."""
+        proto = self.connection
+        if proto is None or proto.writer is None:
+            return None
+        if proto.early is None:
+            proto.early = EarlyResponse(self, proto, proto.writer, proto.closing)
+        return proto.early
+
+    @property
     def response_started(self) -> bool:
         """Whether the handler began its answer already (EarlyResponse.start)."""
-        return self.responder is not None and self.responder.started
+        proto = self.connection
+        return proto is not None and proto.early is not None and proto.early.started
 
 
 def _parse_head(head: bytes) -> tuple[bytes, Headers]:
@@ -1382,11 +1389,18 @@ class _ServerProtocol(asyncio.StreamReaderProtocol):
         self._loop = asyncio.get_running_loop()
         self.task: asyncio.Task[None] | None = None
         self.conn_transport: asyncio.BaseTransport | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.early: EarlyResponse | None = None  # the answer its handler began itself
         self.phase = _Phase.IDLE
         self._request_line: bytes | None = None  # a request line's end not seen yet
         # When the connection is dropped unless the client makes progress; the server's
         # sweeper checks it (one float per connection instead of a timer per phase).
         self.deadline = self._loop.time() + HEAD_TIMEOUT
+
+    @property
+    def closing(self) -> bool:
+        """The server is shutting down: no keep-alive."""
+        return self._server.closing
 
     @property
     def busy(self) -> bool:
@@ -1401,7 +1415,7 @@ class _ServerProtocol(asyncio.StreamReaderProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.conn_transport = transport
-        writer = asyncio.StreamWriter(
+        writer = self.writer = asyncio.StreamWriter(
             typing.cast(asyncio.WriteTransport, transport), self, self.reader, self._loop
         )
         self.task = self._server.serve(self, writer)
@@ -1559,6 +1573,8 @@ class HttpServer:
                     proto.enter(_Phase.BODY, BODY_TIMEOUT)
                     request = parse_request_head(head)
                     request.remote = remote
+                    request.connection = proto
+                    proto.early = None  # made if its handler asks for it (Request.responder)
                     request.body = await self._read_body(request, reader, writer)
                 except HttpError as exc:
                     self._send_error(writer, exc)
@@ -1634,20 +1650,22 @@ class HttpServer:
             response.headers = [("Allow", allow)]
             access_log.info("%s 405 (%s not allowed)", request.path, request.method)
         else:
-            early = request.responder = EarlyResponse(request, proto, writer, self.closing)
             try:
                 response = await methods[request.method](request)
             except HttpError as exc:
-                if early.started:
+                early = proto.early
+                if early is not None and early.started:
                     return early.cut(exc.__cause__ or exc)
                 response = error_response(exc.status, exc.message)
                 response.headers = exc.headers
             except Exception as exc:
-                if early.started:
+                early = proto.early
+                if early is not None and early.started:
                     return early.cut(exc)
                 log.exception("handler for %s %s failed", request.method, request.path)
                 response = error_response(500, "internal error")
-            if early.started:  # the handler wrote its answer itself; it returned: the end
+            early = proto.early
+            if early is not None and early.started:  # the handler wrote its answer; the end
                 return await early.finish()
         return await self._write_response(request, response, proto, writer)
 
