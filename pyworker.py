@@ -39,6 +39,13 @@ README's "Bring your worker"); these names are for them, not for new worker file
                           AuthData          the autoscaler's ticket (lib.data_types')
                           and, in the core: Backend(max_wait_time=), backend.session;
                           EndpointHandler(benchmark_runs=...); ClientResponse.content
+    Compatibility: today's vastai workers
+                          Worker            Worker(config).run(), await .run_async()
+                          WorkerConfig      the model server, log, handlers, lifecycle
+                          HandlerConfig     one route: parallel, queue time, parser,
+                                            workload, response_generator, classes
+                          BenchmarkConfig   the benchmark: dataset or generator, runs
+                          LogActionConfig   on_load, on_error, on_info log lines
 
 Everything else is the machinery behind them, readable top to bottom.
 
@@ -122,6 +129,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import secrets
 import signal
@@ -136,14 +144,19 @@ __all__ = [
     "ApiPayload",
     "AuthData",
     "Backend",
+    "BenchmarkConfig",
     "ClientResponse",
     "EndpointHandler",
+    "HandlerConfig",
     "HttpError",
     "JsonDataException",
     "LogAction",
+    "LogActionConfig",
     "Multipart",
     "Request",
     "Response",
+    "Worker",
+    "WorkerConfig",
     "error_response",
     "get",
     "json_response",
@@ -4299,6 +4312,9 @@ class Backend:
         runs = benchmark_runs or handler_setting(benchmark_handler, "benchmark_runs")
         self.benchmark_runs: int = runs or 8
         self.max_sessions = max_sessions
+        # Set before start() when the model is known to be loaded then (a worker file's
+        # lifecycle context entered): the reason, logged; the benchmark starts at once.
+        self.loaded_by: str | None = None
         self.config = Config()
         self.metrics = Metrics()
         self.lifecycle = Lifecycle()
@@ -4551,6 +4567,8 @@ class Backend:
                 on_first_ok=None if self.model_log_file else self._healthy_without_log,
             )
             self.tasks.spawn(self.health.run())
+        if self.loaded_by is not None:  # loaded before the worker started: benchmark now
+            self._model_loaded(self.loaded_by)
         if self.model_log_file:
             watcher = ModelLogWatcher(
                 self.model_log_file,
@@ -4562,7 +4580,7 @@ class Backend:
             self.tasks.spawn(watcher.run())
         elif health:
             log.info("no MODEL_LOG: the model counts as loaded at its first healthy answer")
-        else:
+        elif self.loaded_by is None:
             log.error("neither MODEL_LOG nor a health endpoint: the worker cannot become ready")
 
     def _healthy_without_log(self) -> None:
@@ -4892,17 +4910,42 @@ def _arguments(argv: Sequence[str]) -> None:
         sys.exit(2)
 
 
+def _read_config() -> Config | str:
+    """The environment, read and checked; the one-line message of a bad value instead."""
+    try:
+        return Config.from_env()
+    except ConfigError as exc:
+        return f"bad configuration: {exc}"
+
+
+def _start_failed(message: str) -> Config:
+    """A start that cannot go on: its one line on stderr, and what the failed-start report
+    needs (the caller awaits report_failed_start in its loop, then exits 1)."""
+    print(f"pyworker: {message}", file=sys.stderr, flush=True)
+    return _lenient_config(os.environ)
+
+
 def _configure() -> tuple[Config, _LogHandler]:
     """The environment, read and checked (a bad value exits with one line and a failed-start
-    report), and the worker's logging set up: what run() and serve() do first."""
-    try:
-        config = Config.from_env()
-    except ConfigError as exc:
-        message = f"bad configuration: {exc}"
-        print(f"pyworker: {message}", file=sys.stderr)
-        with contextlib.suppress(RuntimeError):  # inside a running loop (serve): no report
-            asyncio.run(report_failed_start(_lenient_config(os.environ), message))
+    report), and the worker's logging set up: what run() does first, outside any loop."""
+    config = _read_config()
+    if isinstance(config, str):
+        asyncio.run(report_failed_start(_start_failed(config), config))
         sys.exit(1)
+    return config, _set_up_logging(config)
+
+
+async def _configure_in_loop() -> tuple[Config, _LogHandler]:
+    """_configure in a running event loop (serve, Worker.run_async): the report awaited."""
+    config = _read_config()
+    if isinstance(config, str):
+        await report_failed_start(_start_failed(config), config)
+        raise SystemExit(1)
+    return config, _set_up_logging(config)
+
+
+def _set_up_logging(config: Config) -> _LogHandler:
+    """The worker's log handler on the root logger at LOG_LEVEL, and the access log's shortcut."""
     handler = _LogHandler()
     root = logging.getLogger()
     if root.handlers:
@@ -4925,7 +4968,7 @@ def _configure() -> tuple[Config, _LogHandler]:
     # caller's source line, thread, process (the format shows none of them).
     logging._srcfile = None  # pyright: ignore[reportPrivateUsage]
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-    return config, handler
+    return handler
 
 
 async def serve(
@@ -4937,7 +4980,7 @@ async def serve(
     """Serve until SIGTERM or SIGINT, in the running event loop; run() without its own loop.
     Without a config, the environment is read now (not when the worker file was imported)."""
     if config is None or log_handler is None:
-        config, log_handler = _configure()
+        config, log_handler = await _configure_in_loop()
     handler = log_handler
     routes = list(routes)
     try:
@@ -5239,6 +5282,301 @@ class web:  # lower-case: it stands for the module of `from aiohttp import web`
 def start_server(backend: Backend, routes: Iterable[Route]) -> None:
     """The 2024 library's name for run(backend, routes): serve until SIGTERM."""
     run(backend, routes)
+
+
+# Compatibility: today's vastai workers ###########################################################
+# A worker file written for the platform's library (vastai 1.9.1, `from vastai import Worker,
+# WorkerConfig, HandlerConfig, BenchmarkConfig, LogActionConfig`) runs on pyworker with that one
+# import changed. The configuration classes have vastai's fields and defaults; Worker turns them
+# into the core's Backend, handlers and routes, and runs serve(). Nothing here reads the
+# environment before run() (such files set variables after their imports).
+
+DEFAULT_WORKLOAD = 100.0  # vastai's: a route without a usable workload_calculator counts this
+
+
+@dataclasses.dataclass
+class LogActionConfig:
+    """The model-log lines that mean loaded, errored, or worth echoing (substrings)."""
+
+    on_load: list[str] = dataclasses.field(default_factory=list[str])
+    on_error: list[str] = dataclasses.field(default_factory=list[str])
+    on_info: list[str] = dataclasses.field(default_factory=list[str])
+
+    @property
+    def log_actions(self) -> list[tuple[LogAction, str]]:
+        return [
+            *((LogAction.ModelLoaded, text) for text in self.on_load),
+            *((LogAction.ModelError, text) for text in self.on_error),
+            *((LogAction.Info, text) for text in self.on_info),
+        ]
+
+
+@dataclasses.dataclass
+class BenchmarkConfig:
+    """The benchmark's payloads (a dataset to pick from, or a generator of them), its rounds,
+    and the requests per round when the route allows parallel requests (else 1)."""
+
+    dataset: list[dict[str, Any]] | None = None
+    generator: Callable[[], dict[str, Any]] | None = None
+    runs: int = 8
+    concurrency: int | None = 10
+    do_warmup: bool = True
+
+
+@dataclasses.dataclass
+class HandlerConfig:
+    """One route, forwarded to the same path on the model server. Without a payload_class the
+    payload is the client's JSON object (request_parser's result, if given), its workload
+    workload_calculator's; without a response_generator the model's answer is relayed as it is.
+    remote_function and is_remote_dispatch (the platform's "deployments") are not supported."""
+
+    route: str
+    healthcheck: str | None = None
+    allow_parallel_requests: bool = False
+    max_queue_time: float | None = 30.0  # None: no limit
+    benchmark_config: BenchmarkConfig | None = None
+    handler_class: type[EndpointHandler[Any]] | None = None
+    payload_class: type[ApiPayload] | None = None
+    request_parser: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    response_generator: Callable[[Request, ClientResponse], Awaitable[Any]] | None = None
+    workload_calculator: Callable[[dict[str, Any]], float] | None = None
+    is_remote_dispatch: bool = False
+    remote_function: Callable[..., Any] | None = None
+
+
+@dataclasses.dataclass
+class WorkerConfig:
+    """The worker: the model server (MODEL_SERVER_URL and MODEL_LOG override the file's
+    values), its routes, log lines, sessions, and an optional lifecycle: an async context
+    manager entered before the worker serves (the model counts as loaded once it is; a model
+    log is still read for errors) and exited when it stops. A handler's `healthcheck` is the
+    model's health route when model_healthcheck_url is not given. benchmark_data and
+    benchmark_route are accepted and unused, as in vastai 1.9.1: a route's BenchmarkConfig
+    says what the benchmark sends."""
+
+    model_server_url: str | None = None
+    model_server_port: int | None = None
+    model_log_file: str | None = None
+    benchmark_data: list[dict[str, Any]] = dataclasses.field(default_factory=list[dict[str, Any]])
+    handlers: list[HandlerConfig] = dataclasses.field(default_factory=list[HandlerConfig])
+    model_healthcheck_url: str | None = None
+    benchmark_route: str | None = None
+    log_action_config: LogActionConfig = dataclasses.field(default_factory=LogActionConfig)
+    max_sessions: int | None = 10  # None: no limit
+    lifecycle: contextlib.AbstractAsyncContextManager[Any] | None = None
+
+
+class _ConfigPayload(ApiPayload):
+    """A route's payload without a payload_class: the client's JSON object, passed through
+    request_parser, sent to the model as it is. Each route has its own subclass (settings)."""
+
+    settings: ClassVar[HandlerConfig]
+    warned: ClassVar[bool] = False  # a bad workload_calculator is logged once per route
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.input = data
+
+    @classmethod
+    def for_test(cls) -> Self:
+        bench = cls.settings.benchmark_config
+        if bench is not None and bench.dataset:
+            return cls(dict(random.choice(bench.dataset)))
+        if bench is not None and bench.generator is not None:
+            return cls(dict(bench.generator()))
+        raise TypeError(f"route {cls.settings.route}: no BenchmarkConfig to make payloads from")
+
+    @classmethod
+    def from_json_msg(cls, json_msg: dict[str, Any]) -> Self:
+        parse = cls.settings.request_parser
+        if parse is not None:
+            try:
+                json_msg = parse(json_msg)
+            except JsonDataException:
+                raise
+            except Exception as exc:  # the author's parser on the client's data: a bad payload
+                log.debug("request_parser of %s: %r", cls.settings.route, exc)
+                raise JsonDataException(
+                    {"request_parser": f"{type(exc).__name__}: {exc}"}
+                ) from None
+            if not isinstance(json_msg, dict):  # pyright: ignore[reportUnnecessaryIsInstance]
+                raise JsonDataException({"request_parser": "did not return a JSON object"})
+        return cls(json_msg)
+
+    def generate_payload_json(self) -> dict[str, Any]:
+        return self.input
+
+    def count_workload(self) -> float:
+        calculate = self.settings.workload_calculator
+        if calculate is None:
+            return DEFAULT_WORKLOAD
+        try:
+            workload = float(calculate(self.input))
+        except Exception as exc:
+            return self._fallback(f"raised {type(exc).__name__}: {exc}")
+        if not math.isfinite(workload) or workload < 0:
+            return self._fallback(f"returned {workload!r}")
+        return workload
+
+    def _fallback(self, what: str) -> float:
+        cls = type(self)
+        if not cls.warned:  # the first time only: a calculator that fails, fails every time
+            cls.warned = True
+            log.warning(
+                "workload_calculator of %s %s: counting %s (said once per route)",
+                self.settings.route,
+                what,
+                DEFAULT_WORKLOAD,
+            )
+        return DEFAULT_WORKLOAD
+
+
+class _ConfigHandler(EndpointHandler[Any]):
+    """A HandlerConfig's route: the model's path is the route, its settings the handler's."""
+
+    def __init__(self, settings: HandlerConfig) -> None:
+        self.endpoint = settings.route
+        self.settings = settings
+        self.allow_parallel_requests = settings.allow_parallel_requests
+        self.max_queue_time = (
+            math.inf if settings.max_queue_time is None else settings.max_queue_time
+        )
+        bench = settings.benchmark_config
+        if bench is not None:  # as vastai: `concurrency` at once only on a parallel route
+            self.benchmark_runs = bench.runs
+            self.concurrency = (bench.concurrency or 10) if self.allow_parallel_requests else 1
+            self.do_warmup_benchmark = bench.do_warmup
+
+    async def generate_client_response(
+        self, client_request: Request, model_response: ClientResponse
+    ) -> Response:
+        generate = self.settings.response_generator
+        if generate is None:
+            return await relay(model_response)
+        return await generate(client_request, model_response)
+
+
+class Worker:
+    """A worker file's WorkerConfig, served: Worker(config).run(), or awaited in a running
+    event loop with `await Worker(config).run_async()`. The backend and routes are made here;
+    a mistake in the configuration stops the worker when it runs, with one line."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.error: str | None = None  # what stops the worker at run(), if anything
+        self.backend: Backend | None = None
+        self.routes: list[Route] = []
+        try:
+            self.backend, self.routes = self._build(config)
+        except (TypeError, ValueError) as exc:
+            self.error = str(exc)
+
+    @staticmethod
+    def _handler(settings: HandlerConfig) -> EndpointHandler[Any]:
+        if settings.remote_function is not None or settings.is_remote_dispatch:
+            raise ValueError(
+                f"route {settings.route}: remote_function / is_remote_dispatch (the platform's "
+                "deployments) are not supported by pyworker"
+            )
+        if not settings.route.startswith("/"):
+            raise ValueError(f'route {settings.route!r}: expected a path such as "/generate"')
+        if settings.handler_class is not None:
+            return settings.handler_class()
+        payload = settings.payload_class
+        if payload is None:
+            attributes = {"settings": settings, "__module__": "__main__"}
+            payload = typing.cast(type[ApiPayload], type("Payload", (_ConfigPayload,), attributes))
+        attributes = {"payload_class": payload, "__module__": "__main__"}
+        handler_cls = type(f"Handler{settings.route}", (_ConfigHandler,), attributes)
+        return typing.cast(_ConfigHandler, handler_cls(settings))
+
+    @classmethod
+    def _build(cls, config: WorkerConfig) -> tuple[Backend, list[Route]]:
+        # No handlers: vastai's default, one route "/" (which still needs a benchmark).
+        settings = config.handlers or [HandlerConfig("/", healthcheck=config.model_healthcheck_url)]
+        handlers = [cls._handler(s) for s in settings]
+        routes = [s.route for s in settings]
+        if len(set(routes)) < len(routes):
+            raise ValueError(f"two handlers for one route: {routes}")
+        benchmarked = [
+            (s, h)
+            for s, h in zip(settings, handlers)
+            if s.benchmark_config is not None
+            or (s.handler_class is not None and getattr(h, "has_benchmark", True))
+        ]
+        if len(benchmarked) != 1:
+            found = ", ".join(s.route for s, _ in benchmarked) or "none"
+            raise ValueError(f"exactly one HandlerConfig needs a benchmark_config (found: {found})")
+        bench_settings, bench_handler = benchmarked[0]
+        bench = bench_settings.benchmark_config
+        if bench is not None and not bench.dataset and bench.generator is None:
+            raise ValueError(
+                f"route {bench_settings.route}: BenchmarkConfig has no dataset or generator"
+            )
+        url = config.model_server_url or "http://127.0.0.1"
+        if config.model_server_port is not None:
+            url = f"{url}:{config.model_server_port}"
+        health = config.model_healthcheck_url or next(
+            (s.healthcheck for s in settings if s.healthcheck), None
+        )
+        backend = Backend(
+            model_server_url=url,
+            model_log_file=config.model_log_file,
+            allow_parallel_requests=False,  # vastai's handlers' default
+            benchmark_handler=bench_handler,
+            log_actions=config.log_action_config.log_actions,
+            healthcheck_endpoint=health,
+            benchmark_runs=bench.runs if bench is not None else None,
+            max_sessions=config.max_sessions or 0,
+        )
+        return backend, [
+            post(s.route, backend.create_handler(h)) for s, h in zip(settings, handlers)
+        ]
+
+    def run(self) -> None:
+        """Serve until SIGTERM or SIGINT (the environment is read now)."""
+        _arguments(sys.argv)
+        config, log_handler = _configure()
+        if self.error is not None:
+            asyncio.run(report_failed_start(_start_failed(self.error), self.error))
+            sys.exit(1)
+        if install_uvloop():
+            log.debug("using uvloop")
+        asyncio.run(self._serve(config, log_handler))
+
+    async def run_async(self) -> None:
+        """run() in the running event loop."""
+        config, log_handler = await _configure_in_loop()
+        if self.error is not None:
+            await report_failed_start(_start_failed(self.error), self.error)
+            raise SystemExit(1)
+        await self._serve(config, log_handler)
+
+    async def _serve(self, config: Config, log_handler: _LogHandler) -> None:
+        backend = self.backend
+        assert backend is not None
+        if self.config.benchmark_data or self.config.benchmark_route:
+            log.warning(
+                "WorkerConfig.benchmark_data / benchmark_route are not used (as in vastai "
+                "1.9.1): the route's BenchmarkConfig says what the benchmark sends"
+            )
+        lifecycle = self.config.lifecycle
+        if lifecycle is None:
+            await serve(backend, self.routes, config, log_handler)
+            return
+        try:
+            await lifecycle.__aenter__()
+        except Exception as exc:
+            message = f"the lifecycle context failed: {exc!r}"
+            await report_failed_start(_start_failed(message), message)
+            raise SystemExit(1) from None
+        backend.loaded_by = "the lifecycle context was entered"
+        try:
+            await serve(backend, self.routes, config, log_handler)
+        except BaseException:
+            if not await lifecycle.__aexit__(*sys.exc_info()):
+                raise
+        else:
+            await lifecycle.__aexit__(None, None, None)
 
 
 if __name__ == "__main__":
