@@ -74,7 +74,9 @@ class SeedBenchmark(pyworker.Benchmark):
             started = time.monotonic()
             results = await asyncio.gather(*(self._request(p) for p in payloads))
             elapsed = max(time.monotonic() - started, 1e-9)
-            rounds.append(sum(p.count_workload() for p, ok in zip(payloads, results) if ok) / elapsed)
+            rounds.append(
+                sum(p.count_workload() for p, ok in zip(payloads, results) if ok) / elapsed
+            )
         return max(rounds, default=0.0)
 
 
