@@ -2942,7 +2942,8 @@ class StoppingRule:
     - in the order they were sent, only up to the oldest one still in flight (a later one
       that is already back is a quick one; counting it without the slower one before it
       would flatter the model);
-    - the window: the newest half of those, but at least 2 x HALF_WINDOW x N of them.
+    - the window: the newest half of those, but at least 2 x ceil(HALF_WINDOW x N) of them
+      (14 for N = 10; 4 for N = 1, the least for any N).
 
     It stops at the first finished request after which, over the window, (1) every request
     succeeded with some workload (a quick refusal says nothing of the model's time), (2) the
@@ -3181,8 +3182,9 @@ class Benchmark:
 
 class HealthCheck:
     """The model's health endpoint (GET), polled every `interval` seconds from the start
-    (SPEC 11.6). The worker is not ready before its first 200; with a model log, that 200
-    must come within `start_timeout` seconds of the model loading, or the worker is errored.
+    (SPEC 11.6), and at once when the benchmark is done and only this 200 is missing. The
+    worker is not ready before its first 200; with a model log, that 200 must come within
+    `start_timeout` seconds of the model loading, or the worker is errored.
     Once healthy, `max_failures` failures in a row (non-2xx, timeout, refused) mark it
     errored: one slow answer from a busy model does not lose the worker.
 

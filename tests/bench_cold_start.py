@@ -185,6 +185,12 @@ async def bench(jitter: float, repeats: int) -> None:
     print(f"max_perf new/seed median:  {spread([p / seed_med for p in new_p], 3)}")
     print(f"max_perf new/sustained:    {spread([p / sustained_perf for p in new_p], 3)}")
     print(f"max_perf seed/sustained:   {spread([p / sustained_perf for p in seed_p], 3)}")
+    if repeats > 1:
+        sd_new = statistics.stdev(new_p) / statistics.mean(new_p)
+        sd_seed = statistics.stdev(seed_p) / statistics.mean(seed_p)
+        print(f"max_perf run-to-run sd:    new {sd_new:.1%}   seed {sd_seed:.1%}")
+    worst = max(abs(p / sustained_perf - 1) for p in new_p)
+    print(f"new max_perf, worst run off the sustained: {worst:.1%}")
     within = sum(
         1 for p in new_p if min(abs(p / seed_med - 1), abs(p / sustained_perf - 1)) <= 0.10
     )
