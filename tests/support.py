@@ -221,7 +221,9 @@ def hello_world_routes(
     ]
 
 
-async def stop_worker(worker: pyworker.RunningWorker, grace: float = 1.0, stack_limit: int = 6) -> None:
+async def stop_worker(
+    worker: pyworker.RunningWorker, grace: float = 1.0, stack_limit: int = 6
+) -> None:
     """RunningWorker.stop, bounded: a stop that hangs fails the test and shows what it waits on."""
     stopping = asyncio.ensure_future(worker.stop(grace=grace))
     done, _ = await asyncio.wait([stopping], timeout=grace + 8.0)
