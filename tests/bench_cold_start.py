@@ -154,7 +154,8 @@ async def sustained(jitter: float, total: int = 300) -> float:
 
 
 def spread(values: list[float], digits: int = 2) -> str:
-    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}..{max(values):.{digits}f})"
+    median, low, high = statistics.median(values), min(values), max(values)
+    return f"{median:.{digits}f} ({low:.{digits}f}..{high:.{digits}f})"
 
 
 async def bench(jitter: float, repeats: int) -> None:
