@@ -31,7 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +81,7 @@ class SeedBenchmark(pyworker.Benchmark):
 
 
 @contextlib.contextmanager
-def seed_method() -> Iterator[None]:
+def seed_method() -> Generator[None, None, None]:
     """Backend._benchmark builds pyworker.Benchmark: the seed's, for the baseline's runs."""
     new = pyworker.Benchmark
     pyworker.Benchmark = SeedBenchmark  # type: ignore[misc]
@@ -199,7 +199,9 @@ async def bench(jitter: float, repeats: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description="Cold start: the new benchmark against the seed's."
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--jitter", type=float, nargs="+", default=[0.15, 0.30])
     args = parser.parse_args()
