@@ -3030,9 +3030,12 @@ class StoppingRule:
 
 
 class Benchmark:
-    """Measures the model's throughput (SPEC section 6): `runs` rounds of `concurrency`
-    requests straight to the model with the handler's benchmark payloads; the best round's
-    workload per second is max_perf.
+    """Measures the model's throughput (SPEC section 6, issue 19) with the handler's
+    benchmark payloads, sent straight to the model: after one warm-up request,
+    `concurrency` requests kept in flight (the next sent as one is answered) until
+    StoppingRule finds their figure stable, at most `runs` rounds' worth (runs x
+    concurrency requests); the figure, workload per second, is max_perf. Requests still in
+    flight then are cancelled: from there on the model's time is the clients'.
 
     The figure is cached in a file (`cache_path`; None: no cache) with what produced it: the
     worker file, the benchmark route and the model URL. The next start takes it from there
@@ -3152,8 +3155,7 @@ class Benchmark:
         finally:  # stable (or cancelled): what is still in flight is not needed
             for future in in_flight:
                 future.cancel()
-            if in_flight:
-                await asyncio.wait(in_flight)
+            await asyncio.gather(*in_flight, return_exceptions=True)
 
     async def _timed(self, payload: ApiPayload) -> tuple[float, float, bool]:
         """One request: when it was sent and answered (time.monotonic()), whether it succeeded."""
