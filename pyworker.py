@@ -5036,9 +5036,12 @@ async def serve(
     log_handler: _LogHandler | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT, in the running event loop; run() without its own loop.
-    Without a config, the environment is read now (not when the worker file was imported)."""
+    Without a config, the environment is read now (not when the worker file was imported);
+    without a log handler, logging is set up here (a config given is kept)."""
     if config is None or log_handler is None:
-        config, log_handler = _configure()
+        configured, new_handler = _configure()
+        config = configured if config is None else config
+        log_handler = new_handler if log_handler is None else log_handler
     handler = log_handler
     routes = list(routes)
     try:
