@@ -2083,11 +2083,16 @@ class SignatureWatch:
         self.doubt_after = doubt_after
         self.quiet = quiet
         self.streak = 0  # refused as matching no layout since the last good signature
-        self.last_ok = -math.inf  # time.monotonic() of the last good signature
+        # the checker's count of good signatures at the last failure, and when that was: the
+        # last good one came no later (the checker counts them without reading the clock)
+        self.verified = 0
+        self.last_ok = -math.inf
         self._warned = -math.inf
         self._timer: asyncio.TimerHandle | None = None
 
-    def ok(self) -> None:
+    def ok(self, verified: int) -> None:
+        """Good signatures came since the last failure (`verified` in all by now)."""
+        self.verified = verified
         self.streak = 0
         self.last_ok = time.monotonic()
 
@@ -2130,6 +2135,11 @@ class SignatureWatch:
         )
         self.pending.clear()
 
+    def flush(self) -> None:
+        """The line now, if refusals are pending (the key is about to change)."""
+        self.close()
+        self.warn()
+
     def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
@@ -2168,6 +2178,7 @@ class SignatureChecker:
         self.guard = ReplayGuard()
         self.layouts = tuple(layouts)
         self.watch = SignatureWatch(self, failures)
+        self.verified = 0  # signatures verified (good ones), ever
         # Fetching the key again (Backend.start sets these when the key is fetched)
         self.spawn: Callable[[typing.Coroutine[Any, Any, None]], None] | None = None
         self.client: HttpClient | None = None
@@ -2193,11 +2204,12 @@ class SignatureChecker:
         old = self.pubkey
         self.key_source, self.key_time = source, time.time()
         if old is None:
-            log.info("public key sha256:%s loaded from %s", key.fingerprint, source)
+            log.info("public key loaded from %s (sha256:%s)", source, key.fingerprint)
         elif old == key:
             log.info("public key from %s: unchanged (sha256:%s)", source, key.fingerprint)
             return
         else:
+            self.watch.flush()  # the refusals so far were under the old key: say so with it
             log.warning(
                 "public key changed: sha256:%s -> sha256:%s (from %s); signatures are "
                 "verified with the new key from now on",
@@ -2306,10 +2318,13 @@ class SignatureChecker:
         that a 429 can be retried with it. Refusals are counted (SignatureWatch)."""
         reason = self._check(auth, replay)
         if reason is None:
-            self.watch.ok()
+            self.verified += 1  # the watch reads it at the next failure: no clock read here
             return None
+        watch = self.watch
+        if self.verified != watch.verified:  # good ones since the last failure
+            watch.ok(self.verified)
         label = FAILURE_LABELS.get(reason, "malformed")
-        self.watch.failed(label)
+        watch.failed(label)
         if label == "no_layout" and self.watch.doubtful():
             self._doubt()
         return reason

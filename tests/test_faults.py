@@ -376,8 +376,8 @@ def test_cancelling_a_request_while_it_connects_is_not_swallowed() -> None:
     must end with CancelledError. asyncio.wait_for (Python <= 3.11) returns the inner result
     when the connection completes in the same loop step as the cancel, swallowing it; the
     report loop then runs on forever and Backend.stop() waits for it without end (seen as a
-    hung RunningWorker.stop in the abuse tests). Each delay below lands the cancel on one step of the
-    connect; every one of them must be honoured."""
+    hung RunningWorker.stop in the abuse tests). Each delay below lands the cancel on one step
+    of the connect; every one of them must be honoured."""
 
     async def main() -> dict[int, str]:
         async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
