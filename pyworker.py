@@ -46,7 +46,8 @@ One request travels through this module like this:
     client <-------------------------------------------------------------------------
 
 Beside the requests, the Backend's parts work in the background: ModelLogWatcher tails the
-model's log (loaded / errored), Benchmark measures the model's throughput once it is loaded,
+model's log (loaded / errored), ModelApiWait waits for the model's API to open after that,
+Benchmark measures the model's throughput once it is loaded,
 HealthCheck polls the model's health route, LoadReporter (the seed's format) or
 PlatformReporter (today's, with completion reports) reports load to the autoscaler
 (POST {REPORT_ADDR}/worker_status/), SessionTable keeps the sessions clients open; Lifecycle

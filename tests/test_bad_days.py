@@ -206,6 +206,15 @@ def test_model_api_that_never_opens_errors_with_one_line(tmp_path: Path) -> None
     run(main())
 
 
+def test_model_api_wait_is_validated_like_the_other_variables() -> None:
+    assert pyworker.Config.from_env({}).model_api_wait == 600
+    assert pyworker.Config.from_env({"MODEL_API_WAIT": "45"}).model_api_wait == 45
+    for bad in ("soon", "-1", "1.5", "999999999"):
+        with pytest.raises(pyworker.ConfigError, match=r"^MODEL_API_WAIT="):
+            pyworker.Config.from_env({"MODEL_API_WAIT": bad})
+    assert "MODEL_API_WAIT" in pyworker.usage("worker.py")
+
+
 def test_model_api_open_but_failing_the_benchmark_says_what_it_answered(tmp_path: Path) -> None:
     async def main() -> None:
         fake = FakeModel(log_path=str(tmp_path / "model.log"), fail_status=500)
