@@ -2203,6 +2203,8 @@ class SignatureChecker:
     def use_key(self, key: RsaPublicKey, source: str) -> None:
         """Verify with `key` from now on (logged: both fingerprints when it replaces one)."""
         old = self.pubkey
+        if old is not None and old != key:
+            self.watch.flush()  # the refusals so far were under the old key: said with it
         self.key_source, self.key_time = source, time.time()
         if old is None:
             log.info("public key loaded from %s (sha256:%s)", source, key.fingerprint)
@@ -2210,7 +2212,6 @@ class SignatureChecker:
             log.info("public key from %s: unchanged (sha256:%s)", source, key.fingerprint)
             return
         else:
-            self.watch.flush()  # the refusals so far were under the old key: say so with it
             log.warning(
                 "public key changed: sha256:%s -> sha256:%s (from %s); signatures are "
                 "verified with the new key from now on",
