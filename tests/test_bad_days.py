@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 from support import (
+    DATA,
     Reply,
     Runner,
     WorkerProcess,
@@ -540,6 +541,8 @@ def test_replay_guard_and_cache_survive_a_key_change(tmp_path: Path) -> None:
     assert checker.check(again) == "replayed request"
     assert checker.watch.totals == {"no_layout": 1, "replayed": 1}
     assert key_a.fingerprint == fingerprint(KEY_A) != key_b.fingerprint
+    pkcs1 = pyworker.RsaPublicKey.from_pem((DATA / "test_key.rsapub.pem").read_text())
+    assert pkcs1.fingerprint == key_a.fingerprint  # the same key, whatever its PEM form
 
 
 # 5. The worker is started twice ##################################################################
