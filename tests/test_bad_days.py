@@ -5,7 +5,9 @@ the worker started twice on one port.
 
 The fakes (model, autoscaler, a wrapper answering 503) run in the test's event loop; the
 worker is a `python hello_world.py` child (or hello_world with test-only Config fields:
-KNOBBED_WORKER). The tests wait on the worker's log lines and on the fakes' counts.
+KNOBBED_WORKER). The tests wait on the worker's log lines and on the fakes' counts. A few
+details are checked in-process (worker_rig): the health route's patience, the warning's
+interval and counts, no key yet, and the replay guard and the cache across key changes.
 """
 
 from __future__ import annotations
