@@ -64,7 +64,8 @@ One request travels through this module like this:
     client <-------------------------------------------------------------------------
 
 Beside the requests, the Backend's parts work in the background: ModelLogWatcher tails the
-model's log (loaded / errored), Benchmark measures the model's throughput once it is loaded,
+model's log (loaded / errored), ModelApiWait waits for the model's API to open after that,
+Benchmark measures the model's throughput once it is loaded,
 HealthCheck polls the model's health route, LoadReporter (the seed's format) or
 PlatformReporter (today's, with completion reports) reports load to the autoscaler
 (POST {REPORT_ADDR}/worker_status/), SessionTable keeps the sessions clients open; Lifecycle
@@ -100,6 +101,8 @@ line naming the variable):
     MODEL_HEALTH_ENDPOINT  the model's health route (path or URL); ready after its first 200
     FORCE_UPDATE_FILE the flag file POST /pyworker/update creates (/.force_update)
     WORKER_HTTP_PORT  plain-HTTP port for /session/end beside TLS (WORKER_PORT + 1)
+    MODEL_API_WAIT    seconds to wait after the model's loaded line for its API to open
+                      (and for the health route's first 200) before erroring (600)
     BENCHMARK_CACHE   where the benchmark's figure is kept (.has_benchmark), or off
 
 Standard library only; uvloop and orjson are used when they can be imported.
@@ -121,6 +124,7 @@ import collections
 import contextlib
 import dataclasses
 import enum
+import errno
 import functools
 import hashlib
 import hmac
@@ -261,6 +265,8 @@ SHUTDOWN_GRACE = 30.0  # seconds in-flight requests get to finish after SIGTERM
 MAX_LOG_LINE = 64 * 1024  # a model-log line is matched on its first 64 KiB (bounded memory)
 MISSING_LOG_WARNING = 30.0  # seconds between warnings that MODEL_LOG does not exist
 BENCHMARK_TIMEOUT = 600.0  # seconds one benchmark request may take
+MODEL_API_WAIT = 600.0  # seconds after the loaded line for the model's API to open (a wrapper
+# such as ComfyUI's listens after its ready line: vast-ai/pyworker#85); MODEL_API_WAIT sets it
 MAX_SESSION_LIFETIME = 24 * 3600.0  # a session's lifetime, and how far requests extend it
 SESSION_GC_INTERVAL = 5.0  # seconds between collections of expired sessions
 SESSION_CALLBACK_TIMEOUT = 10.0  # seconds a session's close callback to the model may take
@@ -291,6 +297,11 @@ class UpstreamError(Exception):
     """The model server (or autoscaler) was unreachable or broke the HTTP protocol: 502."""
 
     status = 502
+
+
+class UpstreamUnreachable(UpstreamError):
+    """The upstream refused or dropped the connection before any answer: nothing listens
+    there (yet), or a wrapper in front of it is restarting. 502."""
 
 
 class UpstreamTimeout(UpstreamError):
@@ -1012,7 +1023,7 @@ class HttpClient:
         try:
             reader, writer = connecting.result()
         except OSError as exc:
-            raise UpstreamError(f"cannot connect to {self.base_url}: {exc}") from None
+            raise UpstreamUnreachable(f"cannot connect to {self.base_url}: {exc}") from None
         self.connections_opened += 1
         conn = _Connection(reader, writer)
         deadline.watch(writer.transport)
@@ -1088,14 +1099,14 @@ class HttpClient:
                     raise UpstreamTimeout(f"{self.base_url} did not answer in time") from None
                 if reused and attempt == 1 and not exc.partial:
                     continue  # the server closed the idle connection as we sent: retry once
-                raise UpstreamError(f"{self.base_url} closed the connection early") from None
+                raise UpstreamUnreachable(f"{self.base_url} closed the connection early") from None
             except (ConnectionError, OSError) as exc:
                 conn.abort()
                 if deadline.expired:
                     raise UpstreamTimeout(f"{self.base_url} did not answer in time") from None
                 if reused and attempt == 1:
                     continue
-                raise UpstreamError(f"{self.base_url}: {exc}") from None
+                raise UpstreamUnreachable(f"{self.base_url}: {exc}") from None
             except HttpError as exc:
                 conn.abort()
                 raise UpstreamError(f"{self.base_url} broke HTTP: {exc.message}") from None
@@ -1486,8 +1497,18 @@ class HttpServer:
     ) -> int:
         """Listen; returns the bound port."""
         loop = asyncio.get_running_loop()
+        # SO_REUSEADDR (asyncio's default): a restart binds while old connections linger in
+        # TIME_WAIT. Never SO_REUSEPORT: it would let a second worker bind the same port and
+        # take half the connections (the image once started the worker twice:
+        # vast-ai/base-image#133); without it the second one fails with EADDRINUSE.
         self._server = await loop.create_server(
-            lambda: _ServerProtocol(self), host, port, ssl=ssl_context, backlog=1024
+            lambda: _ServerProtocol(self),
+            host,
+            port,
+            ssl=ssl_context,
+            backlog=1024,
+            reuse_address=True,
+            reuse_port=False,
         )
         self._sweeper = loop.create_task(self._sweep())
         return int(self._server.sockets[0].getsockname()[1])
@@ -2157,6 +2178,30 @@ class RsaPublicKey:
                 return loader(der)
         raise KeyFormatError("no PEM public key found (BEGIN PUBLIC KEY or BEGIN RSA PUBLIC KEY)")
 
+    def spki_der(self) -> bytes:
+        """The key as SubjectPublicKeyInfo DER (what `BEGIN PUBLIC KEY` holds), whatever
+        form it was loaded from."""
+
+        def tlv(tag: int, content: bytes) -> bytes:
+            n = len(content)
+            if n < 0x80:
+                return bytes((tag, n)) + content
+            size = n.to_bytes((n.bit_length() + 7) // 8, "big")
+            return bytes((tag, 0x80 | len(size))) + size + content
+
+        def integer(v: int) -> bytes:  # a leading 0 byte when the top bit is set
+            return tlv(0x02, v.to_bytes(v.bit_length() // 8 + 1, "big"))
+
+        rsa = tlv(0x30, integer(self.n) + integer(self.e))
+        algorithm = tlv(0x30, tlv(0x06, _RSA_ENCRYPTION_OID) + b"\x05\x00")
+        return tlv(0x30, algorithm + tlv(0x03, b"\x00" + rsa))
+
+    @property
+    def fingerprint(self) -> str:
+        """The first 16 hex digits of SHA-256 of the SubjectPublicKeyInfo DER: the same as
+        `openssl pkey -pubin -outform DER | sha256sum` gives, to compare keys in logs."""
+        return hashlib.sha256(self.spki_der()).hexdigest()[:16]
+
     def verify(self, message: bytes, signature: bytes) -> bool:
         """PKCS#1 v1.5 SHA-256 (RFC 8017 8.2.2), by encoding the expected block and comparing
         it whole. Never parse the decrypted block: parsing verifiers accept forgeries for
@@ -2233,38 +2278,233 @@ def verify_auth(
     return None
 
 
+# A refusal's reason (what the client's 401 says) -> its label in /metrics and in the warning
+FAILURE_LABELS = {
+    "no public key yet": "no_key",
+    "signature too long": "malformed",
+    "signature is not base64": "malformed",
+    "bad signature": "no_layout",
+    "stale reqnum": "replayed",
+    "replayed request": "replayed",
+}
+
+
+class SignatureWatch:
+    """Signed requests refused, by label (FAILURE_LABELS): totals for /metrics, and a
+    WARNING at most every `interval` seconds with the counts since the last one and the key
+    in use (vast-cli#493: workers answering 401 to everything, their operators seeing only
+    access-log lines). It also says when the key looks outdated: `doubt_after` signatures in
+    a row verified under no layout, and no good one for `quiet` seconds."""
+
+    TEXT = {"replayed": "replayed", "malformed": "malformed", "no_key": "before a key came"}
+
+    def __init__(
+        self,
+        checker: SignatureChecker,
+        totals: collections.Counter[str] | None = None,
+        *,
+        interval: float = 60.0,
+        doubt_after: int = 20,
+        quiet: float = 60.0,
+    ) -> None:
+        self.checker = checker
+        self.totals: collections.Counter[str] = collections.Counter() if totals is None else totals
+        self.pending: collections.Counter[str] = collections.Counter()  # since the last line
+        self.interval = interval
+        self.doubt_after = doubt_after
+        self.quiet = quiet
+        self.streak = 0  # refused as matching no layout since the last good signature
+        # the checker's count of good signatures at the last failure, and when that was: the
+        # last good one came no later (the checker counts them without reading the clock)
+        self.verified = 0
+        self.last_ok = -math.inf
+        self._warned = -math.inf
+        self._timer: asyncio.TimerHandle | None = None
+
+    def ok(self, verified: int) -> None:
+        """Good signatures came since the last failure (`verified` in all by now)."""
+        self.verified = verified
+        self.streak = 0
+        self.last_ok = time.monotonic()
+
+    def failed(self, label: str) -> None:
+        self.totals[label] += 1
+        self.pending[label] += 1
+        if label == "no_layout":
+            self.streak += 1
+        if self._timer is not None:
+            return  # a line is due already: it will count this one
+        delay = self._warned + self.interval - time.monotonic()
+        if delay <= 0:
+            self.warn()
+            return
+        with contextlib.suppress(RuntimeError):  # no loop (a test calling check()): next time
+            self._timer = asyncio.get_running_loop().call_later(delay, self.warn)
+
+    def doubtful(self) -> bool:
+        """Whether the key may have changed under the worker."""
+        quiet = time.monotonic() - self.last_ok >= self.quiet
+        return self.streak >= self.doubt_after and quiet
+
+    def warn(self) -> None:
+        """The WARNING line with the counts since the last one (none: no line)."""
+        self._timer = None
+        if not self.pending:
+            return
+        self._warned = time.monotonic()
+        layouts = ", ".join(self.checker.layouts)
+        parts: list[str] = []
+        for label in ("no_layout", "replayed", "malformed", "no_key"):
+            if self.pending[label]:
+                text = self.TEXT.get(label, f"matching none of the layouts accepted ({layouts})")
+                parts.append(f"{self.pending[label]} {text}")
+        log.warning(
+            "signed requests refused: %d since the last such line (%s); %s",
+            sum(self.pending.values()),
+            ", ".join(parts),
+            self.checker.key_text(),
+        )
+        self.pending.clear()
+
+    def flush(self) -> None:
+        """The line now, if refusals are pending (the key is about to change)."""
+        self.close()
+        self.warn()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+def _utc(epoch: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch))
+
+
 class SignatureChecker:
     """Whether a request comes from the autoscaler: its public key (from PUBKEY_FILE, or
     fetched from the autoscaler in the background), the RSA check against each signature
     layout allowed, the replay guard for layouts that sign reqnum, and a bounded cache of
     verified `url` signatures: such a signature recurs on every request to this worker, and
     a look-up costs a fraction of a microsecond where pow() costs some 200. (The other
-    layouts' tickets are good once: caching them would hold memory for nothing.)"""
+    layouts' tickets are good once: caching them would hold memory for nothing.)
+
+    The key can change under a running worker (issue 18). A fetched key is fetched again when
+    signatures keep failing (SignatureWatch.doubtful), at most every `refetch_interval`
+    seconds; a PUBKEY_FILE key is read again when its file changes (watch_file). A new key
+    empties the cache of verified signatures; the replay guard stays as it is, so a ticket
+    spent under the old key stays spent."""
 
     CACHE_SIZE = 4096
 
-    def __init__(self, layouts: Sequence[str] = SIGNATURE_LAYOUTS) -> None:
+    def __init__(
+        self,
+        layouts: Sequence[str] = SIGNATURE_LAYOUTS,
+        *,
+        failures: collections.Counter[str] | None = None,
+    ) -> None:
         self.pubkey: RsaPublicKey | None = None
+        self.key_source = ""  # where the key came from: a URL, or "PUBKEY_FILE <path>"
+        self.key_time = 0.0  # when (epoch seconds)
         self.guard = ReplayGuard()
         self.layouts = tuple(layouts)
+        self.watch = SignatureWatch(self, failures)
+        self.verified = 0  # signatures verified (good ones), ever
+        # Fetching the key again (Backend.start sets these when the key is fetched)
+        self.spawn: Callable[[typing.Coroutine[Any, Any, None]], None] | None = None
+        self.client: HttpClient | None = None
+        self.refetch_interval = 300.0
+        self._fetched_at = -math.inf  # time.monotonic() of the last fetch begun
+        self._refetching = False
+        self._file_stamp: tuple[int, int, int, int] | None = None
         # (signature, url) pairs verified in the `url` layout, oldest first
         self._verified: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
 
+    def key_text(self) -> str:
+        """The key in use, for the log: its fingerprint, where and when it was loaded."""
+        if self.pubkey is None:
+            where = self.client.base_url + "/pubkey/" if self.client is not None else "nowhere"
+            return f"no key yet (fetching from {where})"
+        return (
+            f"key sha256:{self.pubkey.fingerprint} from {self.key_source}, "
+            f"loaded {_utc(self.key_time)}"
+        )
+
+    def use_key(self, key: RsaPublicKey, source: str) -> None:
+        """Verify with `key` from now on (logged: both fingerprints when it replaces one)."""
+        old = self.pubkey
+        if old is not None and old != key:
+            self.watch.flush()  # the refusals so far were under the old key: said with it
+        self.key_source, self.key_time = source, time.time()
+        if old is None:
+            log.info("public key loaded from %s (sha256:%s)", source, key.fingerprint)
+        elif old == key:
+            log.info("public key from %s: unchanged (sha256:%s)", source, key.fingerprint)
+            return
+        else:
+            log.warning(
+                "public key changed: sha256:%s -> sha256:%s (from %s); signatures are "
+                "verified with the new key from now on",
+                old.fingerprint,
+                key.fingerprint,
+                source,
+            )
+            self._verified.clear()  # verified with the old key: not proof under the new one
+        self.pubkey = key
+        self.watch.streak = 0
+
+    @staticmethod
+    def _stamp(path: str) -> tuple[int, int, int, int]:
+        st = os.stat(path)
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
     def load_file(self, path: str) -> None:
+        stamp = self._stamp(path)
         with open(path, "rb") as f:
-            self.pubkey = RsaPublicKey.from_pem(f.read())
+            key = RsaPublicKey.from_pem(f.read(64 * 1024))
+        self._file_stamp = stamp
+        self.use_key(key, f"PUBKEY_FILE {path}")
+
+    def reload_file(self, path: str) -> None:
+        """Read PUBKEY_FILE again if it changed (device, inode, size or mtime: one stat); a
+        file that cannot be used now is said once, and the key loaded stays in use."""
+        try:
+            stamp = self._stamp(path)
+        except OSError as exc:
+            stamp = (-1, -1, -1, exc.errno or 0)
+            if stamp != self._file_stamp:
+                self._file_stamp = stamp
+                log.warning("PUBKEY_FILE %s: %s; the key loaded stays in use", path, exc)
+            return
+        if stamp == self._file_stamp:
+            return
+        self._file_stamp = stamp
+        try:
+            self.load_file(path)
+        except (OSError, KeyFormatError) as exc:
+            log.warning("PUBKEY_FILE %s changed but %s; the key loaded stays in use", path, exc)
+
+    async def watch_file(self, path: str, interval: float) -> None:
+        """PUBKEY_FILE looked at every `interval` seconds: a stat, no read unless it changed."""
+        while True:
+            await asyncio.sleep(interval)
+            self.reload_file(path)
+
+    async def _get_key(self, client: HttpClient) -> RsaPublicKey:
+        async with await client.request("GET", "/pubkey/", timeout=10.0) as resp:
+            body = await resp.read()
+        if resp.status != 200:
+            raise UpstreamError(f"status {resp.status}")
+        return RsaPublicKey.from_pem(body)
 
     async def fetch(self, client: HttpClient) -> None:
         """GET {autoscaler}/pubkey/ until it works, backing off up to a minute."""
+        self.client = client
         delay = 1.0
         while self.pubkey is None:
+            self._fetched_at = time.monotonic()
             try:
-                async with await client.request("GET", "/pubkey/", timeout=10.0) as resp:
-                    body = await resp.read()
-                if resp.status != 200:
-                    raise UpstreamError(f"status {resp.status}")
-                self.pubkey = RsaPublicKey.from_pem(body)
-                log.info("public key loaded from %s", client.base_url)
+                self.use_key(await self._get_key(client), client.base_url + "/pubkey/")
                 return
             except (UpstreamError, KeyFormatError) as exc:
                 log.warning(
@@ -2276,10 +2516,52 @@ class SignatureChecker:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 60.0)
 
+    async def refetch(self, client: HttpClient) -> None:
+        """The key fetched once more: signatures keep failing, the autoscaler's key may have
+        changed (a failed try waits for the next doubt, refetch_interval later at least)."""
+        try:
+            log.warning(
+                "%d signatures in a row matched no layout; fetching the public key again from %s",
+                self.watch.streak,
+                client.base_url,
+            )
+            key = await self._get_key(client)
+        except (UpstreamError, KeyFormatError) as exc:
+            log.warning("public key fetch from %s failed (%s)", client.base_url, exc)
+            return
+        finally:
+            self._refetching = False
+        self.use_key(key, client.base_url + "/pubkey/")
+
+    def _doubt(self) -> None:
+        """Signatures keep failing: fetch the key again, if it was fetched and not lately."""
+        now = time.monotonic()
+        if self.spawn is None or self.client is None or self.pubkey is None:
+            return  # a PUBKEY_FILE key (watch_file), or the first fetch is still going
+        if self._refetching or now - self._fetched_at < self.refetch_interval:
+            return
+        self._refetching = True
+        self._fetched_at = now
+        self.spawn(self.refetch(self.client))
+
     def check(self, auth: AuthData, *, replay: bool = True) -> str | None:
         """Why `auth` is refused (bad signature, replay unless replay=False), or None; sets
         auth.layout. The ticket is not spent: spend() it once the request is accepted, so
-        that a 429 can be retried with it."""
+        that a 429 can be retried with it. Refusals are counted (SignatureWatch)."""
+        reason = self._check(auth, replay)
+        if reason is None:
+            self.verified += 1  # the watch reads it at the next failure: no clock read here
+            return None
+        watch = self.watch
+        if self.verified != watch.verified:  # good ones since the last failure
+            watch.ok(self.verified)
+        label = FAILURE_LABELS.get(reason, "malformed")
+        watch.failed(label)
+        if label == "no_layout" and self.watch.doubtful():
+            self._doubt()
+        return reason
+
+    def _check(self, auth: AuthData, replay: bool) -> str | None:
         if self.pubkey is None:
             return "no public key yet"
         if len(auth.signature) > MAX_SIGNATURE_B64:
@@ -2714,10 +2996,20 @@ class Config:
     signature_layouts: tuple[str, ...] = SIGNATURE_LAYOUTS
     model_health_endpoint: str | None = None  # a path on the model server, or a URL
     force_update_file: str = "/.force_update"
-    health_start_timeout: float = 300.0  # seconds from loaded to the first healthy answer
+    # seconds from loaded to the first healthy answer; None: model_api_wait (MODEL_API_WAIT),
+    # the patience the model's API gets (ModelApiWait)
+    health_start_timeout: float | None = None
     health_failures: int = 3  # failures in a row, once healthy, that mark the worker errored
     worker_http_port: int | None = None  # /session/end in plain HTTP beside TLS; None: port + 1
     session_gc_interval: float = SESSION_GC_INTERVAL
+    # Bad days (issue 18): a model API that opens late, signatures that stop verifying
+    model_api_wait: float = MODEL_API_WAIT  # MODEL_API_WAIT: seconds for the API to open
+    model_api_log_interval: float = 10.0  # a "still waiting for the model's API" line this often
+    signature_warn_interval: float = 60.0  # the refused-signatures warning at most this often
+    key_refetch_failures: int = 20  # signatures matching no layout in a row, and ...
+    key_refetch_quiet: float = 60.0  # ... no good one for this long: fetch the key again,
+    key_refetch_interval: float = 300.0  # ... at most this often
+    pubkey_file_poll: float = 1.0  # PUBKEY_FILE is looked at (stat) for a change this often
 
     @property
     def platform_reports(self) -> bool:
@@ -2810,6 +3102,7 @@ class Config:
             config.benchmark_cache = None if cache.lower() == "off" else cache
         if env.get("WORKER_HTTP_PORT", "").strip():
             config.worker_http_port = integer("WORKER_HTTP_PORT", 0, 1, 65535)
+        config.model_api_wait = integer("MODEL_API_WAIT", int(MODEL_API_WAIT), 0, 7 * 24 * 3600)
         return config
 
 
@@ -2982,6 +3275,7 @@ class Metrics:
         self.duration: dict[str, Histogram] = collections.defaultdict(Histogram)
         self.queue_wait = Histogram()
         self.first_byte = Histogram()
+        self.signature_failures: collections.Counter[str] = collections.Counter()  # by label
 
     def start(self, workload: float) -> None:
         self.received.add(workload)
@@ -3089,6 +3383,15 @@ class Metrics:
             (
                 f'pyworker_sessions_ended_total{{cause="{cause}"}} {self.sessions_ended[cause]}'
                 for cause in ("ended", "expired", "drained")
+            ),
+        )
+        metric(
+            "pyworker_signature_failures_total",
+            "counter",
+            "Signed requests refused, by reason.",
+            (
+                f'pyworker_signature_failures_total{{reason="{r}"}} {self.signature_failures[r]}'
+                for r in ("no_layout", "replayed", "malformed", "no_key")
             ),
         )
         state = lifecycle.state
@@ -3490,6 +3793,95 @@ class Benchmark:
             return False
 
 
+class ModelApiWait:
+    """After the model's loaded line, waits until its API answers, before the benchmark.
+
+    Some model servers log their ready line before their API listens: ComfyUI behind the
+    platform image's API wrapper does (vast-ai/pyworker#85), and a benchmark sent at once
+    meets a closed port and errors the worker for good.
+
+    The probe is a GET of the benchmark route, retried: a connection and a request, no
+    inference. Not a bare connect: a wrapper (nginx, the image's API proxy) listens before
+    the model behind it is up, and answers 502 meanwhile. Not the benchmark's own POST: on
+    an image model one request can take a minute, and every probe that got through would
+    add one. Not open: the connection refused or dropped before any answer
+    (UpstreamUnreachable), or 502/503/504 (a wrapper whose model is not up yet). Any other
+    answer means something serves the route (a 405 for the GET is the usual one); the
+    benchmark then meets the API, and when it fails, the error says what the probe got.
+
+    Retries back off from RETRY_FIRST to RETRY_MAX seconds, up to `limit` seconds in all
+    (MODEL_API_WAIT); a line every `log_interval` seconds says what it waits for."""
+
+    RETRY_FIRST, RETRY_MAX = 0.25, 5.0
+    NOT_OPEN = frozenset({502, 503, 504})
+
+    def __init__(
+        self,
+        client: HttpClient,
+        handler: EndpointHandler[Any],
+        *,
+        limit: float,
+        log_interval: float = 10.0,
+    ) -> None:
+        self.client = client
+        self.handler = handler
+        self.route = _endpoint_of(handler)
+        self.limit = limit
+        self.log_interval = log_interval
+        self.last = ""  # what the last probe got: "status 200", or the connection's error
+
+    @property
+    def target(self) -> str:
+        return self.client.base_url + self.route
+
+    async def probe(self) -> bool:
+        """One GET of the route; whether the API is open (self.last: what it answered)."""
+        try:
+            async with await self.client.request("GET", self.route, timeout=10.0) as resp:
+                await resp.read()
+        except UpstreamUnreachable as exc:
+            self.last = str(exc)
+            return False
+        except UpstreamError as exc:  # it took the request (a timeout, broken HTTP): open
+            self.last = str(exc)
+            return True
+        self.last = f"status {resp.status}"
+        return resp.status not in self.NOT_OPEN
+
+    async def wait(self) -> str | None:
+        """None once the API is open; else why it did not open within `limit` seconds."""
+        started = time.monotonic()
+        pause = self.RETRY_FIRST
+        said = -math.inf
+        while not await self.probe():
+            waited = time.monotonic() - started
+            if waited >= self.limit:
+                return (
+                    f"the model's API at {self.target} did not open within {self.limit:.0f}s "
+                    f"of its loaded line ({self.last}); MODEL_API_WAIT sets how long to wait"
+                )
+            if waited - said >= self.log_interval:
+                first, said = said == -math.inf, waited
+                log.info(
+                    "%s the model's API at %s to open (%s): %.0fs of %.0fs (MODEL_API_WAIT)",
+                    "model loaded; waiting for" if first else "still waiting for",
+                    self.target,
+                    self.last,
+                    waited,
+                    self.limit,
+                )
+            await asyncio.sleep(min(pause, max(self.limit - waited, 0.0)))
+            pause = min(pause * 2, self.RETRY_MAX)
+        if said > -math.inf:
+            log.info(
+                "the model's API at %s is open after %.1fs (%s)",
+                self.target,
+                time.monotonic() - started,
+                self.last,
+            )
+        return None
+
+
 class HealthCheck:
     """The model's health endpoint (GET), polled every `interval` seconds from the start
     (SPEC 11.6), and at once when the benchmark is done and only this 200 is missing. The
@@ -3525,6 +3917,7 @@ class HealthCheck:
         self.on_first_ok = on_first_ok
         self._asked = asyncio.Event()  # poll now: readiness waits on nothing but this
         lifecycle.health_wanted.append(self._asked.set)
+        self.log_interval = 10.0  # a "waiting for its first 200" line this often, at most
 
     async def close(self) -> None:
         if self.client is not self._model:  # a URL of its own: its own connections
@@ -3553,6 +3946,7 @@ class HealthCheck:
     async def run(self) -> None:
         life = self.lifecycle
         failures = 0
+        said = -math.inf  # when the last "waiting for the health endpoint" line was written
         while life.state is not State.ERRORED:
             why = await self.probe()
             if why is None:
@@ -3569,7 +3963,20 @@ class HealthCheck:
             elif life.loaded_at is not None:
                 waited = time.monotonic() - life.loaded_at
                 if waited > self.start_timeout:
-                    life.errored(f"model not healthy {waited:.0f}s after it loaded: {why}")
+                    life.errored(
+                        f"model not healthy {waited:.0f}s after it loaded: {why} "
+                        "(MODEL_API_WAIT sets how long to wait)"
+                    )
+                elif waited - said >= self.log_interval:
+                    said = waited
+                    log.info(
+                        "waiting for the model's health endpoint %s to answer 200 (%s): "
+                        "%.0fs of %.0fs",
+                        self.path or "/",
+                        why,
+                        waited,
+                        self.start_timeout,
+                    )
             await _nap(self._asked, self.interval)
 
 
@@ -4482,7 +4889,7 @@ class Backend:
         self.config = Config()
         self.metrics = Metrics()
         self.lifecycle = Lifecycle()
-        self.signatures = SignatureChecker()
+        self.signatures = SignatureChecker(failures=self.metrics.signature_failures)
         self.queue = ModelQueue(self.metrics)
         self.reporter: LoadReporter | PlatformReporter | None = None
         self.completions: Completions | None = None  # today's platform: completion reports
@@ -4633,6 +5040,7 @@ class Backend:
             reason = life.error_msg if life.state is State.ERRORED else "model not ready"
             return error_response(503, reason, state=life.state.value)
         if not self.config.unsecured and self.signatures.pubkey is None:
+            self.signatures.watch.failed("no_key")
             return error_response(503, "no public key yet", state="no_pubkey")
         return None
 
@@ -4692,6 +5100,10 @@ class Backend:
         self._client = HttpClient(config.model_server_url or self.model_server_url)
         self.queue.client = self.sessions.model = self._client
         self.signatures.layouts = config.signature_layouts
+        watch = self.signatures.watch
+        watch.interval, watch.quiet = config.signature_warn_interval, config.key_refetch_quiet
+        watch.doubt_after = config.key_refetch_failures
+        self.signatures.refetch_interval = config.key_refetch_interval
         self.sessions.gc_interval = config.session_gc_interval
         self.tasks.spawn(self.sessions.collect())
         if config.platform_reports:
@@ -4712,7 +5124,11 @@ class Backend:
             )
         elif config.pubkey_file:
             self.signatures.load_file(config.pubkey_file)
+            self.tasks.spawn(
+                self.signatures.watch_file(config.pubkey_file, config.pubkey_file_poll)
+            )
         else:
+            self.signatures.spawn = self.tasks.spawn  # to fetch it again (issue 18)
             self.tasks.spawn(self.signatures.fetch(self.reporter.clients[0]))
         health = config.model_health_endpoint or self.healthcheck_endpoint
         base = self.model_server_url.rstrip("/")
@@ -4726,7 +5142,11 @@ class Backend:
                 health,
                 self.lifecycle,
                 interval=config.healthcheck_interval,
-                start_timeout=config.health_start_timeout,
+                start_timeout=(
+                    config.model_api_wait
+                    if config.health_start_timeout is None
+                    else config.health_start_timeout
+                ),
                 max_failures=config.health_failures,
                 on_first_ok=None if self.model_log_file else self._healthy_without_log,
             )
@@ -4756,6 +5176,16 @@ class Backend:
             self.tasks.spawn(self._benchmark())
 
     async def _benchmark(self) -> None:
+        api = ModelApiWait(
+            self.client,
+            self.benchmark_handler,
+            limit=self.config.model_api_wait,
+            log_interval=self.config.model_api_log_interval,
+        )
+        why = await api.wait()
+        if why is not None:
+            self.lifecycle.errored(why)
+            return
         handler = self.benchmark_handler
         concurrency = handler_setting(handler, "concurrency")
         benchmark = Benchmark(
@@ -4768,7 +5198,10 @@ class Backend:
         )
         max_perf = await benchmark.run()
         if max_perf <= 0:
-            self.lifecycle.errored("benchmark: no request to the model succeeded")
+            self.lifecycle.errored(
+                "benchmark: no request to the model succeeded (its API at "
+                f"{api.target} is open: a GET got {api.last})"
+            )
         else:
             self.lifecycle.benchmarked(max_perf)
 
@@ -4777,6 +5210,7 @@ class Backend:
         connections."""
         await self.sessions.drain()
         await self.tasks.stop()
+        self.signatures.watch.close()
         reporter = self.reporter
         if reporter is not None:  # the last word: nothing in flight any more
             last = [reporter.send_report()]
@@ -4865,6 +5299,45 @@ def builtin_routes(backend: Backend, config: Config) -> list[Route]:
     return routes
 
 
+class PortInUse(OSError):
+    """The port the worker must listen on is held by another process."""
+
+    def __init__(self, port: int, variable: str) -> None:
+        super().__init__(errno.EADDRINUSE, f"port {port} ({variable}) is in use")
+        self.port = port
+        self.variable = variable
+
+    def __str__(self) -> str:
+        return (
+            f"port {self.port} ({self.variable}) is held by another process, maybe another "
+            "worker already running on this machine"
+        )
+
+
+async def _start_side_port(
+    backend: Backend, config: Config, host: str | None, port: int, main_port: int
+) -> tuple[HttpServer | None, int | None]:
+    """The plain-HTTP server for /session/end beside TLS (WORKER_HTTP_PORT); when that port is
+    taken, a warning and none: /session/end answers on WORKER_PORT as well, and a TLS worker
+    that exits over its side port never serves at all."""
+    plain = HttpServer([post("/session/end", backend.sessions.handle_end)], max_body=64 * 1024)
+    try:
+        bound = await plain.start(config.host if host is None else host, port)
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        log.warning(
+            "port %d (WORKER_HTTP_PORT, WORKER_PORT + 1 unless set) is held by another "
+            "process: /session/end is not served in plain HTTP; it answers on port %d "
+            "(WORKER_PORT, TLS) as every route does",
+            port,
+            main_port,
+        )
+        return None, None
+    log.info("/session/end also served in plain HTTP on port %d", bound)
+    return plain, bound
+
+
 def _server_tls_context(config: Config) -> ssl.SSLContext:
     for name, path in (("WORKER_SSL_CERT", config.ssl_cert), ("WORKER_SSL_KEY", config.ssl_key)):
         if not os.path.isfile(path):
@@ -4895,24 +5368,26 @@ async def start_worker(
     ssl_context = None
     if config.use_ssl:
         ssl_context = _server_tls_context(config)
-    bound = await server.start(
-        config.host if host is None else host,
-        config.worker_port if port is None else port,
-        ssl_context=ssl_context,
-    )
+    wanted = config.worker_port if port is None else port
+    try:
+        bound = await server.start(
+            config.host if host is None else host, wanted, ssl_context=ssl_context
+        )
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUse(wanted, "WORKER_PORT") from None
+        raise
     plain: HttpServer | None = None
     plain_port: int | None = None
     if ssl_context is not None:  # the platform ends sessions over plain HTTP (SPEC 11.5)
-        plain = HttpServer([post("/session/end", backend.sessions.handle_end)], max_body=64 * 1024)
-        wanted = config.worker_http_port
-        if wanted is None:
-            wanted = 0 if port == 0 else config.worker_port + 1
+        side = config.worker_http_port
+        if side is None:
+            side = 0 if port == 0 else config.worker_port + 1
         try:
-            plain_port = await plain.start(config.host if host is None else host, wanted)
+            plain, plain_port = await _start_side_port(backend, config, host, side, bound)
         except BaseException:
             await server.shutdown(0.0)
             raise
-        log.info("/session/end also served in plain HTTP on port %d", plain_port)
     await backend.start(config)
     log.info("pyworker listening on port %d (%s)", bound, "TLS" if ssl_context else "plain HTTP")
     return RunningWorker(backend, server, bound, plain, plain_port)
@@ -5142,9 +5617,12 @@ async def serve(
     log_handler: _LogHandler | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT, in the running event loop; run() without its own loop.
-    Without a config, the environment is read now (not when the worker file was imported)."""
+    Without a config, the environment is read now (not when the worker file was imported);
+    without a log handler, logging is set up here (a config given is kept)."""
     if config is None or log_handler is None:
-        config, log_handler = await _configure_in_loop()
+        configured, new_handler = await _configure_in_loop()
+        config = configured if config is None else config
+        log_handler = new_handler if log_handler is None else log_handler
     handler = log_handler
     routes = list(routes)
     try:

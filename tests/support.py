@@ -80,10 +80,33 @@ async def until(
 
 
 def free_port() -> int:
-    """A loopback port free a moment ago (nobody listens on it)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback port nobody listens on, and that nobody else gets for a minute or so: a
+    port merely free a moment ago (bind to 0, close) can be handed to another test's socket
+    before the child process binds it (issue 18: test_tls_ping's WORKER_PORT + 1 was).
+
+    The port is reserved by a connection to it, accepted and closed by the accepting side
+    first: that side's end waits in TIME_WAIT, and Linux hands a port with a TIME_WAIT socket
+    to no bind(0) and no outgoing connection, while a server setting SO_REUSEADDR (asyncio's
+    do, the worker's does) binds it at once."""
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct ports reserved as free_port() reserves one (a worker's WORKER_PORT
+    and WORKER_HTTP_PORT: pass both, never count on WORKER_PORT + 1 being free)."""
+    ports: list[int] = []
+    while len(ports) < count:
+        with socket.socket() as listener:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(1)
+            port = int(listener.getsockname()[1])
+            with socket.create_connection(("127.0.0.1", port), timeout=5.0):
+                accepted, _ = listener.accept()
+                accepted.close()  # this end first: it is the one left in TIME_WAIT
+        if port not in ports:
+            ports.append(port)
+    return ports
 
 
 def append(path: Path, text: str) -> None:
@@ -522,6 +545,13 @@ WORKER_VARS = (
     "PUBLIC_IPADDR",
     "LOG_LEVEL",
     "MAX_BODY_BYTES",
+    "WORKER_HTTP_PORT",
+    "MODEL_API_WAIT",
+    "MASTER_TOKEN",
+    "REPORT_FORMAT",
+    "SIGNATURE_LAYOUTS",
+    "MODEL_HEALTH_ENDPOINT",
+    "BENCHMARK_CACHE",
 )
 
 
@@ -624,10 +654,14 @@ async def spawned_worker(
     workdir: Path, program: Sequence[str] = (), **env: str
 ) -> AsyncGenerator[WorkerProcess, None]:
     """`python hello_world.py` (or `python *program`, e.g. ["-m", "workers_2024.hello.server"])
-    in `workdir` with child_env(**env) (WORKER_PORT is picked if absent), its output (stdout
-    and stderr) in workdir/worker.out; killed and reaped on the way out."""
+    in `workdir` with child_env(**env) (WORKER_PORT and WORKER_HTTP_PORT are picked, free
+    together, if absent), its output (stdout and stderr) in workdir/worker.out; killed and
+    reaped on the way out."""
     os.makedirs(workdir, exist_ok=True)
-    env.setdefault("WORKER_PORT", str(free_port()))
+    if "WORKER_PORT" not in env:
+        port, side = free_ports(2)
+        env["WORKER_PORT"] = str(port)
+        env.setdefault("WORKER_HTTP_PORT", str(side))
     log_file = workdir / "worker.out"
     with open(log_file, "wb") as out:
         proc = await launch_hello_world(

@@ -537,10 +537,12 @@ def test_503_errored_when_the_model_never_answers_the_benchmark(tmp_path: Path) 
         with socket.socket() as sock:  # a port nobody listens on
             sock.bind(("127.0.0.1", 0))
             dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        async with worker_setup(tmp_path, model_url=dead, ready=False) as w:
+        # MODEL_API_WAIT (model_api_wait) short: the worker waits that long for the API
+        async with worker_setup(tmp_path, model_url=dead, ready=False, model_api_wait=0.5) as w:
             await wait_for(lambda: w.backend.state is State.ERRORED, what="errored")
             reply = await w.post("/generate", w.body())
             assert reply.status == 503 and reply.json()["state"] == "errored"
+            assert "did not open within" in reply.json()["error"]
 
     run(main())
 
