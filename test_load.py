@@ -2203,10 +2203,22 @@ class SetupError(Exception):
 
 
 def _free_port() -> int:
-    """A port free on every interface now (the worker listens on 0.0.0.0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("", 0))
-        return int(sock.getsockname()[1])
+    """A port free now, that nobody else is handed before the worker binds it: a port merely
+    free a moment ago (bind to 0, close) can go to another program's socket first.
+
+    It is held by a connection to it, accepted and closed by the accepting side first: that
+    side's end waits in TIME_WAIT, and Linux hands a port with a TIME_WAIT socket to no bind(0)
+    and no outgoing connection, while the worker (which sets SO_REUSEADDR) binds it at once,
+    on 0.0.0.0 too."""
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = int(listener.getsockname()[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=5.0):
+            accepted, _ = listener.accept()
+            accepted.close()  # this end first: it is the one left in TIME_WAIT
+    return port
 
 
 def _worker_failed(worker: LocalWorker, what: str, lines: int = LOG_TAIL_LINES) -> SetupError:
