@@ -176,6 +176,39 @@ __all__ = [
 
 # Optional accelerators ###########################################################################
 
+
+def _json_int(text: str) -> int | float:
+    """An integer as orjson reads it, so that a worker gets the same payload from either
+    parser: beyond 64 bits (signed below zero, unsigned above) it is a float."""
+    if len(text) < 19:
+        return int(text)
+    if len(text) <= 21 and -(2**63) <= (value := int(text)) < 2**64:
+        return value
+    return _json_float(text)
+
+
+def _json_float(text: str) -> float:
+    number = float(text)
+    if math.isinf(number):
+        raise ValueError("number is infinity as a double")  # 1e400: orjson refuses it too
+    return number
+
+
+def _json_constant(text: str) -> typing.NoReturn:
+    raise ValueError(f"{text} is not JSON")  # NaN and Infinity (RFC 8259): orjson refuses them
+
+
+_json_decoder = json.JSONDecoder(
+    parse_int=_json_int, parse_float=_json_float, parse_constant=_json_constant
+)
+_json_encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
+def stdlib_json_loads(data: bytes) -> Any:
+    """JSON with the json module, read as orjson reads it (the same payload either way)."""
+    return _json_decoder.decode(data.decode("utf-8"))
+
+
 try:  # orjson parses and serialises JSON about 5x faster than the json module.
     import orjson
 
@@ -192,11 +225,7 @@ try:  # orjson parses and serialises JSON about 5x faster than the json module.
 
     _JSON_DECODE_ERRORS: tuple[type[Exception], ...] = (orjson.JSONDecodeError, ValueError)
 except ImportError:  # pragma: no cover - exercised by the bare-interpreter run
-    _json_decoder = json.JSONDecoder()
-    _json_encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
-
-    def json_loads(data: bytes) -> Any:
-        return _json_decoder.decode(data.decode("utf-8"))
+    json_loads = stdlib_json_loads
 
     def json_dumps(obj: Any) -> bytes:
         return _json_encoder.encode(obj).encode("utf-8")
