@@ -4005,6 +4005,10 @@ class ModelReadiness:
         self.runs = 8
         self.concurrency = 1
         self._early: str | None = None  # loaded before start(): the reason, acted on then
+        # True: the worker file says when the model has loaded (Backend.model_loaded, from a
+        # lifecycle context it enters): the log's loaded lines and the health route's first
+        # 200 do not count then, and neither a log nor a health route is needed.
+        self.told = False
 
     def start(
         self,
@@ -4034,7 +4038,7 @@ class ModelReadiness:
                     else config.health_start_timeout
                 ),
                 max_failures=config.health_failures,
-                on_first_ok=None if model_log else self._healthy_without_log,
+                on_first_ok=None if model_log or self.told else self._healthy_without_log,
             )
             self.tasks.spawn(self.health.run())
         if self._early is not None:  # loaded before the worker started: benchmark now
@@ -4043,18 +4047,21 @@ class ModelReadiness:
             watcher = ModelLogWatcher(
                 model_log,
                 log_actions,
-                on_loaded=self.loaded,
+                on_loaded=self._told_by_line if self.told else self.loaded,
                 on_error=self.lifecycle.errored,
                 poll_interval=config.log_poll_interval,
             )
             self.tasks.spawn(watcher.run())
-        elif health:
+        elif health and not self.told:
             log.info("no MODEL_LOG: the model counts as loaded at its first healthy answer")
-        elif self._early is None:
+        elif self._early is None and not self.told:
             log.error("neither MODEL_LOG nor a health endpoint: the worker cannot become ready")
 
     def _healthy_without_log(self) -> None:
         self.loaded("the model's health endpoint answered 200")
+
+    def _told_by_line(self, line: str) -> None:
+        log.info("the model's log says it loaded; the worker file tells when: %s", line[:200])
 
     def loaded(self, reason: str) -> None:
         """The model has loaded (`reason` is logged): the benchmark starts. Once: later
@@ -6084,11 +6091,11 @@ class HandlerConfig:
 class WorkerConfig:
     """The worker: the model server (MODEL_SERVER_URL and MODEL_LOG override the file's
     values), its routes, log lines, sessions, and an optional lifecycle: an async context
-    manager entered before the worker serves (the model counts as loaded once it is; a model
-    log is still read for errors) and exited when it stops. A handler's `healthcheck` is the
-    model's health route when model_healthcheck_url is not given. benchmark_data and
-    benchmark_route are accepted and unused, as in vastai 1.9.1: a route's BenchmarkConfig
-    says what the benchmark sends."""
+    manager entered in the background once the worker serves, exited when it stops (see
+    _ContextBackend); the model counts as loaded once it is entered, and a model log is
+    still read for its errors. A handler's `healthcheck` is the model's health route when
+    model_healthcheck_url is not given. benchmark_data and benchmark_route are accepted and
+    unused, as in vastai 1.9.1: a route's BenchmarkConfig says what the benchmark sends."""
 
     model_server_url: str | None = None
     model_server_port: int | None = None
@@ -6191,6 +6198,58 @@ class _ConfigHandler(EndpointHandler[Any]):
         return await generate(client_request, model_response)
 
 
+LIFECYCLE_CANCEL_TIMEOUT = 5.0  # seconds an __aenter__ still running at the stop gets to end
+
+
+class _ContextBackend(Backend):
+    """The Backend of a WorkerConfig, with its lifecycle context (if any) around the model:
+    entered in the background once the worker listens (it answers /ping and reports
+    "loading" meanwhile, for as long as the model takes to start); the model counts as
+    loaded when __aenter__ returns; an __aenter__ that raises marks the worker errored (503
+    with the reason, reported), and the worker stays up. __aexit__(None, None, None) runs
+    once, at the stop, after the requests in flight and the sessions are done; an
+    __aenter__ still running then is cancelled first (LIFECYCLE_CANCEL_TIMEOUT), and
+    __aexit__ runs all the same, to undo what it began. Not after an __aenter__ that
+    raised: that context was never entered (as `async with` has it)."""
+
+    context: contextlib.AbstractAsyncContextManager[Any] | None = None
+    _entering: asyncio.Task[bool] | None = None  # True once entered, False when it raised
+
+    async def start(self, config: Config) -> None:
+        self.readiness.told = self.context is not None
+        await super().start(config)
+        if self.context is not None:
+            self._entering = asyncio.get_running_loop().create_task(self._enter(self.context))
+
+    async def _enter(self, context: contextlib.AbstractAsyncContextManager[Any]) -> bool:
+        try:
+            await context.__aenter__()
+        except Exception as exc:
+            self.lifecycle.errored(f"the lifecycle context failed: {exc!r}")
+            return False
+        self.model_loaded("the lifecycle context was entered")
+        return True
+
+    async def stop(self) -> None:
+        entering, context = self._entering, self.context
+        self._entering = self.context = None  # once
+        if entering is not None and not entering.done():
+            log.info("stopping: the lifecycle context is still being entered; cancelled")
+            entering.cancel()
+            await asyncio.wait({entering}, timeout=LIFECYCLE_CANCEL_TIMEOUT)
+            if not entering.done():
+                log.error("the lifecycle's __aenter__ did not stop when cancelled")
+        await super().stop()
+        if context is None or entering is None:
+            return
+        if entering.done() and not entering.cancelled() and not entering.result():
+            return  # __aenter__ raised: nothing to exit
+        try:
+            await context.__aexit__(None, None, None)
+        except Exception:
+            log.exception("the lifecycle's __aexit__ failed")
+
+
 class Worker:
     """A worker file's WorkerConfig, served: Worker(config).run(), or awaited in a running
     event loop with `await Worker(config).run_async()`. The backend and routes are made here;
@@ -6254,7 +6313,7 @@ class Worker:
         health = config.model_healthcheck_url or next(
             (s.healthcheck for s in settings if s.healthcheck), None
         )
-        backend = Backend(
+        backend = _ContextBackend(
             model_server_url=url,
             model_log_file=config.model_log_file,
             allow_parallel_requests=False,  # vastai's handlers' default
@@ -6264,6 +6323,7 @@ class Worker:
             benchmark_runs=bench.runs if bench is not None else None,
             max_sessions=config.max_sessions or 0,
         )
+        backend.context = config.lifecycle
         return backend, [
             post(s.route, backend.create_handler(h)) for s, h in zip(settings, handlers)
         ]
@@ -6295,24 +6355,7 @@ class Worker:
                 "WorkerConfig.benchmark_data / benchmark_route are not used (as in vastai "
                 "1.9.1): the route's BenchmarkConfig says what the benchmark sends"
             )
-        lifecycle = self.config.lifecycle
-        if lifecycle is None:
-            await serve(backend, self.routes, config, log_handler)
-            return
-        try:
-            await lifecycle.__aenter__()
-        except Exception as exc:
-            message = f"the lifecycle context failed: {exc!r}"
-            await report_failed_start(_start_failed(message), message)
-            raise SystemExit(1) from None
-        backend.model_loaded("the lifecycle context was entered")
-        try:
-            await serve(backend, self.routes, config, log_handler)
-        except BaseException:
-            if not await lifecycle.__aexit__(*sys.exc_info()):
-                raise
-        else:
-            await lifecycle.__aexit__(None, None, None)
+        await serve(backend, self.routes, config, log_handler)
 
 
 if __name__ == "__main__":
