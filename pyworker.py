@@ -53,8 +53,8 @@ One request travels through this module like this:
 
     client --POST /generate {"auth_data": ..., "payload": ...}--> HttpServer
       HttpServer._serve_connection   read_request_head / read the body (strict RFC 9112)
-      Backend.create_handler(...)    parse_client_request: JSON -> AuthData -> verify the
-                                     signature (SignatureChecker) -> ApiPayload.from_json_msg
+      Backend.create_handler(...)    Admission.admit: ready? -> JSON -> AuthData -> verify
+                                     the signature (SignatureChecker) -> ApiPayload.from_json_msg
                                      -> count_workload
                                      -> wait for the model (FIFO when one at a time)
       HttpClient.request             POST payload.generate_payload_json() to the model
@@ -63,13 +63,13 @@ One request travels through this module like this:
                                      chunk by chunk (cut, not finished, if the model breaks)
     client <-------------------------------------------------------------------------
 
-Beside the requests, the Backend's parts work in the background: ModelLogWatcher tails the
-model's log (loaded / errored), ModelApiWait waits for the model's API to open after that,
-Benchmark measures the model's throughput once it is loaded,
-HealthCheck polls the model's health route, LoadReporter (the seed's format) or
+Beside the requests, the Backend's parts work in the background: ModelReadiness takes the
+model from loading to ready (ModelLogWatcher tails the model's log: loaded / errored;
+ModelApiWait waits for the model's API to open after that; Benchmark measures the model's
+throughput; HealthCheck polls the model's health route), LoadReporter (the seed's format) or
 PlatformReporter (today's, with completion reports) reports load to the autoscaler
-(POST {REPORT_ADDR}/worker_status/), SessionTable keeps the sessions clients open; Lifecycle
-holds the state they move, Metrics the counts.
+(POST {REPORT_ADDR}/worker_status/), SessionTable keeps the sessions clients open (Admission
+opens them, as it admits requests); Lifecycle holds the state they move, Metrics the counts.
 
 A server connection is one task moving through phases (_Phase); each phase has a deadline
 that one sweeper task enforces, and a client going away in the last two cancels the task:
@@ -1506,6 +1506,31 @@ class _ServerProtocol(asyncio.StreamReaderProtocol):
         return keep_open
 
 
+async def read_request_body(
+    request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, max_body: int
+) -> bytes:
+    """A request's body, as its head frames it: Content-Length (refused with 413 past
+    `max_body` before any of it is read) or chunked (413 past `max_body` bytes or
+    MAX_BODY_CHUNKS chunks); a 100 Continue first when the client waits for one."""
+    framing = request.framing
+    if framing.kind == "length" and framing.length == 0:
+        return b""
+    if framing.kind == "length" and framing.length > max_body:
+        raise HttpError(413, "body too large")  # before reading any of it
+    if request.expect_continue:  # RFC 9110 10.1.1: tell the client to go ahead
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    if framing.kind == "length":
+        return await reader.readexactly(framing.length)
+    body = bytearray()
+    chunks = 0
+    async for data in read_chunked(reader, max_size=max_body):
+        body += data
+        chunks += 1
+        if chunks > MAX_BODY_CHUNKS:  # tiny chunks cost far more than their bytes
+            raise HttpError(413, "too many chunks in the body")
+    return bytes(body)
+
+
 class HttpServer:
     """A strict HTTP/1.1 server on asyncio streams, routing method + path to handlers."""
 
@@ -1626,7 +1651,7 @@ class HttpServer:
                     request.remote = remote
                     request.connection = proto
                     proto.early = None  # made if its handler asks for it (Request.responder)
-                    request.body = await self._read_body(request, reader, writer)
+                    request.body = await read_request_body(request, reader, writer, self.max_body)
                 except HttpError as exc:
                     self._send_error(writer, exc)
                     break
@@ -1652,27 +1677,6 @@ class HttpServer:
                 with contextlib.suppress(Exception):
                     await writer.drain()
             transport.close()
-
-    async def _read_body(
-        self, request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> bytes:
-        framing = request.framing
-        if framing.kind == "length" and framing.length == 0:
-            return b""
-        if framing.kind == "length" and framing.length > self.max_body:
-            raise HttpError(413, "body too large")  # before reading any of it
-        if request.expect_continue:  # RFC 9110 10.1.1: tell the client to go ahead
-            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        if framing.kind == "length":
-            return await reader.readexactly(framing.length)
-        body = bytearray()
-        chunks = 0
-        async for data in read_chunked(reader, max_size=self.max_body):
-            body += data
-            chunks += 1
-            if chunks > MAX_BODY_CHUNKS:  # tiny chunks cost far more than their bytes
-                raise HttpError(413, "too many chunks in the body")
-        return bytes(body)
 
     def _send_error(self, writer: asyncio.StreamWriter, exc: HttpError) -> None:
         """A framing error: answer it and close, since where the next request starts is unknown."""
@@ -4009,6 +4013,128 @@ class HealthCheck:
             await _nap(self._asked, self.interval)
 
 
+# Backend parts: readiness ########################################################################
+
+
+class ModelReadiness:
+    """How the worker becomes ready, wired once by start(): the model loads (its log's
+    loaded line, or Backend.model_loaded called by the worker file, or without a log the
+    health route's first 200); then ModelApiWait waits for its API to open and Benchmark
+    measures it; the Lifecycle is told the figure. The HealthCheck polls the model from the
+    start (ready waits for its first 200); the ModelLogWatcher also tells the model's errors.
+    Each failure marks the worker errored, with the reason."""
+
+    def __init__(self, lifecycle: Lifecycle, tasks: BackgroundTasks) -> None:
+        self.lifecycle = lifecycle
+        self.tasks = tasks
+        self.health: HealthCheck | None = None
+        self.config = Config()
+        self.client: HttpClient | None = None
+        self.handler: EndpointHandler[Any] | None = None  # the benchmark's
+        self.runs = 8
+        self.concurrency = 1
+        self._early: str | None = None  # loaded before start(): the reason, acted on then
+        # True: the worker file says when the model has loaded (Backend.model_loaded, from a
+        # lifecycle context it enters): the log's loaded lines and the health route's first
+        # 200 do not count then, and neither a log nor a health route is needed.
+        self.told = False
+
+    def start(
+        self,
+        client: HttpClient,
+        config: Config,
+        handler: EndpointHandler[Any],
+        *,
+        runs: int,
+        concurrency: int,
+        model_log: str | None,
+        log_actions: Sequence[tuple[LogAction, str]],
+        health: str | None,
+    ) -> None:
+        """Spawn the health check and the log watcher; returns at once."""
+        self.client, self.config, self.handler = client, config, handler
+        self.runs, self.concurrency = runs, concurrency
+        if health:
+            self.lifecycle.needs_health = True
+            self.health = HealthCheck(
+                client,
+                health,
+                self.lifecycle,
+                interval=config.healthcheck_interval,
+                start_timeout=(
+                    config.model_api_wait
+                    if config.health_start_timeout is None
+                    else config.health_start_timeout
+                ),
+                max_failures=config.health_failures,
+                on_first_ok=None if model_log or self.told else self._healthy_without_log,
+            )
+            self.tasks.spawn(self.health.run())
+        if self._early is not None:  # loaded before the worker started: benchmark now
+            self.loaded(self._early)
+        if model_log:
+            watcher = ModelLogWatcher(
+                model_log,
+                log_actions,
+                on_loaded=self._told_by_line if self.told else self.loaded,
+                on_error=self.lifecycle.errored,
+                poll_interval=config.log_poll_interval,
+            )
+            self.tasks.spawn(watcher.run())
+        elif health and not self.told:
+            log.info("no MODEL_LOG: the model counts as loaded at its first healthy answer")
+        elif self._early is None and not self.told:
+            log.error("neither MODEL_LOG nor a health endpoint: the worker cannot become ready")
+
+    def _healthy_without_log(self) -> None:
+        self.loaded("the model's health endpoint answered 200")
+
+    def _told_by_line(self, line: str) -> None:
+        log.info("the model's log says it loaded; the worker file tells when: %s", line[:200])
+
+    def loaded(self, reason: str) -> None:
+        """The model has loaded (`reason` is logged): the benchmark starts. Once: later
+        calls, and calls after an error, do nothing. Before start(): acted on at start."""
+        if self.client is None:
+            self._early = self._early or reason
+        elif self.lifecycle.model_loaded():
+            log.info("model loaded: %s", reason[:200])
+            self.tasks.spawn(self._benchmark())
+
+    async def _benchmark(self) -> None:
+        assert self.client is not None and self.handler is not None
+        api = ModelApiWait(
+            self.client,
+            self.handler,
+            limit=self.config.model_api_wait,
+            log_interval=self.config.model_api_log_interval,
+        )
+        why = await api.wait()
+        if why is not None:
+            self.lifecycle.errored(why)
+            return
+        benchmark = Benchmark(
+            self.client,
+            self.handler,
+            runs=self.runs,
+            concurrency=self.concurrency,
+            cache_path=self.config.benchmark_cache,
+            warmup=bool(handler_setting(self.handler, "do_warmup_benchmark")),
+        )
+        max_perf = await benchmark.run()
+        if max_perf <= 0:
+            self.lifecycle.errored(
+                "benchmark: no request to the model succeeded (its API at "
+                f"{api.target} is open: a GET got {api.last})"
+            )
+        else:
+            self.lifecycle.benchmarked(max_perf)
+
+    async def close(self) -> None:
+        if self.health is not None:
+            await self.health.close()
+
+
 # Backend parts: load reports #####################################################################
 
 
@@ -4846,13 +4972,13 @@ class SessionTable:
             await asyncio.wait(set(self.callbacks), timeout=SESSION_CALLBACK_TIMEOUT + 1)
 
 
-# Backend #########################################################################################
-# The request pipeline, and the wiring of the parts above.
+# Backend parts: admission ########################################################################
+# What a client's signed request meets before the model: Admission lets it in or answers it.
 
 
 @dataclasses.dataclass
 class _Admitted(Generic[_T]):
-    """A request past Backend._admit: signed (unless UNSECURED), its payload parsed."""
+    """A request past Admission.admit: signed (unless UNSECURED), its payload parsed."""
 
     msg: dict[str, Any]
     payload: _T
@@ -4862,11 +4988,133 @@ class _Admitted(Generic[_T]):
     replay: bool  # its ticket is spent when accepted (not a session's own, sent again)
 
 
+class Admission:
+    """The steps every signed request takes first (readiness, JSON, session, signature,
+    payload), and the refusals: each counted, logged, and reported to the autoscaler
+    (`completions`, today's platform; set by Backend.start with `config`). POST
+    /session/create is admission and nothing more: a verified ticket opens a session."""
+
+    def __init__(
+        self,
+        lifecycle: Lifecycle,
+        signatures: SignatureChecker,
+        sessions: SessionTable,
+        metrics: Metrics,
+    ) -> None:
+        self.lifecycle = lifecycle
+        self.signatures = signatures
+        self.sessions = sessions
+        self.metrics = metrics
+        self.config = Config()
+        self.completions: Completions | None = None
+
+    def admit(
+        self, route: str, body: bytes, parse: Callable[[dict[str, Any]], _T], *, sessions: bool
+    ) -> _Admitted[_T] | Response:
+        """The steps every signed request takes first: readiness (a loading worker says so,
+        whatever it was sent), the JSON, the session it names (model routes), the signature,
+        the payload. A refusal comes back as its Response, counted and reported."""
+        refusal = self.not_ready()
+        try:
+            msg = decode_client_json(body)
+        except HttpError as exc:
+            return self.refuse(route, refusal or error_response(exc.status, exc.message))
+        session_id = msg.get("session_id") if sessions else None
+        in_session = type(session_id) is str  # its ticket is the session's: reported once
+        if refusal is not None:
+            return self.refuse(route, refusal, None if in_session else peek_auth(msg)[0])
+        session: Session | None = None
+        replay = True
+        if type(session_id) is str:
+            session = self.sessions.get(session_id)
+            if session is None:
+                return self.refuse(route, error_response(410, "invalid session"))
+            # Inside a session the client sends the session's ticket again, by design.
+            replay = not self.sessions.authorized(session, msg.get("auth_data"))
+        try:
+            checker = None if self.config.unsecured else self.signatures
+            payload, auth = parse_client_request(parse, msg, checker, replay=replay)
+        except HttpError as exc:  # 401: the claimed cost counts only if it was signed
+            idx, claimed = (None, 0.0) if in_session else peek_auth(msg)
+            claimed = claimed if exc.message in REPLAY_REASONS else 0.0
+            return self.refuse(route, error_response(exc.status, exc.message), idx, claimed)
+        except JsonDataException as exc:
+            idx = None if in_session else peek_auth(msg)[0]
+            return self.refuse(route, json_response(exc.message, 422), idx)
+        if in_session:
+            idx = None
+        elif auth is not None:
+            idx = auth.request_idx
+        else:  # UNSECURED: the request_idx, unchecked
+            idx = peek_auth(msg)[0]
+        return _Admitted(msg, payload, auth, idx, session, replay)
+
+    def not_ready(self) -> Response | None:
+        life = self.lifecycle
+        if life.state is not State.READY:
+            reason = life.error_msg if life.state is State.ERRORED else "model not ready"
+            return error_response(503, reason, state=life.state.value)
+        if not self.config.unsecured and self.signatures.pubkey is None:
+            self.signatures.watch.failed("no_key")
+            return error_response(503, "no public key yet", state="no_pubkey")
+        return None
+
+    def refuse(
+        self, route: str, response: Response, idx: int | None = None, workload: float = 0.0
+    ) -> Response:
+        """Count, log and report a request answered without reaching the model (401, 422,
+        429, 503). 401 and 429 are rejections: their workload counts in rej_load."""
+        status = response.status
+        self.metrics.record(route, status, 0.0)
+        if status in (401, 429):
+            self.metrics.refused.add(workload)
+        if idx is not None and self.completions is not None:
+            outcome = "Error" if status == 422 else "Rejected"
+            self.completions(completion(idx, outcome, time.time()))
+        if access_log.isEnabledFor(logging.INFO):
+            _access_log_line(f"{route} {response.status} (refused)")
+        return response
+
+    async def handle_session_create(self, request: Request) -> Response:
+        """POST /session/create: auth_data verified like any model request's, then a session
+        that counts as one request in flight (workload `cost`) until it ends."""
+        route = request.path
+
+        def parse(msg: dict[str, Any]) -> tuple[SessionPayload, str | None]:
+            payload = SessionPayload.from_json_msg(msg)
+            return payload, self.sessions.check(payload)  # the close route, resolved
+
+        admitted = self.admit(route, request.body, parse, sessions=False)
+        if isinstance(admitted, Response):
+            return admitted
+        (payload, on_close), auth, idx = admitted.payload, admitted.auth, admitted.idx
+        msg, claimed = admitted.msg, peek_auth(admitted.msg)[1]
+        auth_data = msg.get("auth_data")
+        key = _auth_key(auth_data, for_keeping=True)
+        if key is None:
+            why = {"auth_data": "nested too deeply to keep"}
+            return self.refuse(route, json_response(why, 422), idx)
+        if self.sessions.full():
+            max_sessions = self.sessions.max_sessions
+            answer = error_response(429, "too many sessions", max_sessions=max_sessions)
+            return self.refuse(route, answer, idx, claimed)
+        if auth is not None:
+            self.signatures.spend(auth)
+        job = _Job(self.metrics, "/session", claimed, idx, self.completions)
+        session = self.sessions.create(auth_data, key, payload, on_close, job)
+        reply = {"session_id": session.session_id, "expiration": session.expiration}
+        return json_response(reply, 201)
+
+
+# Backend #########################################################################################
+# The request pipeline, and the wiring of the parts above.
+
+
 class Backend:
-    """The worker's core: the request pipeline (readiness, signature, payload, admission,
-    then ModelQueue to the model and back) and the parts it wires together (Lifecycle,
-    SignatureChecker, ModelLogWatcher, Benchmark, HealthCheck, LoadReporter or
-    PlatformReporter, SessionTable, Metrics).
+    """The worker's core: the request pipeline (Admission: readiness, signature, payload;
+    then the queue limit, and ModelQueue to the model and back) and the parts it wires
+    together (Lifecycle, SignatureChecker, ModelReadiness, LoadReporter or PlatformReporter,
+    SessionTable, Metrics).
 
     model_server_url       the model API's base URL (MODEL_SERVER_URL overrides it)
     model_log_file         the model server's log (MODEL_LOG overrides it)
@@ -4912,19 +5160,16 @@ class Backend:
         runs = benchmark_runs or handler_setting(benchmark_handler, "benchmark_runs")
         self.benchmark_runs: int = runs or 8
         self.max_sessions = max_sessions
-        # Set before start() when the model is known to be loaded then (a worker file's
-        # lifecycle context entered): the reason, logged; the benchmark starts at once.
-        self.loaded_by: str | None = None
         self.config = Config()
         self.metrics = Metrics()
         self.lifecycle = Lifecycle()
         self.signatures = SignatureChecker(failures=self.metrics.signature_failures)
         self.queue = ModelQueue(self.metrics)
         self.reporter: LoadReporter | PlatformReporter | None = None
-        self.completions: Completions | None = None  # today's platform: completion reports
-        self.health: HealthCheck | None = None
         self.sessions = SessionTable(self.metrics, max_sessions=max_sessions)
         self.tasks = BackgroundTasks(self.lifecycle)
+        self.readiness = ModelReadiness(self.lifecycle, self.tasks)
+        self.admission = Admission(self.lifecycle, self.signatures, self.sessions, self.metrics)
         self._client: HttpClient | None = None
 
     # The state, as earlier versions kept it on Backend itself ----------------------------------
@@ -4952,6 +5197,11 @@ class Backend:
     @property
     def pubkey(self) -> RsaPublicKey | None:
         return self.signatures.pubkey
+
+    @property
+    def health(self) -> HealthCheck | None:
+        """The model's health check, when it has a health route (set by start())."""
+        return self.readiness.health
 
     @property
     def client(self) -> HttpClient:
@@ -4992,7 +5242,8 @@ class Backend:
         request: Request,
     ) -> Response:
         route = request.path
-        admitted = self._admit(route, request.body, payload_cls.from_json_msg, sessions=True)
+        admission = self.admission
+        admitted = admission.admit(route, request.body, payload_cls.from_json_msg, sessions=True)
         if isinstance(admitted, Response):
             return admitted
         payload, auth, idx = admitted.payload, admitted.auth, admitted.idx
@@ -5000,7 +5251,7 @@ class Backend:
             workload = float(payload.count_workload())
         except _PAYLOAD_READ_ERRORS as exc:  # a payload its own class cannot weigh: as above
             log.info("payload refused: count_workload raised %r", exc)
-            return self._refuse(route, json_response({"payload": "invalid payload"}, 422), idx)
+            return admission.refuse(route, json_response({"payload": "invalid payload"}, 422), idx)
         perf = self.lifecycle.max_perf
         if max_queue_time is None:
             max_queue_time = self.max_queue_time
@@ -5012,119 +5263,21 @@ class Backend:
                 retry = str(max(1, math.ceil(wait - max_queue_time)))
                 why = {"error": "queue too long", "estimated_wait": round(wait, 3)}
                 answer = json_response(why, 429, [("Retry-After", retry)])
-                return self._refuse(route, answer, idx, workload)
+                return admission.refuse(route, answer, idx, workload)
         if auth is not None and admitted.replay:  # accepted: from now on the ticket is spent
             self.signatures.spend(auth)
-        job = _Job(self.metrics, route, workload, idx, self.completions)
+        job = _Job(self.metrics, route, workload, idx, admission.completions)
         if admitted.session is not None:
             self.sessions.enter(admitted.session, job)
         return await self.queue.forward(
             handler, endpoint, payload, request, job, one_at_a_time=not parallel
         )
 
-    def _admit(
-        self, route: str, body: bytes, parse: Callable[[dict[str, Any]], _T], *, sessions: bool
-    ) -> _Admitted[_T] | Response:
-        """The steps every signed request takes first: readiness (a loading worker says so,
-        whatever it was sent), the JSON, the session it names (model routes), the signature,
-        the payload. A refusal comes back as its Response, counted and reported."""
-        refusal = self._not_ready()
-        try:
-            msg = decode_client_json(body)
-        except HttpError as exc:
-            return self._refuse(route, refusal or error_response(exc.status, exc.message))
-        session_id = msg.get("session_id") if sessions else None
-        in_session = type(session_id) is str  # its ticket is the session's: reported once
-        if refusal is not None:
-            return self._refuse(route, refusal, None if in_session else peek_auth(msg)[0])
-        session: Session | None = None
-        replay = True
-        if type(session_id) is str:
-            session = self.sessions.get(session_id)
-            if session is None:
-                return self._refuse(route, error_response(410, "invalid session"))
-            # Inside a session the client sends the session's ticket again, by design.
-            replay = not self.sessions.authorized(session, msg.get("auth_data"))
-        try:
-            checker = None if self.config.unsecured else self.signatures
-            payload, auth = parse_client_request(parse, msg, checker, replay=replay)
-        except HttpError as exc:  # 401: the claimed cost counts only if it was signed
-            idx, claimed = (None, 0.0) if in_session else peek_auth(msg)
-            claimed = claimed if exc.message in REPLAY_REASONS else 0.0
-            return self._refuse(route, error_response(exc.status, exc.message), idx, claimed)
-        except JsonDataException as exc:
-            idx = None if in_session else peek_auth(msg)[0]
-            return self._refuse(route, json_response(exc.message, 422), idx)
-        if in_session:
-            idx = None
-        elif auth is not None:
-            idx = auth.request_idx
-        else:  # UNSECURED: the request_idx, unchecked
-            idx = peek_auth(msg)[0]
-        return _Admitted(msg, payload, auth, idx, session, replay)
-
-    def _not_ready(self) -> Response | None:
-        life = self.lifecycle
-        if life.state is not State.READY:
-            reason = life.error_msg if life.state is State.ERRORED else "model not ready"
-            return error_response(503, reason, state=life.state.value)
-        if not self.config.unsecured and self.signatures.pubkey is None:
-            self.signatures.watch.failed("no_key")
-            return error_response(503, "no public key yet", state="no_pubkey")
-        return None
-
-    def _refuse(
-        self, route: str, response: Response, idx: int | None = None, workload: float = 0.0
-    ) -> Response:
-        """Count, log and report a request answered without reaching the model (401, 422,
-        429, 503). 401 and 429 are rejections: their workload counts in rej_load."""
-        status = response.status
-        self.metrics.record(route, status, 0.0)
-        if status in (401, 429):
-            self.metrics.refused.add(workload)
-        if idx is not None and self.completions is not None:
-            outcome = "Error" if status == 422 else "Rejected"
-            self.completions(completion(idx, outcome, time.time()))
-        if access_log.isEnabledFor(logging.INFO):
-            _access_log_line(f"{route} {response.status} (refused)")
-        return response
-
-    # Sessions (SPEC 11.5) ---------------------------------------------------------------------
-
-    async def handle_session_create(self, request: Request) -> Response:
-        """POST /session/create: auth_data verified like any model request's, then a session
-        that counts as one request in flight (workload `cost`) until it ends."""
-        route = request.path
-
-        def parse(msg: dict[str, Any]) -> tuple[SessionPayload, str | None]:
-            payload = SessionPayload.from_json_msg(msg)
-            return payload, self.sessions.check(payload)  # the close route, resolved
-
-        admitted = self._admit(route, request.body, parse, sessions=False)
-        if isinstance(admitted, Response):
-            return admitted
-        (payload, on_close), auth, idx = admitted.payload, admitted.auth, admitted.idx
-        msg, claimed = admitted.msg, peek_auth(admitted.msg)[1]
-        auth_data = msg.get("auth_data")
-        key = _auth_key(auth_data, for_keeping=True)
-        if key is None:
-            why = {"auth_data": "nested too deeply to keep"}
-            return self._refuse(route, json_response(why, 422), idx)
-        if self.sessions.full():
-            answer = error_response(429, "too many sessions", max_sessions=self.max_sessions)
-            return self._refuse(route, answer, idx, claimed)
-        if auth is not None:
-            self.signatures.spend(auth)
-        job = _Job(self.metrics, "/session", claimed, idx, self.completions)
-        session = self.sessions.create(auth_data, key, payload, on_close, job)
-        reply = {"session_id": session.session_id, "expiration": session.expiration}
-        return json_response(reply, 201)
-
     # Life -------------------------------------------------------------------------------------
 
     async def start(self, config: Config) -> None:
         """Start the background work; returns at once (nothing here waits on the network)."""
-        self.config = config
+        self.config = self.admission.config = config
         self.lifecycle.started_at = time.monotonic()
         self._client = HttpClient(config.model_server_url or self.model_server_url)
         self.queue.client = self.sessions.model = self._client
@@ -5137,7 +5290,7 @@ class Backend:
         self.tasks.spawn(self.sessions.collect())
         if config.platform_reports:
             self.reporter = PlatformReporter(config, self.metrics, self.lifecycle)
-            self.completions = self.reporter.completed
+            self.admission.completions = self.reporter.completed
             self.tasks.spawn(self.reporter.run())
             self.tasks.spawn(self.reporter.run_completions())
         else:
@@ -5164,75 +5317,24 @@ class Backend:
         if health and config.model_server_url and health.startswith(base + "/"):
             # A URL on the worker file's model server, which MODEL_SERVER_URL moved: its path
             health = health[len(base) :]
-        if health:
-            self.lifecycle.needs_health = True
-            self.health = HealthCheck(
-                self.client,
-                health,
-                self.lifecycle,
-                interval=config.healthcheck_interval,
-                start_timeout=(
-                    config.model_api_wait
-                    if config.health_start_timeout is None
-                    else config.health_start_timeout
-                ),
-                max_failures=config.health_failures,
-                on_first_ok=None if self.model_log_file else self._healthy_without_log,
-            )
-            self.tasks.spawn(self.health.run())
-        if self.loaded_by is not None:  # loaded before the worker started: benchmark now
-            self._model_loaded(self.loaded_by)
-        if self.model_log_file:
-            watcher = ModelLogWatcher(
-                self.model_log_file,
-                self.log_actions,
-                on_loaded=self._model_loaded,
-                on_error=self.lifecycle.errored,
-                poll_interval=config.log_poll_interval,
-            )
-            self.tasks.spawn(watcher.run())
-        elif health:
-            log.info("no MODEL_LOG: the model counts as loaded at its first healthy answer")
-        elif self.loaded_by is None:
-            log.error("neither MODEL_LOG nor a health endpoint: the worker cannot become ready")
-
-    def _healthy_without_log(self) -> None:
-        self._model_loaded("the model's health endpoint answered 200")
-
-    def _model_loaded(self, line: str) -> None:
-        if self.lifecycle.model_loaded():
-            log.info("model loaded: %s", line[:200])
-            self.tasks.spawn(self._benchmark())
-
-    async def _benchmark(self) -> None:
-        api = ModelApiWait(
-            self.client,
-            self.benchmark_handler,
-            limit=self.config.model_api_wait,
-            log_interval=self.config.model_api_log_interval,
-        )
-        why = await api.wait()
-        if why is not None:
-            self.lifecycle.errored(why)
-            return
         handler = self.benchmark_handler
         concurrency = handler_setting(handler, "concurrency")
-        benchmark = Benchmark(
+        self.readiness.start(
             self.client,
+            config,
             handler,
             runs=self.benchmark_runs,
             concurrency=concurrency or (10 if self._parallel(handler) else 1),
-            cache_path=self.config.benchmark_cache,
-            warmup=bool(handler_setting(handler, "do_warmup_benchmark")),
+            model_log=self.model_log_file,
+            log_actions=self.log_actions,
+            health=health,
         )
-        max_perf = await benchmark.run()
-        if max_perf <= 0:
-            self.lifecycle.errored(
-                "benchmark: no request to the model succeeded (its API at "
-                f"{api.target} is open: a GET got {api.last})"
-            )
-        else:
-            self.lifecycle.benchmarked(max_perf)
+
+    def model_loaded(self, reason: str) -> None:
+        """The model has loaded (`reason` is logged): the benchmark starts, then the worker
+        is ready. The model log's loaded line takes the same path (ModelReadiness.loaded);
+        only the first call counts."""
+        self.readiness.loaded(reason)
 
     async def stop(self) -> None:
         """End the sessions, cancel background work, send a last load report, close
@@ -5248,8 +5350,7 @@ class Backend:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.gather(*last), FINAL_REPORT_TIMEOUT)
             await reporter.close()
-        if self.health is not None:
-            await self.health.close()
+        await self.readiness.close()
         if self._client is not None:
             await self._client.close()
 
@@ -5318,7 +5419,7 @@ def builtin_routes(backend: Backend, config: Config) -> list[Route]:
         get("/ping", ping),
         get("/healthcheck", healthcheck),
         get("/metrics", metrics),
-        post("/session/create", backend.handle_session_create),
+        post("/session/create", backend.admission.handle_session_create),
         post("/session/get", backend.sessions.handle_get),
         post("/session/health", backend.sessions.handle_health),
         post("/session/end", backend.sessions.handle_end),
@@ -6019,11 +6120,11 @@ class HandlerConfig:
 class WorkerConfig:
     """The worker: the model server (MODEL_SERVER_URL and MODEL_LOG override the file's
     values), its routes, log lines, sessions, and an optional lifecycle: an async context
-    manager entered before the worker serves (the model counts as loaded once it is; a model
-    log is still read for errors) and exited when it stops. A handler's `healthcheck` is the
-    model's health route when model_healthcheck_url is not given. benchmark_data and
-    benchmark_route are accepted and unused, as in vastai 1.9.1: a route's BenchmarkConfig
-    says what the benchmark sends."""
+    manager entered in the background once the worker serves, exited when it stops (see
+    _ContextBackend); the model counts as loaded once it is entered, and a model log is
+    still read for its errors. A handler's `healthcheck` is the model's health route when
+    model_healthcheck_url is not given. benchmark_data and benchmark_route are accepted and
+    unused, as in vastai 1.9.1: a route's BenchmarkConfig says what the benchmark sends."""
 
     model_server_url: str | None = None
     model_server_port: int | None = None
@@ -6126,6 +6227,58 @@ class _ConfigHandler(EndpointHandler[Any]):
         return await generate(client_request, model_response)
 
 
+LIFECYCLE_CANCEL_TIMEOUT = 5.0  # seconds an __aenter__ still running at the stop gets to end
+
+
+class _ContextBackend(Backend):
+    """The Backend of a WorkerConfig, with its lifecycle context (if any) around the model:
+    entered in the background once the worker listens (it answers /ping and reports
+    "loading" meanwhile, for as long as the model takes to start); the model counts as
+    loaded when __aenter__ returns; an __aenter__ that raises marks the worker errored (503
+    with the reason, reported), and the worker stays up. __aexit__(None, None, None) runs
+    once, at the stop, after the requests in flight and the sessions are done; an
+    __aenter__ still running then is cancelled first (LIFECYCLE_CANCEL_TIMEOUT), and
+    __aexit__ runs all the same, to undo what it began. Not after an __aenter__ that
+    raised: that context was never entered (as `async with` has it)."""
+
+    context: contextlib.AbstractAsyncContextManager[Any] | None = None
+    _entering: asyncio.Task[bool] | None = None  # True once entered, False when it raised
+
+    async def start(self, config: Config) -> None:
+        self.readiness.told = self.context is not None
+        await super().start(config)
+        if self.context is not None:
+            self._entering = asyncio.get_running_loop().create_task(self._enter(self.context))
+
+    async def _enter(self, context: contextlib.AbstractAsyncContextManager[Any]) -> bool:
+        try:
+            await context.__aenter__()
+        except Exception as exc:
+            self.lifecycle.errored(f"the lifecycle context failed: {exc!r}")
+            return False
+        self.model_loaded("the lifecycle context was entered")
+        return True
+
+    async def stop(self) -> None:
+        entering, context = self._entering, self.context
+        self._entering = self.context = None  # once
+        if entering is not None and not entering.done():
+            log.info("stopping: the lifecycle context is still being entered; cancelled")
+            entering.cancel()
+            await asyncio.wait({entering}, timeout=LIFECYCLE_CANCEL_TIMEOUT)
+            if not entering.done():
+                log.error("the lifecycle's __aenter__ did not stop when cancelled")
+        await super().stop()
+        if context is None or entering is None:
+            return
+        if entering.done() and not entering.cancelled() and not entering.result():
+            return  # __aenter__ raised: nothing to exit
+        try:
+            await context.__aexit__(None, None, None)
+        except Exception:
+            log.exception("the lifecycle's __aexit__ failed")
+
+
 class Worker:
     """A worker file's WorkerConfig, served: Worker(config).run(), or awaited in a running
     event loop with `await Worker(config).run_async()`. The backend and routes are made here;
@@ -6189,7 +6342,7 @@ class Worker:
         health = config.model_healthcheck_url or next(
             (s.healthcheck for s in settings if s.healthcheck), None
         )
-        backend = Backend(
+        backend = _ContextBackend(
             model_server_url=url,
             model_log_file=config.model_log_file,
             allow_parallel_requests=False,  # vastai's handlers' default
@@ -6199,6 +6352,7 @@ class Worker:
             benchmark_runs=bench.runs if bench is not None else None,
             max_sessions=config.max_sessions or 0,
         )
+        backend.context = config.lifecycle
         return backend, [
             post(s.route, backend.create_handler(h)) for s, h in zip(settings, handlers)
         ]
@@ -6230,24 +6384,7 @@ class Worker:
                 "WorkerConfig.benchmark_data / benchmark_route are not used (as in vastai "
                 "1.9.1): the route's BenchmarkConfig says what the benchmark sends"
             )
-        lifecycle = self.config.lifecycle
-        if lifecycle is None:
-            await serve(backend, self.routes, config, log_handler)
-            return
-        try:
-            await lifecycle.__aenter__()
-        except Exception as exc:
-            message = f"the lifecycle context failed: {exc!r}"
-            await report_failed_start(_start_failed(message), message)
-            raise SystemExit(1) from None
-        backend.loaded_by = "the lifecycle context was entered"
-        try:
-            await serve(backend, self.routes, config, log_handler)
-        except BaseException:
-            if not await lifecycle.__aexit__(*sys.exc_info()):
-                raise
-        else:
-            await lifecycle.__aexit__(None, None, None)
+        await serve(backend, self.routes, config, log_handler)
 
 
 if __name__ == "__main__":

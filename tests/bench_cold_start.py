@@ -82,7 +82,7 @@ class SeedBenchmark(pyworker.Benchmark):
 
 @contextlib.contextmanager
 def seed_method() -> Generator[None, None, None]:
-    """Backend._benchmark builds pyworker.Benchmark: the seed's, for the baseline's runs."""
+    """ModelReadiness._benchmark builds pyworker.Benchmark: the seed's, for the baseline's runs."""
     new = pyworker.Benchmark
     pyworker.Benchmark = SeedBenchmark  # type: ignore[misc]
     try:

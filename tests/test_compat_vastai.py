@@ -16,7 +16,7 @@ import json
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from support import (
     signing_key,
 )
 
-from pyworker import Response
+from pyworker import Request, Response
 from test_load import FakeModel, LocalAutoscaler
 
 run = Runner(timeout=90.0)
@@ -56,6 +56,11 @@ class GatedModel(FakeModel):
         self.streams_done = 0
         self.holding = False
         self.release = asyncio.Event()
+        self.health_asked = 0
+
+    async def _health(self, request: Request) -> Response:
+        self.health_asked += 1
+        return await super()._health(request)
 
     async def _generate_json(self, payload: dict[str, Any]) -> Response:
         if self.holding:
@@ -330,7 +335,7 @@ def test_serial_routes_share_one_queue_and_parallel_ones_pass_it(tmp_path: Path)
 
 def test_class_worker_with_lifecycle_and_run_async(tmp_path: Path) -> None:
     # class_worker.py: payload_class, handler_class, a generator benchmark, a lifecycle
-    # context (entered before serving, exited at the stop), no model log (ready once the
+    # context (entered once the worker serves, exited at the stop), no model log (ready once the
     # lifecycle is entered and the model's /health answered), run_async in the file's loop,
     # MODEL_SERVER_URL set by the file after its import, from TEST_MODEL_URL.
     async def main() -> None:
@@ -368,6 +373,152 @@ def test_class_worker_with_lifecycle_and_run_async(tmp_path: Path) -> None:
     run(main())
 
 
+class Gate:
+    """The test's end of lifecycle_worker.py's __aenter__: `entering` is set when it has
+    connected (it is blocked on the gate from then on); say() gives it its word."""
+
+    def __init__(self) -> None:
+        self.entering = asyncio.Event()
+        self.word: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> Gate:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        return self
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            assert await reader.readline() == b"entering\n"
+            self.entering.set()
+            writer.write(await self.word + b"\n")
+            await writer.drain()
+        writer.close()
+
+    def say(self, word: str) -> None:
+        self.word.set_result(word.encode())
+
+    async def stop(self) -> None:
+        if not self.word.done():
+            self.word.set_result(b"")
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def gated_lifecycle(tmp_path: Path) -> AsyncGenerator[tuple[Child, Gate, Path], None]:
+    """lifecycle_worker.py as a process (no model log), its __aenter__ blocked on a Gate until
+    the test says; yields it with the gate (entered) and the directory of its marks."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    gate = await Gate().start()
+    try:
+        async with child_worker(
+            tmp_path,
+            "lifecycle_worker.py",
+            log=False,
+            TEST_GATE_PORT=str(gate.port),
+            TEST_MARKS=str(marks),
+        ) as c:
+            await c.proc.until(gate_entered(gate), 30, "the lifecycle's __aenter__ to begin")
+            yield c, gate, marks
+    finally:
+        await gate.stop()
+
+
+def gate_entered(gate: Gate) -> Callable[[], Awaitable[bool]]:
+    async def entered() -> bool:
+        return gate.entering.is_set()
+
+    return entered
+
+
+def health_asked(model: GatedModel) -> Callable[[], Awaitable[bool]]:
+    async def asked() -> bool:
+        return model.health_asked > 0
+
+    return asked
+
+
+def reported(c: Child, check: Callable[[dict[str, Any]], bool]) -> Callable[[], Awaitable[bool]]:
+    async def seen() -> bool:
+        return any(r.get("url") == c.url and check(r) for r in c.scaler.reports)
+
+    return seen
+
+
+async def stop_child(c: Child) -> str:
+    """SIGTERM; the worker exits 0; its output."""
+    c.proc.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(c.proc.proc.wait(), 20) == 0, c.proc.output()
+    return c.proc.output()
+
+
+def test_lifecycle_is_entered_while_the_worker_answers_and_reports(tmp_path: Path) -> None:
+    # Guards a worker silent while its lifecycle starts the model (minutes without /ping or a
+    # load report: the platform takes it for dead). __aenter__ is blocked on the test's gate:
+    # /ping answers, a report says "loading", a request gets 503 loading (the health route's
+    # 200 does not count as loaded: the lifecycle says when). Then it returns: ready, served;
+    # __aexit__ runs once, at SIGTERM.
+    async def main() -> None:
+        async with gated_lifecycle(tmp_path) as (c, gate, marks):
+            ping = await request(c.proc.port, "GET", "/ping", timeout=10.0)
+            assert (ping.status, ping.body) == (200, b"pong"), ping
+            loading = reported(c, lambda r: r["max_perf"] == 0 and r["error_msg"] == "")
+            await c.proc.until(loading, 30, "a load report while the lifecycle is entered")
+            await c.proc.until(health_asked(c.model), 30, "the model's health route asked")
+            reply = await c.post("/generate", {"prompt": "hi"})
+            assert reply.status == 503 and reply.json()["state"] == "loading", reply
+            assert not gate.word.done()  # still blocked in __aenter__ all along
+            gate.say("go")
+            await c.wait_ready()
+            reply = await c.post("/generate", {"prompt": "hi", "max_response_tokens": 2})
+            assert reply.status == 200, reply
+            assert not (marks / "exited").exists()
+            await stop_child(c)
+            assert (marks / "exited").read_text() == "None\n"  # once, as a normal exit
+
+    run(main())
+
+
+def test_lifecycle_that_raises_errors_the_worker_which_stays_up(tmp_path: Path) -> None:
+    # Guards an __aenter__ that raises: the worker is errored (one line, no traceback), the
+    # autoscaler is told why, clients get 503 with the reason, /ping still answers; the
+    # context was never entered, so __aexit__ does not run.
+    message = "the lifecycle context failed: RuntimeError('no model server binary')"
+
+    async def main() -> None:
+        async with gated_lifecycle(tmp_path) as (c, gate, marks):
+            gate.say("fail")
+            errored = reported(c, lambda r: r["error_msg"] == message)
+            await c.proc.until(errored, 30, "a load report with the lifecycle's error")
+            reply = await c.post("/generate", {"prompt": "hi"})
+            assert reply.status == 503, reply
+            assert reply.json() == {"error": message, "state": "errored"}, reply
+            assert (await request(c.proc.port, "GET", "/ping", timeout=10.0)).status == 200
+            output = await stop_child(c)
+            said = [line for line in output.splitlines() if "no model server binary" in line]
+            assert len(said) == 1 and "Traceback" not in output, output
+            assert not (marks / "exited").exists(), output
+
+    run(main())
+
+
+def test_sigterm_while_the_lifecycle_is_entered_cancels_it_and_exits_it(tmp_path: Path) -> None:
+    # Guards a stop that comes while __aenter__ still runs (the model never came up): it is
+    # cancelled, __aexit__ runs once to undo what it began, and the worker exits 0, bounded.
+    async def main() -> None:
+        async with gated_lifecycle(tmp_path) as (c, gate, marks):
+            output = await stop_child(c)
+            assert not gate.word.done()  # it was never answered: cancelled while blocked
+            assert "still being entered; cancelled" in output, output
+            assert (marks / "exited").read_text() == "None\n", output
+
+    run(main())
+
+
 @pytest.mark.parametrize(
     ("case", "expected"),
     [
@@ -377,7 +528,6 @@ def test_class_worker_with_lifecycle_and_run_async(tmp_path: Path) -> None:
         ("remote_function", "remote_function / is_remote_dispatch"),
         ("remote_dispatch", "remote_function / is_remote_dispatch"),
         ("empty_benchmark", "BenchmarkConfig has no dataset or generator"),
-        ("lifecycle_fails", "the lifecycle context failed: RuntimeError('no model server binary')"),
     ],
 )
 def test_configuration_mistake_stops_with_one_line(

@@ -26,17 +26,5 @@ CASES = {
 }
 
 
-class FailingStart:
-    """A lifecycle whose start fails (the model server it would start is missing)."""
-
-    async def __aenter__(self) -> None:
-        raise RuntimeError("no model server binary")
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        return None
-
-
-CASES["lifecycle_fails"] = [HandlerConfig(route="/a", benchmark_config=BENCH)]
 case = os.environ["BAD_CASE"]
-lifecycle = FailingStart() if case == "lifecycle_fails" else None
-Worker(WorkerConfig(model_server_port=5001, handlers=CASES[case], lifecycle=lifecycle)).run()
+Worker(WorkerConfig(model_server_port=5001, handlers=CASES[case])).run()
