@@ -2311,11 +2311,17 @@ def verify_auth(
     return None
 
 
-# A refusal's reason (what the client's 401 says) -> its label in /metrics and in the warning
+# Counted apart (malformed: no layout was tried, no reason to doubt the key), told to the client
+# as any other bad signature: the 401 says no more than it did before it was counted apart.
+_WRONG_SIZE = "signature has the wrong size"
+
+
+# A refusal's reason (what the client's 401 says, _WRONG_SIZE aside) -> its label in /metrics
 FAILURE_LABELS = {
     "no public key yet": "no_key",
     "signature too long": "malformed",
     "signature is not base64": "malformed",
+    _WRONG_SIZE: "malformed",
     "bad signature": "no_layout",
     "stale reqnum": "replayed",
     "replayed request": "replayed",
@@ -2326,8 +2332,11 @@ class SignatureWatch:
     """Signed requests refused, by label (FAILURE_LABELS): totals for /metrics, and a
     WARNING at most every `interval` seconds with the counts since the last one and the key
     in use (vast-cli#493: workers answering 401 to everything, their operators seeing only
-    access-log lines). It also says when the key looks outdated: `doubt_after` signatures in
-    a row verified under no layout, and no good one for `quiet` seconds."""
+    access-log lines). It also says when the key looks outdated: `doubt_after` signatures
+    verified under no layout within the last `window` seconds. Counted in a sliding window,
+    not "in a row": good signatures do not reset it, since a client holding a ticket signed
+    before the key changed (a `url` signature never expires) would otherwise keep a changed
+    key from ever being fetched again."""
 
     TEXT = {"replayed": "replayed", "malformed": "malformed", "no_key": "before a key came"}
 
@@ -2338,33 +2347,27 @@ class SignatureWatch:
         *,
         interval: float = 60.0,
         doubt_after: int = 20,
-        quiet: float = 60.0,
+        window: float = 60.0,
     ) -> None:
         self.checker = checker
         self.totals: collections.Counter[str] = collections.Counter() if totals is None else totals
         self.pending: collections.Counter[str] = collections.Counter()  # since the last line
         self.interval = interval
         self.doubt_after = doubt_after
-        self.quiet = quiet
-        self.streak = 0  # refused as matching no layout since the last good signature
-        # the checker's count of good signatures at the last failure, and when that was: the
-        # last good one came no later (the checker counts them without reading the clock)
-        self.verified = 0
-        self.last_ok = -math.inf
+        self.window = window
+        # time.monotonic() of the latest no-layout refusals, newest last; doubt_after of
+        # them at most (doubtful() needs no more), cleared when a key is loaded
+        self.no_layout: collections.deque[float] = collections.deque(maxlen=doubt_after)
         self._warned = -math.inf
         self._timer: asyncio.TimerHandle | None = None
-
-    def ok(self, verified: int) -> None:
-        """Good signatures came since the last failure (`verified` in all by now)."""
-        self.verified = verified
-        self.streak = 0
-        self.last_ok = time.monotonic()
 
     def failed(self, label: str) -> None:
         self.totals[label] += 1
         self.pending[label] += 1
         if label == "no_layout":
-            self.streak += 1
+            if self.no_layout.maxlen != self.doubt_after:  # doubt_after set after __init__
+                self.no_layout = collections.deque(self.no_layout, maxlen=self.doubt_after)
+            self.no_layout.append(time.monotonic())
         if self._timer is not None:
             return  # a line is due already: it will count this one
         delay = self._warned + self.interval - time.monotonic()
@@ -2375,9 +2378,12 @@ class SignatureWatch:
             self._timer = asyncio.get_running_loop().call_later(delay, self.warn)
 
     def doubtful(self) -> bool:
-        """Whether the key may have changed under the worker."""
-        quiet = time.monotonic() - self.last_ok >= self.quiet
-        return self.streak >= self.doubt_after and quiet
+        """Whether the key may have changed under the worker: doubt_after no-layout
+        refusals, the oldest of them no more than `window` seconds ago."""
+        recent = self.no_layout
+        if len(recent) < self.doubt_after or not recent:
+            return False
+        return time.monotonic() - recent[0] <= self.window
 
     def warn(self) -> None:
         """The WARNING line with the counts since the last one (none: no line)."""
@@ -2423,10 +2429,10 @@ class SignatureChecker:
     layouts' tickets are good once: caching them would hold memory for nothing.)
 
     The key can change under a running worker (issue 18). A fetched key is fetched again when
-    signatures keep failing (SignatureWatch.doubtful), at most every `refetch_interval`
-    seconds; a PUBKEY_FILE key is read again when its file changes (watch_file). A new key
-    empties the cache of verified signatures; the replay guard stays as it is, so a ticket
-    spent under the old key stays spent."""
+    signatures keep failing (SignatureWatch.doubtful), from where it was fetched, at most
+    every `refetch_interval` seconds; a PUBKEY_FILE key is read again when its file changes
+    (watch_file). A new key empties the cache of verified signatures; the replay guard stays
+    as it is, so a ticket spent under the old key stays spent."""
 
     CACHE_SIZE = 4096
 
@@ -2442,7 +2448,6 @@ class SignatureChecker:
         self.guard = ReplayGuard()
         self.layouts = tuple(layouts)
         self.watch = SignatureWatch(self, failures)
-        self.verified = 0  # signatures verified (good ones), ever
         # Fetching the key again (Backend.start sets these when the key is fetched)
         self.spawn: Callable[[typing.Coroutine[Any, Any, None]], None] | None = None
         self.client: HttpClient | None = None
@@ -2484,7 +2489,7 @@ class SignatureChecker:
             )
             self._verified.clear()  # verified with the old key: not proof under the new one
         self.pubkey = key
-        self.watch.streak = 0
+        self.watch.no_layout.clear()  # refusals under the old key are no doubt about this one
 
     @staticmethod
     def _stamp(path: str) -> tuple[int, int, int, int]:
@@ -2554,8 +2559,10 @@ class SignatureChecker:
         changed (a failed try waits for the next doubt, refetch_interval later at least)."""
         try:
             log.warning(
-                "%d signatures in a row matched no layout; fetching the public key again from %s",
-                self.watch.streak,
+                "%d signatures matched no layout in the last %.0fs; fetching the public key "
+                "again from %s",
+                len(self.watch.no_layout),
+                self.watch.window,
                 client.base_url,
             )
             key = await self._get_key(client)
@@ -2583,16 +2590,13 @@ class SignatureChecker:
         that a 429 can be retried with it. Refusals are counted (SignatureWatch)."""
         reason = self._check(auth, replay)
         if reason is None:
-            self.verified += 1  # the watch reads it at the next failure: no clock read here
             return None
         watch = self.watch
-        if self.verified != watch.verified:  # good ones since the last failure
-            watch.ok(self.verified)
         label = FAILURE_LABELS.get(reason, "malformed")
         watch.failed(label)
-        if label == "no_layout" and self.watch.doubtful():
+        if label == "no_layout" and watch.doubtful():
             self._doubt()
-        return reason
+        return "bad signature" if reason is _WRONG_SIZE else reason
 
     def _check(self, auth: AuthData, replay: bool) -> str | None:
         if self.pubkey is None:
@@ -2607,8 +2611,10 @@ class SignatureChecker:
             signature = base64.b64decode(auth.signature, validate=True)
         except (binascii.Error, ValueError):
             return "signature is not base64"
+        if len(signature) != self.pubkey.size:  # no RSA signature under this key at all
+            return _WRONG_SIZE
         block = self.pubkey.recover(signature)  # the one RSA operation, whatever the layouts
-        if block is None:
+        if block is None:  # s >= n: a same-size key's signature may be (the key changed)
             return "bad signature"
         for layout in self.layouts:
             try:
@@ -3039,8 +3045,8 @@ class Config:
     model_api_wait: float = MODEL_API_WAIT  # MODEL_API_WAIT: seconds for the API to open
     model_api_log_interval: float = 10.0  # a "still waiting for the model's API" line this often
     signature_warn_interval: float = 60.0  # the refused-signatures warning at most this often
-    key_refetch_failures: int = 20  # signatures matching no layout in a row, and ...
-    key_refetch_quiet: float = 60.0  # ... no good one for this long: fetch the key again,
+    key_refetch_failures: int = 20  # this many signatures matching no layout ...
+    key_refetch_quiet: float = 60.0  # ... within this many seconds: fetch the key again,
     key_refetch_interval: float = 300.0  # ... at most this often
     pubkey_file_poll: float = 1.0  # PUBKEY_FILE is looked at (stat) for a change this often
 
@@ -5283,7 +5289,7 @@ class Backend:
         self.queue.client = self.sessions.model = self._client
         self.signatures.layouts = config.signature_layouts
         watch = self.signatures.watch
-        watch.interval, watch.quiet = config.signature_warn_interval, config.key_refetch_quiet
+        watch.interval, watch.window = config.signature_warn_interval, config.key_refetch_quiet
         watch.doubt_after = config.key_refetch_failures
         self.signatures.refetch_interval = config.key_refetch_interval
         self.sessions.gc_interval = config.session_gc_interval

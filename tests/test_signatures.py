@@ -10,6 +10,7 @@ e = 3 key in pure Python takes seconds, and a fixed key makes every signature de
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import hashlib
@@ -17,8 +18,9 @@ import json
 import random
 import shutil
 import subprocess
+import time
 import tracemalloc
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -36,7 +38,7 @@ from pyworker import (
     from_json_fields,
     verify_auth,
 )
-from test_load import RsaPrivateKey
+from test_load import LocalAutoscaler, RsaPrivateKey
 
 SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
 
@@ -574,6 +576,139 @@ def test_verify_auth_huge_base64_is_refused_before_decoding(size: int) -> None:
 
 def test_verify_auth_8192_bit_signature_fits_the_base64_limit() -> None:
     assert len(base64.b64encode(bytes(8192 // 8))) <= pyworker.MAX_SIGNATURE_B64
+
+
+# The key fetched again (SignatureChecker, SignatureWatch) ########################################
+
+
+class _Clock:
+    """pyworker's `time` module with a monotonic() the test moves: the watch's window and
+    the re-fetch interval are minutes, and the event loop keeps its own clock."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+def test_wrong_size_signature_is_malformed_and_no_reason_to_fetch_the_key() -> None:
+    # L3: guards that a signature of the wrong size (another key size, truncated) is counted
+    # `malformed`, not as matching no layout, and never makes the key be fetched again; one
+    # of the key's size from another key is `no_layout` and does.
+    checker = pyworker.SignatureChecker()
+    checker.use_key(KEY.public_key, "test")
+    checker.watch.doubt_after = 3
+    spawned: list[str] = []
+
+    def spawn(coro: Coroutine[Any, Any, None]) -> None:
+        spawned.append(coro.__qualname__)
+        coro.close()
+
+    checker.spawn = spawn
+    checker.client = pyworker.HttpClient("http://127.0.0.1:9")  # never reached: closed above
+    for reqnum in range(1, 11):
+        auth = signed(E3_KEY, reqnum=reqnum)  # 3072 bits: 384 bytes, KEY's are 256
+        if reqnum % 2:
+            raw = base64.b64decode(auth.signature)
+            auth.signature = base64.b64encode(raw[: KEY.public_key.size - 1]).decode()
+        assert checker.check(auth) == "bad signature"  # what the client reads, as before
+    assert checker.watch.totals == {"malformed": 10} and spawned == []
+    for reqnum in range(11, 14):
+        assert checker.check(signed(OTHER_KEY, reqnum=reqnum)) == "bad signature"
+    assert checker.watch.totals == {"malformed": 10, "no_layout": 3}
+    assert spawned == ["SignatureChecker.refetch"]
+    checker.watch.close()
+
+
+def test_key_refetch_counts_refusals_in_a_window_whatever_good_tickets_come_between(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # M1: guards that a client reusing a `url` ticket signed before the key changed (it never
+    # expires) cannot hold the re-fetch off, as a good signature resetting an "in a row" count
+    # did: the trigger is `doubt_after` no-layout refusals in the last `window` seconds. The
+    # re-fetch stays at most once per refetch_interval, from where the key came; nothing
+    # unsigned, forged or replayed is accepted on the way.
+    clock = _Clock()
+    monkeypatch.setattr(pyworker, "time", clock)
+
+    async def main() -> None:
+        scaler = LocalAutoscaler(KEY)
+        await scaler.start()
+        checker = pyworker.SignatureChecker()
+        tasks: list[asyncio.Task[None]] = []
+
+        def spawn(coro: Coroutine[Any, Any, None]) -> None:
+            tasks.append(asyncio.get_running_loop().create_task(coro))
+
+        async def settle() -> int:
+            """Let the re-fetches spawned finish; how many there were."""
+            await asyncio.gather(*tasks)
+            return len(tasks)
+
+        client = pyworker.HttpClient(scaler.url)
+        try:
+            checker.spawn = spawn
+            await checker.fetch(client)  # at start: the key fetched, at clock.now
+            assert checker.pubkey == KEY.public_key and checker.client is client
+            url = "https://203.0.113.9:40123"
+            stale = KEY.sign_url_auth(cost=1, endpoint="e", reqnum=1, url=url, request_idx=1)
+            assert checker.check(AuthData.from_json_msg(stale)) is None
+            scaler.key = OTHER_KEY  # the autoscaler's key changes
+            clock.now += checker.refetch_interval  # long after the first fetch
+            reqnum = 100
+            # 19 fresh tickets refused, then the stale one verified, again and again
+            for _ in range(5):
+                for _ in range(19):
+                    clock.now += 0.5
+                    reqnum += 1
+                    assert checker.check(signed(OTHER_KEY, reqnum=reqnum)) == "bad signature"
+                assert checker.check(AuthData.from_json_msg(stale)) is None
+            assert await settle() == 1  # fetched again once, at the 20th refusal
+            assert checker.pubkey == OTHER_KEY.public_key
+            # The new key's tickets are served; the old key's, forgeries, replays are not.
+            fresh = signed(OTHER_KEY, reqnum=reqnum + 1)
+            assert checker.check(fresh) is None
+            checker.spend(fresh)
+            assert checker.check(signed(OTHER_KEY, reqnum=reqnum + 1)) == "replayed request"
+            assert checker.check(AuthData.from_json_msg(stale)) == "bad signature"
+            assert checker.check(signed(E3_KEY, reqnum=reqnum + 2)) == "bad signature"
+            # Refusals spread wider than the window are no reason, however many.
+            clock.now += checker.refetch_interval
+            for n in range(60):
+                clock.now += checker.watch.window / (checker.watch.doubt_after - 1) + 0.01
+                assert checker.check(signed(KEY, reqnum=reqnum + 10 + n)) == "bad signature"
+            assert await settle() == 1
+            # 20 within the window are: fetched again (the same key: unchanged) ...
+            clock.now += checker.watch.window + 1  # the spread ones out of it
+            for n in range(19):
+                clock.now += 0.1
+                assert checker.check(signed(KEY, reqnum=reqnum + 100 + n)) == "bad signature"
+            assert await settle() == 1
+            for n in range(19, 20):
+                clock.now += 0.1
+                assert checker.check(signed(KEY, reqnum=reqnum + 100 + n)) == "bad signature"
+            assert await settle() == 2 and checker.pubkey == OTHER_KEY.public_key
+            # ... and not again before refetch_interval since then, however many fail
+            for n in range(200):
+                clock.now += (checker.refetch_interval - 1) / 200
+                assert checker.check(signed(KEY, reqnum=reqnum + 200 + n)) == "bad signature"
+            assert await settle() == 2
+            clock.now += 1
+            for n in range(20):
+                clock.now += 0.1
+                assert checker.check(signed(KEY, reqnum=reqnum + 400 + n)) == "bad signature"
+            assert await settle() == 3
+            assert checker.key_source == scaler.url + "/pubkey/"
+        finally:
+            checker.watch.close()
+            await client.close()
+            await scaler.stop()
+
+    asyncio.run(main())
 
 
 # AuthData and from_json_fields ###################################################################
