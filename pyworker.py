@@ -995,6 +995,42 @@ class _Connection:
         _abort(self.writer.transport)
 
 
+# What HttpClient.request sends, checked whole in one match (H4: a worker that puts a client's
+# decoded text in a path or a header must not write a second request to the model): a method
+# token, a target of printable ASCII without spaces, fields "token: value" whose values hold no
+# control character but HTAB and nothing beyond Latin-1. CR LF inside a value would still
+# match as two fields: request() also counts the line ends. The parts are named by
+# _request_head_error only once this fails.
+_OUTGOING_HEAD = re.compile(
+    rf"{_TCHAR.decode('ascii')}+ /[\x21-\x7e]* HTTP/1\.1\r\n"
+    rf"(?:{_TCHAR.decode('ascii')}+: [\t\x20-\x7e\x80-\xff]*\r\n)+\r\n"
+)
+_OUTGOING_TARGET = re.compile(r"/[\x21-\x7e]*")
+_OUTGOING_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
+
+
+def _request_head_error(
+    method: str, target: str, headers: Sequence[tuple[str, str]], content_type: str
+) -> str:
+    """What makes a request unsendable (request()'s check failed): the first bad part, named."""
+    if not _TOKEN.fullmatch(method.encode("latin-1", "replace")):
+        return f"method {method!r} is not a token"
+    if not _OUTGOING_TARGET.fullmatch(target):
+        return (
+            f"target {target[:200]!r} must start with / and hold printable ASCII only (no spaces, "
+            "no control characters: percent-encode them)"
+        )
+    for name, value in [*headers, ("Content-Type", content_type)]:
+        if not _TOKEN.fullmatch(name.encode("latin-1", "replace")):
+            return f"header name {name!r} is not a token"
+        if not _OUTGOING_VALUE.fullmatch(value):
+            return (
+                f"header {name!r}: its value holds CR, LF, NUL, another control character, "
+                "or a character beyond Latin-1"
+            )
+    return "malformed request head"  # pragma: no cover - one of the above fails
+
+
 class HttpClient:
     """An HTTP/1.1 client with a keep-alive connection pool to one base URL.
 
@@ -1088,14 +1124,29 @@ class HttpClient:
         `timeout` bounds the whole exchange, body included. Raises UpstreamError when the
         server is unreachable or breaks the protocol, UpstreamTimeout past the timeout.
         The caller must read the body or close() the response.
+
+        Raises ValueError, before anything is sent, for a method, target (prefix + path),
+        header or content type that cannot be sent as it is: a target with spaces, control
+        characters or non-ASCII (percent-encode them), a header name that is not a token,
+        a value with CR, LF, NUL or beyond Latin-1.
         """
-        lines = [f"{method} {self.prefix}{path} HTTP/1.1\r\nHost: {self._host_header}\r\n"]
-        for name, value in headers:
+        target = self.prefix + path or "/"
+        fields = tuple(headers)  # () for the model routes' usual none: the same object
+        lines = [f"{method} {target} HTTP/1.1\r\nHost: {self._host_header}\r\n"]
+        for name, value in fields:
             lines.append(f"{name}: {value}\r\n")
         if body is not None:
             lines.append(f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n")
         lines.append("\r\n")
-        data = "".join(lines).encode("latin-1") + (body or b"")
+        head = "".join(lines)
+        # request line, Host, the fields, two for a body, the blank line: one LF each, no more
+        ends = len(lines) + (2 if body is not None else 1)
+        if not _OUTGOING_HEAD.fullmatch(head) or head.count("\n") != ends:
+            raise ValueError(
+                f"request to {self.base_url} not sent: "
+                + _request_head_error(method, target, fields, content_type)
+            )
+        data = head.encode("latin-1") + (body or b"")
         deadline = _Deadline(timeout)
         try:
             return await self._exchange(method, data, deadline, timeout)

@@ -16,12 +16,14 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
-from support import RawClient, Runner
+from support import FastGenerateHandler, RawClient, Runner, worker_rig
 
+import hello_world
 import pyworker
 from pyworker import HttpClient, Request, Response, UpstreamError, UpstreamTimeout
 
@@ -142,6 +144,121 @@ def test_content_length_body_and_request_format() -> None:
             assert b"Content-Type: application/json" in lines
             assert b"X-Req: 7" in lines
             assert body == b'{"prompt":"hi"}'
+
+    run(main())
+
+
+# H4: what a request may carry. A worker that puts a client's decoded text in a path (a /view
+# proxy: backend.session.get("/view/" + request.query["f"])) or in model_headers must not
+# write a second request to the model: refused with a clear ValueError, before any byte is
+# sent (no connection is even opened).
+SMUGGLED = "a HTTP/1.1\r\nHost: x\r\n\r\nPOST /generate HTTP/1.1\r\nX: y"
+UNSENDABLE: list[tuple[str, dict[str, Any], str]] = [
+    ("smuggled-target", {"path": "/view/" + SMUGGLED}, "target '/view/a HTTP/1.1"),
+    ("lf-in-target", {"path": "/a\nb"}, "must start with / and hold printable ASCII"),
+    ("space-in-target", {"path": "/a b"}, "no spaces"),
+    ("nul-in-target", {"path": "/a\x00"}, "printable ASCII"),
+    ("tab-in-target", {"path": "/a\tb"}, "printable ASCII"),
+    ("non-ascii-target", {"path": "/caf\u00e9"}, "percent-encode"),
+    ("relative-target", {"path": "generate"}, "must start with /"),
+    ("space-in-method", {"method": "GET /x"}, "method 'GET /x' is not a token"),
+    ("name-with-space", {"headers": [("X Y", "1")]}, "header name 'X Y' is not a token"),
+    ("name-with-colon", {"headers": [("X:Y", "1")]}, "header name 'X:Y' is not a token"),
+    ("empty-name", {"headers": [("", "1")]}, "header name '' is not a token"),
+    ("crlf-in-name", {"headers": [("X: 1\r\nY", "1")]}, "is not a token"),
+    ("non-ascii-name", {"headers": [("X-\u00e9", "1")]}, "is not a token"),
+    ("crlf-in-value", {"headers": [("X-A", "1\r\nX-Evil: 2")]}, "header 'X-A': its value holds CR"),
+    ("lf-in-value", {"headers": [("X-A", "1\nX-Evil: 2")]}, "header 'X-A'"),
+    ("cr-in-value", {"headers": [("X-A", "1\r")]}, "header 'X-A'"),
+    ("nul-in-value", {"headers": [("X-A", "1\x00")]}, "NUL"),
+    ("beyond-latin-1", {"headers": [("X-A", "\u20ac")]}, "beyond Latin-1"),
+    ("crlf-in-type", {"content_type": "text/plain\r\nX-Evil: 1"}, "header 'Content-Type'"),
+]
+
+
+@pytest.mark.parametrize(("case", "call", "said"), UNSENDABLE, ids=[c[0] for c in UNSENDABLE])
+def test_unsendable_request_is_refused_before_anything_is_sent(
+    case: str, call: dict[str, Any], said: str
+) -> None:
+    async def main() -> None:
+        async with Upstream() as upstream, client_for(upstream) as client:
+            args: dict[str, Any] = {"method": "POST", "path": "/generate", **call}
+            with pytest.raises(ValueError, match="not sent") as info:
+                await client.request(
+                    args["method"],
+                    args["path"],
+                    b"{}",
+                    headers=args.get("headers", ()),
+                    content_type=args.get("content_type", "application/json"),
+                    timeout=TIMEOUT,
+                )
+            assert said in str(info.value), info.value
+            assert str(info.value).startswith(f"request to {upstream.url} not sent: ")
+            assert "Evil: 2" not in str(info.value)  # a value is not repeated in the message
+            assert upstream.accepted == 0 and client.connections_opened == 0
+            # ... and the client is as usable as before
+            response = await client.request("POST", "/generate", b"{}", timeout=TIMEOUT)
+            assert await response.json() == {"echo": "{}"}
+
+    run(main())
+
+
+def test_sendable_edge_cases_are_sent_as_they_are() -> None:
+    # The check refuses no more than it must: any printable ASCII in the target (a query,
+    # percent-escapes), an empty value, HTAB and Latin-1 text in a value, tchar names.
+    async def main() -> None:
+        async with Upstream() as upstream, client_for(upstream) as client:
+            headers = [
+                ("X-Empty", ""),
+                ("X-Tab", "a\tb"),
+                ("X-Latin", "caf\u00e9"),
+                ("!#$%&'*+-.^_`|~", "1"),
+            ]
+            path = "/a%0d%0a/b?q=1&r=%20~!$'()*+,;=:@[]"
+            response = await client.request("GET", path, headers=headers, timeout=TIMEOUT)
+            assert response.status == 200
+            await response.read()
+        head = upstream.requests[0][0]
+        assert head.startswith(b"GET " + path.encode() + b" HTTP/1.1\r\n"), head
+        for line in (b"X-Empty: ", b"X-Tab: a\tb", b"X-Latin: caf\xe9", b"!#$%&'*+-.^_`|~: 1"):
+            assert line + b"\r\n" in head, head
+
+    run(main())
+
+
+class _ModelHeadersFromTheClient(FastGenerateHandler):
+    """A worker's handler that passes a client's field on to the model as a header."""
+
+    def model_headers(self, payload: hello_world.InputData) -> Sequence[tuple[str, str]]:
+        return [("X-Trace", payload.prompt)]
+
+
+def test_bad_model_headers_are_a_500_with_the_reason_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # H4, the model route's side: a handler's model_headers holding CR LF (here a client's
+    # prompt) is the worker's bug: 500 at once, the reason in the log, nothing at the model.
+    async def main() -> None:
+        def routes(backend: pyworker.Backend) -> list[pyworker.Route]:
+            handler = backend.create_handler(_ModelHeadersFromTheClient())
+            return [pyworker.post("/generate", handler)]
+
+        async with worker_rig(tmp_path, routes=routes, cached_max_perf=100.0) as rig:
+            reply = await rig.post("/generate", rig.body("t1"))
+            assert reply.status == 200
+            served = len(rig.fake.requests)
+            caplog.set_level("WARNING", logger="pyworker")
+            reply = await rig.post(
+                "/generate", rig.body("t1\r\nContent-Length: 99"), timeout=TIMEOUT
+            )
+            assert reply.status == 500, reply
+            assert len(rig.fake.requests) == served
+            logged = caplog.text  # the handler's failure, with its traceback
+            assert "handler for POST /generate failed" in logged, logged
+            assert "not sent: header 'X-Trace': its value holds CR, LF" in logged, logged
+            assert "Content-Length: 99" not in logged, logged  # the client's text is not logged
+            reply = await rig.post("/generate", rig.body("t2"))  # the worker serves on
+            assert reply.status == 200 and len(rig.fake.requests) == served + 1
 
     run(main())
 
