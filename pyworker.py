@@ -3898,6 +3898,9 @@ class ModelApiWait:
     (UpstreamUnreachable), or 502/503/504 (a wrapper whose model is not up yet). Any other
     answer means something serves the route (a 405 for the GET is the usual one); the
     benchmark then meets the API, and when it fails, the error says what the probe got.
+    The probe carries the header fields the benchmark's requests do (the handler's
+    model_headers for a benchmark payload): a proxy in front of the model that wants its API
+    key answers 401, or 502/503 for a request without it, and would never seem open.
 
     Retries back off from RETRY_FIRST to RETRY_MAX seconds, up to `limit` seconds in all
     (MODEL_API_WAIT); a line every `log_interval` seconds says what it waits for."""
@@ -3919,6 +3922,7 @@ class ModelApiWait:
         self.limit = limit
         self.log_interval = log_interval
         self.last = ""  # what the last probe got: "status 200", or the connection's error
+        self._headers: Sequence[tuple[str, str]] | None = None  # the benchmark's, at the 1st probe
 
     @property
     def target(self) -> str:
@@ -3926,8 +3930,12 @@ class ModelApiWait:
 
     async def probe(self) -> bool:
         """One GET of the route; whether the API is open (self.last: what it answered)."""
+        if self._headers is None:  # a worker's failure here is the benchmark's: not caught
+            handler = self.handler
+            self._headers = tuple(handler.model_headers(handler.make_benchmark_payload()))
         try:
-            async with await self.client.request("GET", self.route, timeout=10.0) as resp:
+            request = self.client.request("GET", self.route, headers=self._headers, timeout=10.0)
+            async with await request as resp:
                 await resp.read()
         except UpstreamUnreachable as exc:
             self.last = str(exc)

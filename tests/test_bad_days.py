@@ -23,13 +23,14 @@ import re
 import shutil
 import socket
 import ssl
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 from support import (
     DATA,
+    FastGenerateHandler,
     Reply,
     Runner,
     WorkerProcess,
@@ -205,6 +206,41 @@ def test_model_api_that_never_opens_errors_with_one_line(tmp_path: Path) -> None
                 )
                 reply = await request(worker.port, "POST", "/generate", generate())
                 assert reply.status == 503 and "did not open" in reply.json()["error"]
+
+    run(main())
+
+
+class _KeyedHandler(FastGenerateHandler):
+    """hello_world's /generate on a model server started with an API key."""
+
+    def model_headers(self, payload: Any) -> Sequence[tuple[str, str]]:
+        return [("Authorization", "Bearer sk-model")]
+
+
+def test_model_api_wait_probe_sends_the_benchmarks_model_headers() -> None:
+    # L6: guards that the probe carries the handler's model_headers, as the benchmark's
+    # requests do: a proxy in front of the model that wants its key answers 503 without it,
+    # and the worker would wait all of MODEL_API_WAIT and error.
+    async def main() -> None:
+        seen_keys: list[str | None] = []
+
+        async def answer(request: pyworker.Request) -> pyworker.Response:
+            key = request.headers.get("authorization")
+            seen_keys.append(key)
+            if key != "Bearer sk-model":
+                return pyworker.error_response(503, "no key, no model (proxy)")
+            return pyworker.error_response(405, "POST only")
+
+        proxy = pyworker.HttpServer([pyworker.get("/generate", answer)])
+        port = await proxy.start("127.0.0.1", 0)
+        client = pyworker.HttpClient(f"http://127.0.0.1:{port}")
+        try:
+            api = pyworker.ModelApiWait(client, _KeyedHandler(), limit=3.0)
+            assert await api.wait() is None, api.last
+            assert api.last == "status 405" and seen_keys == ["Bearer sk-model"]
+        finally:
+            await client.close()
+            await proxy.shutdown(0.0)
 
     run(main())
 
