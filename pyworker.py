@@ -2656,7 +2656,7 @@ class SignatureChecker:
         watch.failed(label)
         if label == "no_layout" and watch.doubtful():
             self._doubt()
-        return "bad signature" if reason is _WRONG_SIZE else reason
+        return "bad signature" if reason == _WRONG_SIZE else reason
 
     def _check(self, auth: AuthData, replay: bool) -> str | None:
         if self.pubkey is None:
