@@ -2672,7 +2672,9 @@ class SignatureChecker:
         except (binascii.Error, ValueError):
             return "signature is not base64"
         if len(signature) != self.pubkey.size:  # no RSA signature under this key at all
-            return _WRONG_SIZE
+            # One of another RSA key's size (1,024 to 8,192 bits) may be the autoscaler's new
+            # key: it counts toward fetching the key again, as a same-size failure does.
+            return "bad signature" if 128 <= len(signature) <= 1024 else _WRONG_SIZE
         block = self.pubkey.recover(signature)  # the one RSA operation, whatever the layouts
         if block is None:  # s >= n: a same-size key's signature may be (the key changed)
             return "bad signature"

@@ -595,10 +595,11 @@ class _Clock:
         return getattr(time, name)
 
 
-def test_wrong_size_signature_is_malformed_and_no_reason_to_fetch_the_key() -> None:
-    # L3: guards that a signature of the wrong size (another key size, truncated) is counted
-    # `malformed`, not as matching no layout, and never makes the key be fetched again; one
-    # of the key's size from another key is `no_layout` and does.
+def test_wrong_size_signature_is_malformed_and_another_key_size_is_a_reason_to_fetch() -> None:
+    # L3: guards that a signature no RSA key could have made (a few bytes, truncated to less
+    # than 1,024 bits) is counted `malformed`, not as matching no layout, and never makes the
+    # key be fetched again; and that one of another key's size (the autoscaler moved to 3,072
+    # bits) is `no_layout` and does: else such a change would answer 401 until a restart.
     checker = pyworker.SignatureChecker()
     checker.use_key(KEY.public_key, "test")
     checker.watch.doubt_after = 3
@@ -611,14 +612,13 @@ def test_wrong_size_signature_is_malformed_and_no_reason_to_fetch_the_key() -> N
     checker.spawn = spawn
     checker.client = pyworker.HttpClient("http://127.0.0.1:9")  # never reached: closed above
     for reqnum in range(1, 11):
-        auth = signed(E3_KEY, reqnum=reqnum)  # 3072 bits: 384 bytes, KEY's are 256
-        if reqnum % 2:
-            raw = base64.b64decode(auth.signature)
-            auth.signature = base64.b64encode(raw[: KEY.public_key.size - 1]).decode()
+        auth = signed(KEY, reqnum=reqnum)
+        raw = base64.b64decode(auth.signature)
+        auth.signature = base64.b64encode(raw[: 16 if reqnum % 2 else 127]).decode()
         assert checker.check(auth) == "bad signature"  # what the client reads, as before
     assert checker.watch.totals == {"malformed": 10} and spawned == []
     for reqnum in range(11, 14):
-        assert checker.check(signed(OTHER_KEY, reqnum=reqnum)) == "bad signature"
+        assert checker.check(signed(E3_KEY, reqnum=reqnum)) == "bad signature"  # 384 bytes
     assert checker.watch.totals == {"malformed": 10, "no_layout": 3}
     assert spawned == ["SignatureChecker.refetch"]
     checker.watch.close()
