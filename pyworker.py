@@ -3583,17 +3583,25 @@ class StoppingRule:
     - in the order they were sent, only up to the oldest one still in flight (a later one
       that is already back is a quick one; counting it without the slower one before it
       would flatter the model);
-    - the window: the newest half of those, but at least 2 x ceil(HALF_WINDOW x N) of them
-      (14 for N = 10; 4 for N = 1, the least for any N).
+    - the window: the newest half of those, but at least 2 x max(MIN_HALF, ceil(HALF_WINDOW
+      x N)) of them (16 for N = 10, and for N = 1: eight a half, whatever N, or a standard
+      error from four equal requests would be 0 and stop it on no evidence).
 
     It stops at the first finished request after which, over the window, (1) every request
     succeeded with some workload (a quick refusal says nothing of the model's time), (2) the
     older and the newer half agree within TOLERANCE of the window's figure (no trend: a
     model still speeding up does not stop it), and (3) the figure's standard error, from how
     much single requests spread, is at most MAX_ERROR of it (not noisy). Then the figure is
-    the window's. If it never stops, the figure is the whole run's, like one long round of
-    the seed's: all successful workload over the time from the first request sent to the
-    last answer. Nothing succeeded: 0.0.
+    the whole steady run's, every request after the burst, when that agrees with the
+    window's within TOLERANCE (the window that first passes is chosen by passing, and a high
+    one passes a little more easily: the older requests, chosen by nothing, take that bias
+    out); else the window's (the model changed earlier in the run, a slow first request say,
+    and the window is the model as it is now). If it never stops, the figure is the whole
+    run's, like one long round of the seed's: all successful workload over the time from
+    the first request sent to the last answer. Nothing succeeded: 0.0. A workload that is
+    not a finite positive number counts as a failure, and a request answered no later than
+    it was sent adds no time, so that the figure is never NaN, infinite, or a 1e9 made of a
+    zero time.
     """
 
     TOLERANCE = 0.10  # the window's halves agree within 10% of its figure
@@ -3602,15 +3610,20 @@ class StoppingRule:
     # kept the figure within 10% on a model serving 4 at a time with +-15% jitter, and within
     # the issue's time (a third of the seed's); tests/bench_cold_start.py measures both.
     HALF_WINDOW = 0.7
+    # ... and at least this many requests, whatever N: a standard error from a handful of
+    # requests says little (four of a model answering in 0.1 s or 1.0 s at random are all
+    # alike one time in eight; sixteen, once in 30,000).
+    MIN_HALF = 8
 
     def __init__(self, *, runs: int, concurrency: int) -> None:
         self.concurrency = max(concurrency, 1)
         self.limit = max(runs, 0) * self.concurrency  # requests sent at most
-        self.half = max(2, math.ceil(self.HALF_WINDOW * self.concurrency))
+        self.half = max(self.MIN_HALF, math.ceil(self.HALF_WINDOW * self.concurrency))
         self.finished_count = 0
         self.stable = False
         self.halves = (0.0, 0.0)  # the last window's older and newer half's figures
         self.error = math.inf  # the last window's relative standard error
+        self.window = 0.0  # the last window's figure
         self._waiting: dict[int, tuple[float, float]] = {}  # finished out of order
         self._next = 0  # the oldest index not yet taken into the run
         self._run: list[tuple[float, float]] = []  # (time taken, workload) after the burst
@@ -3620,11 +3633,13 @@ class StoppingRule:
 
     def finished(self, index: int, sent: float, ended: float, workload: float) -> float | None:
         """Take one finished request; the figure if it is now stable, else None."""
+        if not (math.isfinite(workload) and workload > 0):
+            workload = 0.0  # failed, or a payload whose workload is no number: no evidence
         self.finished_count += 1
         self._first_sent = min(self._first_sent, sent)
         self._last_ended = max(self._last_ended, ended)
         self._workload += workload
-        self._waiting[index] = (max(ended - sent, 1e-9), workload)
+        self._waiting[index] = (max(ended - sent, 0.0), workload)
         grew = False
         while self._next in self._waiting:
             sample = self._waiting.pop(self._next)
@@ -3635,17 +3650,19 @@ class StoppingRule:
         if not grew or len(self._run) < 2 * self.half:
             return None
         window = self._run[-max(2 * self.half, len(self._run) // 2) :]
-        figure = self._figure(window)
+        figure = self.window = self._figure(window)
         middle = len(window) // 2
         self.halves = (self._figure(window[:middle]), self._figure(window[middle:]))
         self.error = self._error(window, figure)
         if (
-            all(w > 0 for _, w in window)
+            figure > 0
+            and all(w > 0 for _, w in window)
             and abs(self.halves[1] - self.halves[0]) <= self.TOLERANCE * figure
             and self.error <= self.MAX_ERROR
         ):
             self.stable = True
-            return figure
+            steady = self._figure(self._run)
+            return steady if abs(steady - figure) <= self.TOLERANCE * figure else figure
         return None
 
     def final(self) -> float:
@@ -3653,7 +3670,8 @@ class StoppingRule:
         span = self._last_ended - self._first_sent
         if self._workload <= 0 or not span > 0:
             return 0.0
-        return self._workload / span
+        figure = self._workload / span
+        return figure if math.isfinite(figure) else 0.0
 
     def _figure(self, run: Sequence[tuple[float, float]]) -> float:
         """Little's law over `run`: N x workload / time taken."""
@@ -3745,7 +3763,7 @@ class Benchmark:
         rule = StoppingRule(runs=self.runs, concurrency=self.concurrency)
         figure = await self._measure(rule)
         max_perf = figure if figure is not None else rule.final()
-        if max_perf <= 0:
+        if not (max_perf > 0 and math.isfinite(max_perf)):  # NaN passes `<= 0`: never kept
             return 0.0
         self.save(max_perf)
         if rule.stable:
