@@ -456,7 +456,10 @@ class OldSettings(EndpointHandler[Prompt]):
     healthcheck_endpoint = "/old-health"
 
 
-def test_backend_arguments_take_precedence_over_handler_attributes() -> None:
+def test_backend_healthcheck_argument_wins_and_the_handlers_benchmark_runs() -> None:
+    # What it guards (README truth): Backend(healthcheck_endpoint=) wins over the benchmark
+    # handler's attribute (the 2024 place); benchmark_runs is a handler setting, and as every
+    # handler setting, the handler's own wins over the Backend's, which is the default.
     given = Backend(
         UNUSED_URL,
         None,
@@ -466,16 +469,20 @@ def test_backend_arguments_take_precedence_over_handler_attributes() -> None:
         healthcheck_endpoint="/health",
         benchmark_runs=2,
     )
-    assert (given.healthcheck_endpoint, given.benchmark_runs) == ("/health", 2)
+    assert (given.healthcheck_endpoint, given.benchmark_runs) == ("/health", 5)
     old = Backend(UNUSED_URL, None, True, OldSettings(), LOADED)
     assert (old.healthcheck_endpoint, old.benchmark_runs) == ("/old-health", 5)
     neither = Backend(UNUSED_URL, None, True, Short(), LOADED)
     assert (neither.healthcheck_endpoint, neither.benchmark_runs) == (None, 8)
+    assert Backend(UNUSED_URL, None, True, Short(), LOADED, benchmark_runs=2).benchmark_runs == 2
+    keyword = Backend(UNUSED_URL, None, True, Short(benchmark_runs=3), LOADED, benchmark_runs=2)
+    assert keyword.benchmark_runs == 3
 
 
 def test_backend_arguments_are_what_the_worker_uses(tmp_path: Path) -> None:
-    """End to end: the benchmark runs the Backend argument's rounds and the health check polls
-    the Backend argument's route, not the handler's class attributes."""
+    """End to end: the health check polls the Backend argument's route, not the handler's
+    class attribute; the benchmark sends at most the handler's own benchmark_runs (5, one at a
+    time: too few to stop early), not the Backend's 2."""
 
     async def main() -> None:
         loaded_model_log(tmp_path)
@@ -494,7 +501,7 @@ def test_backend_arguments_are_what_the_worker_uses(tmp_path: Path) -> None:
                 **QUIET,
             ) as rig,
         ):
-            assert model.count("POST", "/json") == 1 + 2  # warm-up, then two rounds of one
+            assert model.count("POST", "/json") == 1 + 5  # warm-up, then five rounds of one
             await until(lambda: model.count("GET", "/health") >= 2, 5.0, "health polls")
             assert model.count("GET", "/old-health") == 0
             assert rig.backend.state is State.READY

@@ -286,7 +286,7 @@ def test_one_at_a_time_a_few_alike_requests_do_not_stop_it() -> None:
         rng = random.Random(seed)
         times = [rng.choice((0.1, 1.0)) for _ in range(40)]
         rule = StoppingRule(runs=40, concurrency=1)
-        out = closed_loop(rule, parallel(lambda i: times[i]))
+        out = closed_loop(rule, parallel(times.__getitem__))
         whole = 10 * out.finished / sum(times[: out.finished])
         assert not out.stable or abs(out.figure / whole - 1) <= 0.2, (seed, out)
     times = [0.1] * 5 + [1.0, 0.1] * 20  # the first five alike: the old rule stopped at 5

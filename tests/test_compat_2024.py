@@ -34,12 +34,11 @@ from support import (
     until,
     worker_rig,
 )
-from test_author_api import RawModel
+from test_author_api import Prompt, RawModel
 
 import hello_world
 import pyworker
 from pyworker import (
-    ApiPayload,
     Backend,
     ClientResponse,
     EndpointHandler,
@@ -441,22 +440,7 @@ def test_media_worker_details(tmp_path: Path) -> None:
 # Per-route settings, in-process ##################################################################
 
 
-@dataclasses.dataclass
-class Words(ApiPayload):
-    prompt: str
-
-    @classmethod
-    def for_test(cls) -> Words:
-        return cls(prompt="some words")
-
-    def generate_payload_json(self) -> dict[str, Any]:
-        return {"prompt": self.prompt}
-
-    def count_workload(self) -> float:
-        return float(len(self.prompt))
-
-
-class Held(EndpointHandler[Words]):
+class Held(EndpointHandler[Prompt]):
     """A route to the model's /hold/<name> (answered once ModelApis.release is set)."""
 
     def __init__(self, name: str, **settings: Any) -> None:
@@ -468,13 +452,13 @@ class Unlimited(Held):
     max_queue_time = math.inf  # the vastai layer's "no limit"
 
 
-class WarmUp(EndpointHandler[Words]):
+class WarmUp(EndpointHandler[Prompt]):
     endpoint = "/generate"  # answered at once: the warm-up of a cached benchmark
 
-    def make_benchmark_payload(self) -> Words:
-        return Words(prompt="warm")
+    def make_benchmark_payload(self) -> Prompt:
+        return Prompt(prompt="warm")
 
-    def model_body(self, payload: Words) -> dict[str, Any]:
+    def model_body(self, payload: Prompt) -> dict[str, Any]:
         return {"prompt": payload.prompt, "max_response_tokens": 1}
 
 
@@ -601,7 +585,7 @@ def test_benchmark_runs_at_its_handlers_settings(
 
 
 @dataclasses.dataclass
-class AudioHandler(EndpointHandler[Words]):
+class AudioHandler(EndpointHandler[Prompt]):
     benchmark_audio_duration_s: int = 30
     allow_parallel_requests = True  # a plain class attribute beside the fields
 
@@ -618,7 +602,7 @@ class OwnPostInit(AudioHandler):
         self.ready = True
 
 
-class NativeForm(EndpointHandler[Words]):
+class NativeForm(EndpointHandler[Prompt]):
     endpoint = "/generate"
     allow_parallel_requests = False
     concurrency = 4

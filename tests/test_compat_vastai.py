@@ -367,8 +367,8 @@ def test_class_worker_with_lifecycle_and_run_async(tmp_path: Path) -> None:
             created = [await c.post("/session/create", {"lifetime": 60}) for _ in range(3)]
             assert [r.status for r in created] == [201, 201, 429], created
             c.proc.proc.send_signal(signal.SIGTERM)
-            assert await asyncio.wait_for(c.proc.proc.wait(), 20) == 0, c.proc.output()
-            assert (marks / "exited").exists(), c.proc.output()
+            assert await asyncio.wait_for(c.proc.proc.wait(), 20) == 0, c.proc.tail()
+            assert (marks / "exited").exists(), c.proc.tail()
 
     run(main())
 
@@ -452,7 +452,7 @@ def reported(c: Child, check: Callable[[dict[str, Any]], bool]) -> Callable[[], 
 async def stop_child(c: Child) -> str:
     """SIGTERM; the worker exits 0; its output."""
     c.proc.proc.send_signal(signal.SIGTERM)
-    assert await asyncio.wait_for(c.proc.proc.wait(), 20) == 0, c.proc.output()
+    assert await asyncio.wait_for(c.proc.proc.wait(), 20) == 0, c.proc.tail()
     return c.proc.output()
 
 
