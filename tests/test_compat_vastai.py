@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import signal
 import subprocess
 import sys
@@ -261,9 +260,15 @@ def test_config_worker_serves_every_route(tmp_path: Path) -> None:
             reply = await c.post("/v1/parsed", {"tokens": 3})
             assert reply.status == 422, reply
             assert reply.json()["payload"] == {"text": "missing parameter"}
-            reply = await c.post("/v1/parsed", {"text": 7})
-            assert reply.status == 422, reply
-            assert "ValueError" in json.dumps(reply.json())
+            # What it guards (review L4): the parser's exception text (here the client's value)
+            # was sent back; now a generic message, and one WARNING with the traceback.
+            for _ in range(2):
+                reply = await c.post("/v1/parsed", {"text": 7654321})
+                assert reply.status == 422, reply
+                assert reply.json()["payload"] == {"request_parser": "could not read this payload"}
+                assert (
+                    "7654321" not in reply.body.decode() and "ValueError" not in reply.body.decode()
+                )
             for route in ("/generate", "/v1/nan"):
                 reply = await c.post(route, ["not", "an", "object"])
                 assert reply.status == 422, (route, reply)
@@ -273,6 +278,8 @@ def test_config_worker_serves_every_route(tmp_path: Path) -> None:
             output = c.proc.output()
             for route in ("/v1/parsed", "/v1/nan", "/v1/negative"):
                 assert output.count(f"workload_calculator of {route} ") == 1, output
+            warned = "/v1/parsed: the worker's request_parser raised ValueError; answered 422"
+            assert output.count(warned) == 1, output
 
             async def served_reported() -> bool:
                 return any(r["cur_perf"] > 0 for r in c.scaler.reports if r["url"] == c.url)
