@@ -465,3 +465,34 @@ def test_ready_as_soon_as_benchmarked_behind_a_health_check(tmp_path: Path) -> N
             assert fake.health_hits == 2  # the first poll, and the one the benchmark asked for
 
     run(main())
+
+
+@dataclasses.dataclass
+class NoNumber(hello_world.InputData):
+    def count_workload(self) -> float:
+        return math.nan
+
+
+class NoNumberHandler(hello_world.GenerateHandler):
+    payload_class = NoNumber
+
+
+def test_a_benchmark_whose_workloads_are_no_number_keeps_no_figure(tmp_path: Path) -> None:
+    # What it guards (review L2): `if max_perf <= 0` let a NaN figure through, to be cached in
+    # .has_benchmark and reported as max_perf. Now: 0.0, and no cache written.
+    async def main() -> None:
+        fake = await FakeModel().start()
+        client = pyworker.HttpClient(fake.url)
+        cache = tmp_path / ".has_benchmark"
+        try:
+            bench = pyworker.Benchmark(
+                client, NoNumberHandler(), runs=2, concurrency=2, cache_path=str(cache)
+            )
+            assert await bench.run() == 0.0
+            assert len(fake.requests) == 1 + 2 * 2  # it did measure: a warm-up, two rounds
+            assert not cache.exists()
+        finally:
+            await client.close()
+            await fake.stop()
+
+    run(main())
