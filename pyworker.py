@@ -3617,8 +3617,8 @@ class StoppingRule:
       that is already back is a quick one; counting it without the slower one before it
       would flatter the model);
     - the window: the newest half of those, but at least 2 x max(MIN_HALF, ceil(HALF_WINDOW
-      x N)) of them (16 for N = 10, and for N = 1: eight a half, whatever N, or a standard
-      error from four equal requests would be 0 and stop it on no evidence).
+      x N)) of them (16 for N = 10 and for N = 1: eight a half whatever N, or a standard
+      error from four alike requests would be 0 and stop it on no evidence).
 
     It stops at the first finished request after which, over the window, (1) every request
     succeeded with some workload (a quick refusal says nothing of the model's time), (2) the
@@ -3645,7 +3645,7 @@ class StoppingRule:
     HALF_WINDOW = 0.7
     # ... and at least this many requests, whatever N: a standard error from a handful of
     # requests says little (four of a model answering in 0.1 s or 1.0 s at random are all
-    # alike one time in eight; sixteen, once in 30,000).
+    # alike one time in eight; sixteen, once in 33,000).
     MIN_HALF = 8
 
     def __init__(self, *, runs: int, concurrency: int) -> None:
