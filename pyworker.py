@@ -141,7 +141,15 @@ import ssl
 import time
 import types
 import typing
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from typing import Any, ClassVar, Generic, TypeVar
 
 __all__ = [
@@ -296,6 +304,10 @@ MISSING_LOG_WARNING = 30.0  # seconds between warnings that MODEL_LOG does not e
 BENCHMARK_TIMEOUT = 600.0  # seconds one benchmark request may take
 MODEL_API_WAIT = 600.0  # seconds after the loaded line for the model's API to open (a wrapper
 # such as ComfyUI's listens after its ready line: vast-ai/pyworker#85); MODEL_API_WAIT sets it
+MAX_WORKLOAD = 1e9  # 422 past this: a request's workload (count_workload); a client-chosen
+# count such as max_new_tokens=1e308 would otherwise make the running sums of workload in
+# flight infinite for good (inf - x = inf), and every queue-time estimate with them
+MAX_RETRY_AFTER = 24 * 3600.0  # seconds a 429's Retry-After (and its estimated wait) says at most
 MAX_SESSION_LIFETIME = 24 * 3600.0  # a session's lifetime, and how far requests extend it
 SESSION_GC_INTERVAL = 5.0  # seconds between collections of expired sessions
 SESSION_CALLBACK_TIMEOUT = 10.0  # seconds a session's close callback to the model may take
@@ -2731,8 +2743,25 @@ def peek_auth(msg: dict[str, Any]) -> tuple[int | None, float]:
     return (idx if type(idx) is int else None), workload
 
 
-# What a worker's own payload code raises on a payload it cannot read (see below)
-_PAYLOAD_READ_ERRORS = (KeyError, IndexError, TypeError, ValueError, AttributeError)
+# What a worker's own payload code raises on a payload it cannot read (see below); an
+# OverflowError is a client's number too big for a float (float(10**400))
+_PAYLOAD_READ_ERRORS = (KeyError, IndexError, TypeError, ValueError, AttributeError, OverflowError)
+
+
+class PayloadUnreadable(JsonDataException):
+    """A payload the worker's own code (`what`) raised on while reading it: 422, "invalid
+    payload". `error` is that exception, for the operator's log (Admission.code_failed),
+    never for the client: its text may carry the client's data."""
+
+    def __init__(
+        self,
+        error: BaseException,
+        what: str = "payload class's from_json_msg",
+        json_msg: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(json_msg or {"payload": "invalid payload"})
+        self.error = error
+        self.what = what
 
 
 def parse_client_request(
@@ -2780,13 +2809,15 @@ def parse_client_request(
             raise HttpError(401, reason)
     try:
         return parse_payload(typing.cast(dict[str, Any], raw_payload)), auth
+    except PayloadUnreadable:
+        raise
     except JsonDataException as exc:
         raise JsonDataException({"payload": exc.message}) from None
     except _PAYLOAD_READ_ERRORS as exc:
         # A worker's own from_json_msg that indexes the payload (json_msg["input"]["x"]) meets
         # a client's bad payload: the client's to fix (422), not the worker's failure (500).
-        log.info("payload refused: %s raised %r", parse_payload, exc)
-        raise JsonDataException({"payload": "invalid payload"}) from None
+        # Or the worker's own bug: which, only the operator can tell (Admission.code_failed).
+        raise PayloadUnreadable(exc) from None
 
 
 # Handler base classes ############################################################################
@@ -2931,7 +2962,8 @@ class EndpointHandler(abc.ABC, Generic[P]):
                                  a request gets 429
         concurrency              requests per benchmark round (this handler benchmarking);
                                  None: 10 if the route is parallel, else 1
-        benchmark_runs           rounds of the benchmark; Backend(benchmark_runs=) wins, else 8
+        benchmark_runs           the most rounds' worth the benchmark sends (this handler
+                                 benchmarking; it stops once stable); None: the Backend's
         do_warmup_benchmark      the benchmark's warm-up request first
 
     The 2024 library's form works too: the handler a dataclass (its subclasses decorated
@@ -3363,6 +3395,7 @@ class Metrics:
     def __init__(self) -> None:
         self.received = Tally()
         self.in_flight = Tally()
+        self.serial = Tally()  # of in_flight: the one-at-a-time routes' (the FIFO, and its turn)
         self.queued = 0
         self.served = Tally()
         self.errored = Tally()
@@ -3651,17 +3684,25 @@ class StoppingRule:
     - in the order they were sent, only up to the oldest one still in flight (a later one
       that is already back is a quick one; counting it without the slower one before it
       would flatter the model);
-    - the window: the newest half of those, but at least 2 x ceil(HALF_WINDOW x N) of them
-      (14 for N = 10; 4 for N = 1, the least for any N).
+    - the window: the newest half of those, but at least 2 x max(MIN_HALF, ceil(HALF_WINDOW
+      x N)) of them (16 for N = 10 and for N = 1: eight a half whatever N, or a standard
+      error from four alike requests would be 0 and stop it on no evidence).
 
     It stops at the first finished request after which, over the window, (1) every request
     succeeded with some workload (a quick refusal says nothing of the model's time), (2) the
     older and the newer half agree within TOLERANCE of the window's figure (no trend: a
     model still speeding up does not stop it), and (3) the figure's standard error, from how
     much single requests spread, is at most MAX_ERROR of it (not noisy). Then the figure is
-    the window's. If it never stops, the figure is the whole run's, like one long round of
-    the seed's: all successful workload over the time from the first request sent to the
-    last answer. Nothing succeeded: 0.0.
+    the whole steady run's, every request after the burst, when that agrees with the
+    window's within TOLERANCE (the window that first passes is chosen by passing, and a high
+    one passes a little more easily: the older requests, chosen by nothing, take that bias
+    out); else the window's (the model changed earlier in the run, a slow first request say,
+    and the window is the model as it is now). If it never stops, the figure is the whole
+    run's, like one long round of the seed's: all successful workload over the time from
+    the first request sent to the last answer. Nothing succeeded: 0.0. A workload that is
+    not a finite positive number counts as a failure, and a request answered no later than
+    it was sent adds no time, so that the figure is never NaN, infinite, or a 1e9 made of a
+    zero time.
     """
 
     TOLERANCE = 0.10  # the window's halves agree within 10% of its figure
@@ -3670,15 +3711,20 @@ class StoppingRule:
     # kept the figure within 10% on a model serving 4 at a time with +-15% jitter, and within
     # the issue's time (a third of the seed's); tests/bench_cold_start.py measures both.
     HALF_WINDOW = 0.7
+    # ... and at least this many requests, whatever N: a standard error from a handful of
+    # requests says little (four of a model answering in 0.1 s or 1.0 s at random are all
+    # alike one time in eight; sixteen, once in 33,000).
+    MIN_HALF = 8
 
     def __init__(self, *, runs: int, concurrency: int) -> None:
         self.concurrency = max(concurrency, 1)
         self.limit = max(runs, 0) * self.concurrency  # requests sent at most
-        self.half = max(2, math.ceil(self.HALF_WINDOW * self.concurrency))
+        self.half = max(self.MIN_HALF, math.ceil(self.HALF_WINDOW * self.concurrency))
         self.finished_count = 0
         self.stable = False
         self.halves = (0.0, 0.0)  # the last window's older and newer half's figures
         self.error = math.inf  # the last window's relative standard error
+        self.window = 0.0  # the last window's figure
         self._waiting: dict[int, tuple[float, float]] = {}  # finished out of order
         self._next = 0  # the oldest index not yet taken into the run
         self._run: list[tuple[float, float]] = []  # (time taken, workload) after the burst
@@ -3688,11 +3734,13 @@ class StoppingRule:
 
     def finished(self, index: int, sent: float, ended: float, workload: float) -> float | None:
         """Take one finished request; the figure if it is now stable, else None."""
+        if not (math.isfinite(workload) and workload > 0):
+            workload = 0.0  # failed, or a payload whose workload is no number: no evidence
         self.finished_count += 1
         self._first_sent = min(self._first_sent, sent)
         self._last_ended = max(self._last_ended, ended)
         self._workload += workload
-        self._waiting[index] = (max(ended - sent, 1e-9), workload)
+        self._waiting[index] = (max(ended - sent, 0.0), workload)
         grew = False
         while self._next in self._waiting:
             sample = self._waiting.pop(self._next)
@@ -3703,17 +3751,19 @@ class StoppingRule:
         if not grew or len(self._run) < 2 * self.half:
             return None
         window = self._run[-max(2 * self.half, len(self._run) // 2) :]
-        figure = self._figure(window)
+        figure = self.window = self._figure(window)
         middle = len(window) // 2
         self.halves = (self._figure(window[:middle]), self._figure(window[middle:]))
         self.error = self._error(window, figure)
         if (
-            all(w > 0 for _, w in window)
+            figure > 0
+            and all(w > 0 for _, w in window)
             and abs(self.halves[1] - self.halves[0]) <= self.TOLERANCE * figure
             and self.error <= self.MAX_ERROR
         ):
             self.stable = True
-            return figure
+            steady = self._figure(self._run)
+            return steady if abs(steady - figure) <= self.TOLERANCE * figure else figure
         return None
 
     def final(self) -> float:
@@ -3721,7 +3771,8 @@ class StoppingRule:
         span = self._last_ended - self._first_sent
         if self._workload <= 0 or not span > 0:
             return 0.0
-        return self._workload / span
+        figure = self._workload / span
+        return figure if math.isfinite(figure) else 0.0
 
     def _figure(self, run: Sequence[tuple[float, float]]) -> float:
         """Little's law over `run`: N x workload / time taken."""
@@ -3813,7 +3864,7 @@ class Benchmark:
         rule = StoppingRule(runs=self.runs, concurrency=self.concurrency)
         figure = await self._measure(rule)
         max_perf = figure if figure is not None else rule.final()
-        if max_perf <= 0:
+        if not (max_perf > 0 and math.isfinite(max_perf)):  # NaN passes `<= 0`: never kept
             return 0.0
         self.save(max_perf)
         if rule.stable:
@@ -4567,6 +4618,7 @@ class _Job:
         "model_start",
         "request_idx",
         "route",
+        "serial",
         "start",
         "wall_start",
         "workload",
@@ -4579,10 +4631,13 @@ class _Job:
         workload: float,
         request_idx: int | None = None,
         completions: Completions | None = None,
+        *,
+        serial: bool = False,
     ) -> None:
         self.metrics = metrics
         self.route = route
         self.workload = workload
+        self.serial = serial  # a one-at-a-time route's: counted in metrics.serial too
         self.start = time.monotonic()
         self.wall_start = time.time()
         self.model_start = self.start
@@ -4591,6 +4646,8 @@ class _Job:
         self.request_idx = request_idx
         self.completions = completions
         metrics.start(workload)
+        if serial:
+            metrics.serial.add(workload)
         if request_idx is not None:
             metrics.working[request_idx] += 1
 
@@ -4601,6 +4658,11 @@ class _Job:
         now = time.monotonic()
         metrics = self.metrics
         metrics.finish(self.workload, outcome)
+        if self.serial:
+            serial = metrics.serial
+            serial.requests -= 1
+            # a running sum drifts (1e9 + 0.1 - 1e9 is not 0.1): none in flight, none ahead
+            serial.workload = serial.workload - self.workload if serial.requests else 0.0
         metrics.record(self.route, status, now - self.start)
         idx = self.request_idx
         if idx is not None:
@@ -5083,6 +5145,25 @@ class Admission:
         self.metrics = metrics
         self.config = Config()
         self.completions: Completions | None = None
+        self._code_warned: set[tuple[str, str]] = set()  # (route, what raised): said once
+
+    def code_failed(self, route: str, what: str, error: BaseException, status: int) -> None:
+        """The worker's own code (its payload class, its handler) raised on a request: a
+        WARNING with the traceback, once per route and part (a bug repeats on every request;
+        one traceback says it). The client gets `status` with a generic message, never the
+        exception's text, which may carry the client's data."""
+        key = (route, what)
+        if key in self._code_warned:
+            return
+        self._code_warned.add(key)
+        log.warning(
+            "%s: the worker's %s raised %s; answered %d (said once per route)",
+            route,
+            what,
+            type(error).__name__,
+            status,
+            exc_info=(type(error), error, error.__traceback__),
+        )
 
     def admit(
         self, route: str, body: bytes, parse: Callable[[dict[str, Any]], _T], *, sessions: bool
@@ -5116,6 +5197,8 @@ class Admission:
             return self.refuse(route, error_response(exc.status, exc.message), idx, claimed)
         except JsonDataException as exc:
             idx = None if in_session else peek_auth(msg)[0]
+            if isinstance(exc, PayloadUnreadable):
+                self.code_failed(route, exc.what, exc.error, 422)
             return self.refuse(route, json_response(exc.message, 422), idx)
         if in_session:
             idx = None
@@ -5200,12 +5283,15 @@ class Backend:
     max_queue_time         seconds of estimated wait past which a request gets 429
                            (max_wait_time: the 2025 library's name for it)
     healthcheck_endpoint   the model's health route (GET), polled once ready; None: none
-    benchmark_runs         rounds of the benchmark (8)
+    benchmark_runs         the most rounds' worth the benchmark sends (8; it stops sooner
+                           once its figure is stable: StoppingRule)
     max_sessions           sessions open at once at most (10; 0: no limit)
 
-    A handler's own allow_parallel_requests and max_queue_time win over these for its route
-    (see EndpointHandler); healthcheck_endpoint and benchmark_runs default to the benchmark
-    handler's, where the 2024 library kept them.
+    A handler's own settings win over these (see EndpointHandler): allow_parallel_requests
+    and max_queue_time for its route, and the benchmark handler's benchmark_runs for the
+    benchmark (the more particular setting: one rule for every handler setting).
+    healthcheck_endpoint, not a handler setting, defaults to the benchmark handler's
+    attribute, where the 2024 library kept it.
     """
 
     def __init__(
@@ -5233,8 +5319,8 @@ class Backend:
         self.healthcheck_endpoint: str | None = healthcheck_endpoint or getattr(
             old, "healthcheck_endpoint", None
         )
-        runs = benchmark_runs or handler_setting(benchmark_handler, "benchmark_runs")
-        self.benchmark_runs: int = runs or 8
+        runs = handler_setting(benchmark_handler, "benchmark_runs") or benchmark_runs
+        self.benchmark_runs: int = runs or 8  # the handler's own, else the Backend's, else 8
         self.max_sessions = max_sessions
         self.config = Config()
         self.metrics = Metrics()
@@ -5326,28 +5412,59 @@ class Backend:
         try:
             workload = float(payload.count_workload())
         except _PAYLOAD_READ_ERRORS as exc:  # a payload its own class cannot weigh: as above
-            log.info("payload refused: count_workload raised %r", exc)
+            admission.code_failed(route, "payload class's count_workload", exc, 422)
             return admission.refuse(route, json_response({"payload": "invalid payload"}, 422), idx)
-        perf = self.lifecycle.max_perf
+        if not 0.0 <= workload <= MAX_WORKLOAD:  # NaN is neither
+            why = f"workload {workload:g} is not a number from 0 to {MAX_WORKLOAD:g} (MAX_WORKLOAD)"
+            return admission.refuse(route, json_response({"payload": why}, 422), idx)
         if max_queue_time is None:
             max_queue_time = self.max_queue_time
-        if max_queue_time is not None and perf > 0:
-            # Open sessions hold their cost in flight, but no model time: left out here.
-            wait = (self.metrics.in_flight.workload - self.sessions.held) / perf
+        if max_queue_time is not None:
+            wait = self.estimated_wait(parallel)
             if wait > max_queue_time:
                 self.metrics.rejected += 1
+                wait = min(wait, MAX_RETRY_AFTER)
                 retry = str(max(1, math.ceil(wait - max_queue_time)))
                 why = {"error": "queue too long", "estimated_wait": round(wait, 3)}
                 answer = json_response(why, 429, [("Retry-After", retry)])
                 return admission.refuse(route, answer, idx, workload)
         if auth is not None and admitted.replay:  # accepted: from now on the ticket is spent
             self.signatures.spend(auth)
-        job = _Job(self.metrics, route, workload, idx, admission.completions)
+        job = _Job(self.metrics, route, workload, idx, admission.completions, serial=not parallel)
         if admitted.session is not None:
             self.sessions.enter(admitted.session, job)
-        return await self.queue.forward(
-            handler, endpoint, payload, request, job, one_at_a_time=not parallel
-        )
+        try:
+            return await self.queue.forward(
+                handler, endpoint, payload, request, job, one_at_a_time=not parallel
+            )
+        except HttpError:
+            raise
+        except Exception as exc:  # the worker's own code (model_body, generate_payload_json,
+            # generate_client_response): the job is settled, errored; a traceback once a route
+            if request.response_started:
+                raise  # its own stream began: the server cuts it
+            admission.code_failed(route, "handler", exc, 500)
+            raise HttpError(500, "internal error") from exc
+
+    def estimated_wait(self, parallel: bool) -> float:
+        """Seconds a new request on a parallel (or a serial) route is estimated to wait:
+        the workload ahead of it over max_perf (0.0 before the benchmark's figure). What it
+        assumes: the model shares max_perf among the requests at it. A parallel request has
+        ahead of it the parallel routes' requests in flight, not the FIFO's waiting ones
+        (they wait in the worker, not at the model; its one at the model is left out too). A
+        serial request waits for the whole FIFO, served one at a time at max_perf: measured
+        one at a time when the benchmark route is serial, else at the benchmark's
+        concurrency, and then the wait is underestimated (one at a time, the model is
+        slower). Open sessions hold their cost in flight but no model time: left out."""
+        perf = self.lifecycle.max_perf
+        if not perf > 0:
+            return 0.0
+        metrics = self.metrics
+        if parallel:
+            ahead = metrics.in_flight.workload - metrics.serial.workload - self.sessions.held
+        else:
+            ahead = metrics.serial.workload
+        return max(ahead, 0.0) / perf
 
     # Life -------------------------------------------------------------------------------------
 
@@ -5856,11 +5973,17 @@ async def serve(
 
 def run(backend: Backend, routes: Iterable[Route]) -> None:
     """Run a worker until SIGTERM or SIGINT: the entry point of a worker file."""
+    _run(functools.partial(serve, backend, routes))
+
+
+def _run(main: Callable[[Config, _LogHandler], Coroutine[Any, Any, None]]) -> None:
+    """What run() does, for any worker form: the arguments checked, the environment read and
+    logging set up (outside any loop), uvloop if it is there, then `main` in a new loop."""
     _arguments(sys.argv)
     config, handler = _configure()
     if install_uvloop():
         log.debug("using uvloop")
-    asyncio.run(serve(backend, routes, config, handler))
+    asyncio.run(main(config, handler))
 
 
 # Compatibility: the 2024 lib ####################################################################
@@ -6242,10 +6365,10 @@ class _ConfigPayload(ApiPayload):
             except JsonDataException:
                 raise
             except Exception as exc:  # the author's parser on the client's data: a bad payload
-                log.debug("request_parser of %s: %r", cls.settings.route, exc)
-                raise JsonDataException(
-                    {"request_parser": f"{type(exc).__name__}: {exc}"}
-                ) from None
+                # (or the parser's bug: the operator's log says which, once; the exception's
+                # text may carry the client's data, so the client is not told it)
+                why = {"payload": {"request_parser": "could not read this payload"}}
+                raise PayloadUnreadable(exc, "request_parser", why) from None
             if not isinstance(json_msg, dict):  # pyright: ignore[reportUnnecessaryIsInstance]
                 raise JsonDataException({"request_parser": "did not return a JSON object"})
         return cls(json_msg)
@@ -6434,25 +6557,17 @@ class Worker:
         ]
 
     def run(self) -> None:
-        """Serve until SIGTERM or SIGINT (the environment is read now)."""
-        _arguments(sys.argv)
-        config, log_handler = _configure()
-        if self.error is not None:
-            asyncio.run(report_failed_start(_start_failed(self.error), self.error))
-            sys.exit(1)
-        if install_uvloop():
-            log.debug("using uvloop")
-        asyncio.run(self._serve(config, log_handler))
+        """Serve until SIGTERM or SIGINT (the environment is read now): the core's run()."""
+        _run(self._serve)
 
     async def run_async(self) -> None:
         """run() in the running event loop."""
-        config, log_handler = await _configure_in_loop()
-        if self.error is not None:
-            await report_failed_start(_start_failed(self.error), self.error)
-            raise SystemExit(1)
-        await self._serve(config, log_handler)
+        await self._serve(*await _configure_in_loop())
 
     async def _serve(self, config: Config, log_handler: _LogHandler) -> None:
+        if self.error is not None:  # a mistake in the configuration: one line, and exit 1
+            await report_failed_start(_start_failed(self.error), self.error)
+            raise SystemExit(1)
         backend = self.backend
         assert backend is not None
         if self.config.benchmark_data or self.config.benchmark_route:

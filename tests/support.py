@@ -618,16 +618,22 @@ class WorkerProcess:
     log_file: Path
 
     def output(self) -> str:
-        return self.log_file.read_text(errors="replace")[-4000:]
+        """All the child's output so far: for presence and count checks (a line that scrolled
+        out of the last few KiB is still there)."""
+        return self.log_file.read_text(errors="replace")
+
+    def tail(self, chars: int = 4000) -> str:
+        """The end of its output: for an assertion's message."""
+        return self.output()[-chars:]
 
     async def until(self, check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> float:
         """Poll `check` until it is true; the seconds it took. Fails early if the child died."""
         start = time.monotonic()
         while not await check():
             if self.proc.returncode is not None:
-                raise AssertionError(f"worker exited ({self.proc.returncode}):\n{self.output()}")
+                raise AssertionError(f"worker exited ({self.proc.returncode}):\n{self.tail()}")
             if time.monotonic() - start > timeout:
-                raise AssertionError(f"waited {timeout}s for {what}:\n{self.output()}")
+                raise AssertionError(f"waited {timeout}s for {what}:\n{self.tail()}")
             await asyncio.sleep(0.05)
         return time.monotonic() - start
 

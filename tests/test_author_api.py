@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import importlib
 import json
+import logging
 import random
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -456,7 +457,10 @@ class OldSettings(EndpointHandler[Prompt]):
     healthcheck_endpoint = "/old-health"
 
 
-def test_backend_arguments_take_precedence_over_handler_attributes() -> None:
+def test_backend_healthcheck_argument_wins_and_the_handlers_benchmark_runs() -> None:
+    # What it guards (README truth): Backend(healthcheck_endpoint=) wins over the benchmark
+    # handler's attribute (the 2024 place); benchmark_runs is a handler setting, and as every
+    # handler setting, the handler's own wins over the Backend's, which is the default.
     given = Backend(
         UNUSED_URL,
         None,
@@ -466,16 +470,20 @@ def test_backend_arguments_take_precedence_over_handler_attributes() -> None:
         healthcheck_endpoint="/health",
         benchmark_runs=2,
     )
-    assert (given.healthcheck_endpoint, given.benchmark_runs) == ("/health", 2)
+    assert (given.healthcheck_endpoint, given.benchmark_runs) == ("/health", 5)
     old = Backend(UNUSED_URL, None, True, OldSettings(), LOADED)
     assert (old.healthcheck_endpoint, old.benchmark_runs) == ("/old-health", 5)
     neither = Backend(UNUSED_URL, None, True, Short(), LOADED)
     assert (neither.healthcheck_endpoint, neither.benchmark_runs) == (None, 8)
+    assert Backend(UNUSED_URL, None, True, Short(), LOADED, benchmark_runs=2).benchmark_runs == 2
+    keyword = Backend(UNUSED_URL, None, True, Short(benchmark_runs=3), LOADED, benchmark_runs=2)
+    assert keyword.benchmark_runs == 3
 
 
 def test_backend_arguments_are_what_the_worker_uses(tmp_path: Path) -> None:
-    """End to end: the benchmark runs the Backend argument's rounds and the health check polls
-    the Backend argument's route, not the handler's class attributes."""
+    """End to end: the health check polls the Backend argument's route, not the handler's
+    class attribute; the benchmark sends at most the handler's own benchmark_runs (5, one at a
+    time: too few to stop early), not the Backend's 2."""
 
     async def main() -> None:
         loaded_model_log(tmp_path)
@@ -494,12 +502,101 @@ def test_backend_arguments_are_what_the_worker_uses(tmp_path: Path) -> None:
                 **QUIET,
             ) as rig,
         ):
-            assert model.count("POST", "/json") == 1 + 2  # warm-up, then two rounds of one
+            assert model.count("POST", "/json") == 1 + 5  # warm-up, then five rounds of one
             await until(lambda: model.count("GET", "/health") >= 2, 5.0, "health polls")
             assert model.count("GET", "/old-health") == 0
             assert rig.backend.state is State.READY
 
     run(main())
+
+
+# A worker's own code raising #####################################################################
+
+
+SECRET = "the client's private words"  # in the payload; never in an answer
+
+
+@dataclasses.dataclass
+class BadRead(Prompt):
+    """A from_json_msg with a bug: int() of a text field (the ValueError quotes the text)."""
+
+    @classmethod
+    def from_json_msg(cls, json_msg: dict[str, Any]) -> BadRead:
+        int(json_msg["prompt"])
+        return cls(prompt=json_msg["prompt"])
+
+
+@dataclasses.dataclass
+class BadWeight(Prompt):
+    def count_workload(self) -> float:
+        return {"words": 1.0}[self.prompt]  # KeyError, quoting the prompt
+
+
+@dataclasses.dataclass
+class BadBody(Prompt):
+    def generate_payload_json(self) -> dict[str, Any]:
+        return {"prompt": {"a": 1}[self.prompt]}  # KeyError, quoting the prompt
+
+
+class BadReadHandler(EndpointHandler[BadRead]):
+    endpoint = "/generate"
+
+
+class BadWeightHandler(EndpointHandler[BadWeight]):
+    endpoint = "/generate"
+
+
+class BadBodyHandler(EndpointHandler[BadBody]):
+    endpoint = "/generate"
+
+
+@pytest.mark.parametrize(
+    ("route", "status", "what"),
+    [
+        ("/read", 422, "from_json_msg"),
+        ("/weigh", 422, "count_workload"),
+        ("/body", 500, "handler"),
+    ],
+)
+def test_worker_code_errors_warn_once_per_route_and_tell_the_client_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, route: str, status: int, what: str
+) -> None:
+    # What it guards (review L4): a bug in a worker's from_json_msg or count_workload was a
+    # silent 422 (an INFO line with the exception's repr, which quotes the client's data), and
+    # one in generate_payload_json an ERROR traceback on every request. Now: the client gets
+    # 422 "invalid payload" (the payload could not be read) or 500 "internal error" (it was
+    # read, then the worker failed), never the exception's text; the operator one WARNING
+    # with the traceback per route, however many requests meet it.
+    async def main() -> None:
+        async with worker_rig(
+            tmp_path,
+            cached_max_perf=100.0,
+            routes=lambda backend: [
+                post("/read", backend.create_handler(BadReadHandler())),
+                post("/weigh", backend.create_handler(BadWeightHandler())),
+                post("/body", backend.create_handler(BadBodyHandler())),
+            ],
+            **QUIET,
+        ) as rig:
+            expected = (
+                {"payload": "invalid payload"} if status == 422 else {"error": "internal error"}
+            )
+            for _ in range(3):
+                reply = await request(rig.port, "POST", route, {"payload": {"prompt": SECRET}})
+                assert reply.status == status, reply
+                assert reply.json() == expected, reply
+            await until(rig.settled, 5.0, "settled")
+
+    with caplog.at_level(logging.INFO, logger="pyworker"):
+        run(main())
+    tracebacks = [r for r in caplog.records if r.exc_info is not None]
+    assert len(tracebacks) == 1, [r.getMessage() for r in tracebacks]
+    (record,) = tracebacks
+    assert record.levelno == logging.WARNING
+    assert record.getMessage().startswith(f"{route}: the worker's ") and what in record.getMessage()
+    assert f"answered {status}" in record.getMessage()
+    others = [r.getMessage() for r in caplog.records if r.exc_info is None]
+    assert not any(SECRET in line for line in others), others
 
 
 # __all__: the names a worker file needs ##########################################################

@@ -34,12 +34,11 @@ from support import (
     until,
     worker_rig,
 )
-from test_author_api import RawModel
+from test_author_api import Prompt, RawModel
 
 import hello_world
 import pyworker
 from pyworker import (
-    ApiPayload,
     Backend,
     ClientResponse,
     EndpointHandler,
@@ -441,22 +440,7 @@ def test_media_worker_details(tmp_path: Path) -> None:
 # Per-route settings, in-process ##################################################################
 
 
-@dataclasses.dataclass
-class Words(ApiPayload):
-    prompt: str
-
-    @classmethod
-    def for_test(cls) -> Words:
-        return cls(prompt="some words")
-
-    def generate_payload_json(self) -> dict[str, Any]:
-        return {"prompt": self.prompt}
-
-    def count_workload(self) -> float:
-        return float(len(self.prompt))
-
-
-class Held(EndpointHandler[Words]):
+class Held(EndpointHandler[Prompt]):
     """A route to the model's /hold/<name> (answered once ModelApis.release is set)."""
 
     def __init__(self, name: str, **settings: Any) -> None:
@@ -468,13 +452,13 @@ class Unlimited(Held):
     max_queue_time = math.inf  # the vastai layer's "no limit"
 
 
-class WarmUp(EndpointHandler[Words]):
+class WarmUp(EndpointHandler[Prompt]):
     endpoint = "/generate"  # answered at once: the warm-up of a cached benchmark
 
-    def make_benchmark_payload(self) -> Words:
-        return Words(prompt="warm")
+    def make_benchmark_payload(self) -> Prompt:
+        return Prompt(prompt="warm")
 
-    def model_body(self, payload: Words) -> dict[str, Any]:
+    def model_body(self, payload: Prompt) -> dict[str, Any]:
         return {"prompt": payload.prompt, "max_response_tokens": 1}
 
 
@@ -561,6 +545,159 @@ def test_each_route_holds_its_own_max_queue_time(tmp_path: Path) -> None:
     run(main())
 
 
+def test_the_fifo_and_the_parallel_routes_are_estimated_apart(tmp_path: Path) -> None:
+    """What it guards (review M8): the estimated wait was all the workload in flight over
+    max_perf, whatever the route. With max_perf 10: 100 workload at the model on a parallel
+    route leaves the FIFO empty, and a serial route's request (max_queue_time 0.5) goes to
+    the model; then 100 workload in the FIFO does not hold up a parallel route's, while a
+    serial one waits behind it (10 s): 429."""
+
+    async def main() -> None:
+        async with (
+            ModelApis() as model,
+            worker_rig(
+                tmp_path,
+                model_url=model.url,
+                handler=WarmUp(),
+                cached_max_perf=10.0,
+                routes=lambda backend: [
+                    post("/big_p", backend.create_handler(Held("l"))),
+                    post(
+                        "/big_s", backend.create_handler(Held("a", allow_parallel_requests=False))
+                    ),
+                    post("/p", backend.create_handler(Held("c", max_queue_time=0.5))),
+                    post(
+                        "/s",
+                        backend.create_handler(
+                            Held("s", allow_parallel_requests=False, max_queue_time=0.5)
+                        ),
+                    ),
+                ],
+                **QUIET,
+            ) as rig,
+        ):
+            metrics = rig.backend.metrics
+            busy = post_unsigned(rig, "/big_p", "y" * 100)
+            await until(lambda: model.arrivals == ["/hold/l"], 5.0, "100 at the model, parallel")
+            serial = post_unsigned(rig, "/s", "z")
+            await until(lambda: "/hold/s" in model.arrivals, 5.0, "the serial one at the model")
+            model.release.set()
+            assert [r.status for r in await asyncio.gather(busy, serial)] == [200, 200]
+            await until(rig.settled, 5.0, "settled")
+            model.release.clear()
+            model.arrivals.clear()
+
+            busy = post_unsigned(rig, "/big_s", "y" * 100)
+            await until(lambda: model.arrivals == ["/hold/a"], 5.0, "100 in the FIFO")
+            assert metrics.serial.workload == 100.0
+            parallel = post_unsigned(rig, "/p", "z")
+            await until(lambda: "/hold/c" in model.arrivals, 5.0, "the parallel one at the model")
+            refused = await request(rig.port, "POST", "/s", {"payload": {"prompt": "z"}})
+            assert refused.status == 429, refused
+            assert refused.json()["estimated_wait"] == 10.0
+            model.release.set()
+            assert [r.status for r in await asyncio.gather(busy, parallel)] == [200, 200]
+            await until(rig.settled, 5.0, "settled")
+            assert metrics.serial.requests == 0 and metrics.serial.workload == 0.0
+
+    run(main())
+
+
+@dataclasses.dataclass
+class Claimed(Prompt):
+    """A workload the client chooses (the README's vastai example counts max_new_tokens)."""
+
+    tokens: float = 1.0
+    exponent: int = 0
+
+    def count_workload(self) -> float:
+        return self.tokens * 10**self.exponent  # OverflowError past a float's range
+
+
+class HeldClaim(Held):
+    payload_class = Claimed
+
+
+def test_a_workload_past_max_workload_is_refused(tmp_path: Path) -> None:
+    """What it guards (review H1): two requests claiming 1e308 on a route without a queue
+    limit made the workload in flight infinite for good (inf - x = inf), and every route
+    with a limit then answered 500 (an OverflowError at Retry-After). Now a workload that is
+    not a number from 0 to MAX_WORKLOAD is a 422 naming the limit, and a count_workload that
+    overflows a 422 too; nothing is left in flight, and the limited route serves."""
+
+    async def main() -> None:
+        async with (
+            ModelApis() as model,
+            worker_rig(
+                tmp_path,
+                model_url=model.url,
+                handler=WarmUp(),
+                cached_max_perf=10.0,
+                routes=lambda backend: [
+                    post("/inf", backend.create_handler(HeldClaim("x", max_queue_time=math.inf))),
+                    post("/strict", backend.create_handler(Held("s", max_queue_time=30.0))),
+                ],
+                **QUIET,
+            ) as rig,
+        ):
+            metrics = rig.backend.metrics
+            for claim in ({"tokens": 1e308}, {"tokens": 2e9}, {"tokens": -5.0}):
+                body = {"payload": {"prompt": "x", **claim}}
+                replies = await asyncio.gather(
+                    *(request(rig.port, "POST", "/inf", body) for _ in "ab")
+                )
+                for reply in replies:
+                    assert reply.status == 422, reply
+                    assert "MAX_WORKLOAD" in reply.json()["payload"], reply
+            body = {"payload": {"prompt": "x", "exponent": 400}}
+            reply = await request(rig.port, "POST", "/inf", body)
+            assert reply.status == 422 and reply.json() == {"payload": "invalid payload"}, reply
+            assert metrics.in_flight.workload == 0.0 and metrics.in_flight.requests == 0
+            model.release.set()
+            reply = await request(rig.port, "POST", "/strict", {"payload": {"prompt": "z"}})
+            assert reply.status == 200, reply
+            reply = await request(
+                rig.port, "POST", "/inf", {"payload": {"prompt": "x", "tokens": 1e9}}
+            )
+            assert reply.status == 200, reply  # MAX_WORKLOAD itself is accepted
+            await until(rig.settled, 5.0, "settled")
+
+    run(main())
+
+
+def test_retry_after_is_at_most_a_day(tmp_path: Path) -> None:
+    """What it guards (review H1): Retry-After was the estimated wait past the limit,
+    however large: 1e9 workload in flight at max_perf 1e-6 said to retry in 1e15 s."""
+
+    async def main() -> None:
+        async with (
+            ModelApis() as model,
+            worker_rig(
+                tmp_path,
+                model_url=model.url,
+                handler=WarmUp(),
+                cached_max_perf=1e-6,
+                routes=lambda backend: [
+                    post("/big", backend.create_handler(HeldClaim("l"))),
+                    post("/strict", backend.create_handler(Held("s", max_queue_time=0.5))),
+                ],
+                **QUIET,
+            ) as rig,
+        ):
+            body = {"payload": {"prompt": "x", "tokens": 1e9}}
+            busy = asyncio.ensure_future(request(rig.port, "POST", "/big", body))
+            await until(lambda: model.arrivals == ["/hold/l"], 5.0, "1e9 at the model")
+            reply = await request(rig.port, "POST", "/strict", {"payload": {"prompt": "z"}})
+            assert reply.status == 429, reply
+            assert 1 <= int(reply.headers["retry-after"]) <= 24 * 3600  # MAX_RETRY_AFTER
+            assert reply.json()["estimated_wait"] <= 24 * 3600
+            model.release.set()
+            assert (await busy).status == 200
+            await until(rig.settled, 5.0, "settled")
+
+    run(main())
+
+
 def test_max_wait_time_is_max_queue_time() -> None:
     # what it guards: the 2025 lib's Backend(max_wait_time=) spelling reaches the routes
     backend = Backend(UNUSED_URL, None, True, WarmUp(), [], max_wait_time=600.0)
@@ -601,7 +738,7 @@ def test_benchmark_runs_at_its_handlers_settings(
 
 
 @dataclasses.dataclass
-class AudioHandler(EndpointHandler[Words]):
+class AudioHandler(EndpointHandler[Prompt]):
     benchmark_audio_duration_s: int = 30
     allow_parallel_requests = True  # a plain class attribute beside the fields
 
@@ -618,7 +755,7 @@ class OwnPostInit(AudioHandler):
         self.ready = True
 
 
-class NativeForm(EndpointHandler[Words]):
+class NativeForm(EndpointHandler[Prompt]):
     endpoint = "/generate"
     allow_parallel_requests = False
     concurrency = 4

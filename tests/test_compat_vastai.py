@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import signal
 import subprocess
 import sys
@@ -261,9 +260,15 @@ def test_config_worker_serves_every_route(tmp_path: Path) -> None:
             reply = await c.post("/v1/parsed", {"tokens": 3})
             assert reply.status == 422, reply
             assert reply.json()["payload"] == {"text": "missing parameter"}
-            reply = await c.post("/v1/parsed", {"text": 7})
-            assert reply.status == 422, reply
-            assert "ValueError" in json.dumps(reply.json())
+            # What it guards (review L4): the parser's exception text (here the client's value)
+            # was sent back; now a generic message, and one WARNING with the traceback.
+            for _ in range(2):
+                reply = await c.post("/v1/parsed", {"text": 7654321})
+                assert reply.status == 422, reply
+                assert reply.json()["payload"] == {"request_parser": "could not read this payload"}
+                assert (
+                    "7654321" not in reply.body.decode() and "ValueError" not in reply.body.decode()
+                )
             for route in ("/generate", "/v1/nan"):
                 reply = await c.post(route, ["not", "an", "object"])
                 assert reply.status == 422, (route, reply)
@@ -273,6 +278,8 @@ def test_config_worker_serves_every_route(tmp_path: Path) -> None:
             output = c.proc.output()
             for route in ("/v1/parsed", "/v1/nan", "/v1/negative"):
                 assert output.count(f"workload_calculator of {route} ") == 1, output
+            warned = "/v1/parsed: the worker's request_parser raised ValueError; answered 422"
+            assert output.count(warned) == 1, output
 
             async def served_reported() -> bool:
                 return any(r["cur_perf"] > 0 for r in c.scaler.reports if r["url"] == c.url)
@@ -367,8 +374,8 @@ def test_class_worker_with_lifecycle_and_run_async(tmp_path: Path) -> None:
             created = [await c.post("/session/create", {"lifetime": 60}) for _ in range(3)]
             assert [r.status for r in created] == [201, 201, 429], created
             c.proc.proc.send_signal(signal.SIGTERM)
-            assert await asyncio.wait_for(c.proc.proc.wait(), 20) == 0, c.proc.output()
-            assert (marks / "exited").exists(), c.proc.output()
+            assert await asyncio.wait_for(c.proc.proc.wait(), 20) == 0, c.proc.tail()
+            assert (marks / "exited").exists(), c.proc.tail()
 
     run(main())
 
@@ -452,7 +459,7 @@ def reported(c: Child, check: Callable[[dict[str, Any]], bool]) -> Callable[[], 
 async def stop_child(c: Child) -> str:
     """SIGTERM; the worker exits 0; its output."""
     c.proc.proc.send_signal(signal.SIGTERM)
-    assert await asyncio.wait_for(c.proc.proc.wait(), 20) == 0, c.proc.output()
+    assert await asyncio.wait_for(c.proc.proc.wait(), 20) == 0, c.proc.tail()
     return c.proc.output()
 
 

@@ -28,6 +28,7 @@ from support import (
     RawClient,
     Runner,
     StalledServer,
+    WorkerProcess,
     child_env,
     free_port,
     generate,
@@ -64,6 +65,19 @@ def worker_vars(fake: FakeModel, report_addr: str, **extra: str) -> dict[str, st
 
 
 # Tests ###########################################################################################
+
+
+def test_worker_process_output_is_all_of_it(tmp_path: Path) -> None:
+    # What it guards (review T2): output() gave the last 4,000 characters only, and the
+    # presence and count checks made on it (test_compat_*.py) missed a line written early in
+    # a long run; tail() is for assertion messages.
+    log_file = tmp_path / "worker.log"
+    log_file.write_text("the first line\n" + "x" * 10_000 + "\nthe last line\n")
+    child: Any = None  # no process: output() reads the file only
+    process = WorkerProcess(child, 0, log_file)
+    assert process.output().startswith("the first line\n")
+    assert process.output().count("x") == 10_000
+    assert len(process.tail()) == 4000 and process.tail().endswith("the last line\n")
 
 
 def test_spawn_to_ping_then_ready(tmp_path: Path) -> None:
@@ -241,7 +255,7 @@ def test_stalled_autoscaler_does_not_slow_requests(tmp_path: Path) -> None:
                     # Shutdown's last report to it is bounded too: the worker still exits.
                     hung.proc.send_signal(signal.SIGTERM)
                     code = await asyncio.wait_for(hung.proc.wait(), 15.0)
-                    assert code == 0, hung.output()
+                    assert code == 0, hung.tail()
         finally:
             await stalled.close()
 
@@ -329,7 +343,7 @@ def test_sigterm_lets_twenty_streams_finish(tmp_path: Path) -> None:
                 for client in conns:
                     await client.close()
             code = await asyncio.wait_for(worker.proc.wait(), 15.0)
-            assert code == 0, worker.output()
+            assert code == 0, worker.tail()
             assert fake.cancelled == 0
             # The autoscaler heard, before the exit, that nothing is in flight any more.
             assert scaler.report_times[-1] > sigterm_at

@@ -30,7 +30,8 @@ def parse_text(payload: dict[str, Any]) -> dict[str, Any]:
     if "text" not in payload:
         raise JsonDataException({"text": "missing parameter"})
     if not isinstance(payload["text"], str):
-        raise ValueError("text must be a string")  # not a JsonDataException: still a 422
+        # not a JsonDataException: still a 422; its text (the client's value) is not sent back
+        raise ValueError(f"text must be a string, not {payload['text']!r}")
     return {"prompt": payload["text"], "max_response_tokens": payload.get("tokens", 4)}
 
 
