@@ -1752,9 +1752,10 @@ class HttpServer:
                 response = error_response(500, "internal error")
             early = proto.early
             if early is not None and early.started:  # the handler wrote its answer; the end
-                if response.stream is not None:  # ... and returned another: that one is dropped
-                    await _aclose(response.stream)
-                    why = "the handler began its answer and returned another (a stream)"
+                if response.stream is not None or response.body:  # ... and returned another
+                    if response.stream is not None:
+                        await _aclose(response.stream)
+                    why = "the handler began its answer, then returned another one"
                     return early.cut(RuntimeError(why))
                 return await early.finish()
         return await self._write_response(request, response, proto, writer)
@@ -5960,8 +5961,9 @@ class _AioResponse(Response):
         fields, media = _header_fields(headers, charset, content_type, reason)
         if media is None:
             media = f"{default}; charset={charset}" if charset else default
-        super().__init__(status, data, content_type=media, headers=fields, stream=stream)
-        self.reason = reason
+        super().__init__(
+            status, data, content_type=media, headers=fields, stream=stream, reason=reason
+        )
 
 
 def _aio_json_response(

@@ -834,3 +834,37 @@ def test_reason_phrase_is_the_responses_own() -> None:
             assert (await client.head_bytes()).startswith(b"HTTP/1.1 200 Fine Indeed\r\n")
 
     run(main())
+
+
+@pytest.mark.parametrize("other", ["body", "stream"])
+def test_answer_begun_then_another_returned_is_cut(other: str) -> None:
+    """Guards a short success: a handler that began its answer (start, write) and then
+    returned another Response (a body, or a stream left unread) had the other one dropped
+    without a word and its answer finished as if whole; now it is cut (the client sees an
+    error) and the returned stream is closed (its generator's cleanup runs)."""
+    closed: list[bool] = []
+
+    async def pieces() -> AsyncIterator[bytes]:
+        try:
+            yield b"other"
+        finally:
+            closed.append(True)
+
+    async def handler(request: Request) -> Response:
+        early = _responder(request)
+        early.start(200, [("Content-Type", "text/plain")])
+        await early.write(b"first")
+        if other == "body":
+            return Response(body=b"other")
+        stream = pieces()
+        await stream.__anext__()  # under way: only aclose() runs its finally
+        return Response(stream=stream)
+
+    async def main() -> None:
+        async with serving([pyworker.get("/", handler)]) as port, raw_client(port) as client:
+            await client.send(GET)
+            reply = await client.response()
+            assert reply.status == 200 and not reply.complete, reply
+            assert closed == ([True] if other == "stream" else [])
+
+    run(main())
