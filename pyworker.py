@@ -612,7 +612,7 @@ def _keep_alive(version: str, headers: Headers) -> bool:
 def request_framing(headers: Headers, version: str) -> BodyFraming:
     """Body framing of a request: Content-Length, chunked, or no body (RFC 9112 6.3)."""
     length = _content_length(headers)
-    if "transfer-encoding" in headers:
+    if headers.values("transfer-encoding"):
         if length is not None:
             # Both present: the classic smuggling setup (RFC 9112 6.3 rule 3). Refuse it.
             raise HttpError(400, "both Transfer-Encoding and Content-Length")
@@ -685,7 +685,7 @@ def parse_response_head(head: bytes, *, request_method: str = "POST") -> ClientR
     version = status_line[:8].decode("ascii")
     if request_method == "HEAD" or status < 200 or status in (204, 304):
         framing = BodyFraming("length", 0)
-    elif "transfer-encoding" in headers:
+    elif headers.values("transfer-encoding"):
         codings = _header_tokens(headers, "transfer-encoding")
         # RFC 9112 6.3 rule 4: chunked last means chunked; otherwise read until close.
         framing = BodyFraming("chunked") if codings == ["chunked"] else BodyFraming("close")
