@@ -985,6 +985,30 @@ def test_web_answers_refuse_fields_no_head_can_hold() -> None:
     assert (fine.headers, fine.reason) == ([("X-A", "caf\u00e9\tok")], "Fine")
 
 
+class UnsendableAnswer(EndpointHandler[hello_world.InputData]):
+    endpoint = "/generate"
+
+    async def generate_client_response(
+        self, client_request: web.Request, model_response: ClientResponse
+    ) -> web.Response | web.StreamResponse:
+        await model_response.read()
+        return web.Response(text="x", headers={"X-Price": "5 \u20ac"})
+
+
+def test_unsendable_web_answer_on_a_model_route_is_a_500_settled_errored(tmp_path: Path) -> None:
+    # what it guards: the request was counted served 200, then its connection closed unanswered
+    async def main() -> None:
+        async with _serial_rig(tmp_path, UnsendableAnswer()) as rig:
+            body = {"payload": {"prompt": "hi", "max_response_tokens": 3}}
+            reply = await request(rig.port, "POST", "/s", body)
+            assert (reply.status, reply.json()) == (500, {"error": "internal error"})
+            await until(rig.settled, 5.0, "settled")
+            metrics = rig.backend.metrics
+            assert (metrics.errored.requests, metrics.served.requests) == (1, 0)
+
+    run(main())
+
+
 def test_web_answers_send_their_reason() -> None:
     # what it guards: reason= of web.Response, json_response and StreamResponse was dropped
     async def plain(request: Request) -> Response:
