@@ -419,14 +419,16 @@ class Headers:
 
     def values(self, name: str) -> Sequence[str]:
         """Every value of `name` (lower-cased), in arrival order (for reading only: not a
-        copy). `in` takes a lower-cased name too; get() and [] take any case."""
+        copy); get(), [] and `in` take any case."""
         return self._index.get(name, ())
 
     def items(self) -> list[tuple[str, str]]:
         return list(self._fields)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._index
+        if name in self._index:
+            return True
+        return isinstance(name, str) and not name.islower() and name.lower() in self._index
 
     def __len__(self) -> int:
         return len(self._fields)
@@ -491,10 +493,12 @@ class Request:
         return self.body
 
     async def text(self) -> str:
-        return self.body.decode("utf-8", errors="replace")
+        """The body, decoded with the charset its Content-Type names (UTF-8 if none)."""
+        return _decode_text(self.body, self.headers.get("content-type"))
 
     async def json(self) -> Any:
-        """The body as JSON; HttpError(400) when it is not JSON."""
+        """The body as JSON; HttpError(400) when it is not JSON (the client's fault, where
+        a model's answer that is not JSON is the model's: UpstreamError, 502)."""
         try:
             return json_loads(self.body)
         except _JSON_DECODE_ERRORS:
@@ -516,6 +520,21 @@ class Request:
         """Whether the handler began its answer already (EarlyResponse.start)."""
         proto = self.connection
         return proto is not None and proto.early is not None and proto.early.started
+
+
+def _decode_text(body: bytes, content_type: str | None) -> str:
+    """A body as text (aiohttp's text()), for a request and a model's answer alike: in the
+    charset its Content-Type names, UTF-8 if none or one Python does not know; bytes that
+    do not decode become U+FFFD."""
+    charset = "utf-8"
+    for param in (content_type or "").split(";")[1:]:
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset" and value.strip():
+            charset = value.strip().strip('"')
+    try:
+        return body.decode(charset, errors="replace")
+    except LookupError:
+        return body.decode("utf-8", errors="replace")
 
 
 def _parse_head(head: bytes) -> tuple[bytes, Headers]:
@@ -605,7 +624,7 @@ def _keep_alive(version: str, headers: Headers) -> bool:
 def request_framing(headers: Headers, version: str) -> BodyFraming:
     """Body framing of a request: Content-Length, chunked, or no body (RFC 9112 6.3)."""
     length = _content_length(headers)
-    if "transfer-encoding" in headers:
+    if headers.values("transfer-encoding"):
         if length is not None:
             # Both present: the classic smuggling setup (RFC 9112 6.3 rule 3). Refuse it.
             raise HttpError(400, "both Transfer-Encoding and Content-Length")
@@ -678,7 +697,7 @@ def parse_response_head(head: bytes, *, request_method: str = "POST") -> ClientR
     version = status_line[:8].decode("ascii")
     if request_method == "HEAD" or status < 200 or status in (204, 304):
         framing = BodyFraming("length", 0)
-    elif "transfer-encoding" in headers:
+    elif headers.values("transfer-encoding"):
         codings = _header_tokens(headers, "transfer-encoding")
         # RFC 9112 6.3 rule 4: chunked last means chunked; otherwise read until close.
         framing = BodyFraming("chunked") if codings == ["chunked"] else BodyFraming("close")
@@ -717,10 +736,15 @@ def response_head(
     content_length: int | None,
     keep_alive: bool,
     chunked: bool = True,
+    reason: str | None = None,
 ) -> bytes:
     """Serialise a status line and header fields, framed by Content-Length, or chunked when
     content_length is None (or, for an HTTP/1.0 client, by closing the connection)."""
-    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"]
+    if reason is None:
+        reason = _REASONS.get(status, "Unknown")
+    elif "\r" in reason or "\n" in reason:
+        raise ValueError(f"CR or LF in the reason phrase {reason!r}")
+    lines = [f"HTTP/1.1 {status} {reason}\r\n"]
     lines.append(f"Date: {_http_date()}\r\nServer: pyworker\r\n")
     for name, value in headers:
         if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
@@ -1265,23 +1289,18 @@ class ClientResponse:
 
     async def text(self) -> str:
         """The whole body, decoded with the charset it names (UTF-8 if none)."""
-        charset = "utf-8"
-        for param in (self.headers.get("content-type") or "").split(";")[1:]:
-            name, _, value = param.strip().partition("=")
-            if name.lower() == "charset" and value:
-                charset = value.strip('"')
-        try:
-            return (await self.read()).decode(charset, errors="replace")
-        except LookupError:  # a charset Python does not know
-            return (await self.read()).decode("utf-8", errors="replace")
+        return _decode_text(await self.read(), self.headers.get("content-type"))
 
-    async def read(self) -> bytes:
-        """The whole body (at most the client's max_body bytes)."""
+    async def read(self, limit: int | None = None) -> bytes:
+        """The whole body: at most `limit` bytes (the client's max_body if None), else
+        UpstreamError."""
         framing = self._head.framing
+        if limit is None:
+            limit = self._client.max_body
         if framing.kind == "length":
-            if framing.length > self._client.max_body:
+            if framing.length > limit:
                 self.close()
-                raise UpstreamError("upstream body too large")
+                raise UpstreamError(f"upstream body larger than {limit:,} bytes")
             if self._conn is not None and not self._started:  # the common case, in one read
                 self._started = True
                 complete = False
@@ -1297,18 +1316,14 @@ class ClientResponse:
         size = 0
         async for chunk in self.iter_chunks():
             size += len(chunk)
-            if size > self._client.max_body:
+            if size > limit:
                 self.close()
-                raise UpstreamError("upstream body too large")
+                raise UpstreamError(f"upstream body larger than {limit:,} bytes")
             parts.append(chunk)
         return b"".join(parts)
 
     async def json(self) -> Any:
-        body = await self.read()
-        try:
-            return json_loads(body)
-        except _JSON_DECODE_ERRORS:
-            raise UpstreamError("upstream answered invalid JSON") from None
+        return _upstream_json(await self.read())
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         """Yield body data as it arrives, never waiting for the end of a slow stream.
@@ -1383,6 +1398,14 @@ class ClientResponse:
         self.close()
 
 
+def _upstream_json(body: bytes) -> Any:
+    """A model's (or autoscaler's) answer as JSON; UpstreamError (502) when it is not."""
+    try:
+        return json_loads(body)
+    except _JSON_DECODE_ERRORS:
+        raise UpstreamError("upstream answered invalid JSON") from None
+
+
 def _media_type(field: str | None) -> str:
     """A Content-Type field's media type: "Text/HTML; charset=utf-8" -> "text/html"."""
     return (field or "").partition(";")[0].strip().lower() or "application/octet-stream"
@@ -1429,10 +1452,10 @@ class Response:
 
     `stream` yields the body's pieces; each is written and drained as it comes. If the stream
     raises, the connection is cut without the last chunk, so the client sees an error rather
-    than a short success.
+    than a short success. `reason` is the status line's phrase (the status's own if None).
     """
 
-    __slots__ = ("body", "content_type", "headers", "status", "stream")
+    __slots__ = ("body", "content_type", "headers", "reason", "status", "stream")
 
     def __init__(
         self,
@@ -1442,12 +1465,14 @@ class Response:
         content_type: str = "application/json",
         headers: Sequence[tuple[str, str]] = (),
         stream: AsyncIterator[bytes] | None = None,
+        reason: str | None = None,
     ) -> None:
         self.status = status
         self.body = body
         self.content_type = content_type
         self.headers = headers
         self.stream = stream
+        self.reason = reason
 
 
 def json_response(obj: Any, status: int = 200, headers: Sequence[tuple[str, str]] = ()) -> Response:
@@ -1785,6 +1810,12 @@ class HttpServer:
                     return early.cut(exc.__cause__ or exc)
                 response = error_response(exc.status, exc.message)
                 response.headers = exc.headers
+            except UpstreamError as exc:  # a worker's own route asked the model (backend.session)
+                early = proto.early
+                if early is not None and early.started:
+                    return early.cut(exc)
+                log.warning("%s %s: model request failed: %s", request.method, request.path, exc)
+                response = error_response(exc.status, _upstream_message(exc))
             except Exception as exc:
                 early = proto.early
                 if early is not None and early.started:
@@ -1793,8 +1824,19 @@ class HttpServer:
                 response = error_response(500, "internal error")
             early = proto.early
             if early is not None and early.started:  # the handler wrote its answer; the end
+                if response.stream is not None or response.body:  # ... and returned another
+                    if response.stream is not None:
+                        await _aclose(response.stream)
+                    why = "the handler began its answer, then returned another one"
+                    return early.cut(RuntimeError(why))
                 return await early.finish()
         return await self._write_response(request, response, proto, writer)
+
+    def _unsendable(self, request: Request, exc: ValueError) -> Response:
+        """A response whose head cannot be written (CR or LF, or a character beyond Latin-1,
+        in a field): a 500 instead, rather than a connection closed without an answer."""
+        log.error("the answer to %s %s cannot be sent: %s", request.method, request.path, exc)
+        return error_response(500, "internal error")
 
     async def _write_response(
         self,
@@ -1812,13 +1854,20 @@ class HttpServer:
         stream = response.stream
         if stream is None:
             body = response.body
-            proto.enter(_Phase.RESPONDING)
-            writer.write(
-                response_head(
-                    response.status, headers, content_length=len(body), keep_alive=keep_alive
+            try:  # ValueError, UnicodeEncodeError among them: a field that cannot be sent
+                head = response_head(
+                    response.status,
+                    headers,
+                    content_length=len(body),
+                    keep_alive=keep_alive,
+                    reason=response.reason,
                 )
-                + body
-            )
+            except ValueError as exc:
+                return await self._write_response(
+                    request, self._unsendable(request, exc), proto, writer
+                )
+            proto.enter(_Phase.RESPONDING)
+            writer.write(head + body)
             await self._drain(proto, writer)
             return keep_alive
         # An HTTP/1.0 client knows no chunked coding: its stream ends when the connection does.
@@ -1826,9 +1875,20 @@ class HttpServer:
         keep_alive = keep_alive and chunked
         # The head waits for the first chunk: they leave in one write, and a model that fails
         # before its first byte still gets the client a proper error answer instead of a cut.
-        head = response_head(
-            response.status, headers, content_length=None, keep_alive=keep_alive, chunked=chunked
-        )
+        try:
+            head = response_head(
+                response.status,
+                headers,
+                content_length=None,
+                keep_alive=keep_alive,
+                chunked=chunked,
+                reason=response.reason,
+            )
+        except ValueError as exc:
+            await _aclose(stream)
+            return await self._write_response(
+                request, self._unsendable(request, exc), proto, writer
+            )
         try:
             async for data in stream:
                 if data:
@@ -1854,9 +1914,7 @@ class HttpServer:
             _abort(writer.transport)
             return False
         finally:
-            aclose = getattr(stream, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await _aclose(stream)
         writer.write(head + LAST_CHUNK if chunked else head)
         await self._drain(proto, writer)
         return keep_alive
@@ -1872,13 +1930,19 @@ class HttpServer:
         if response.stream is not None:  # a relayed 204 or 304: its (empty) body ends at once
             async for _ in response.stream:
                 pass
-        head = response_head(
-            response.status,
-            response.headers,
-            content_length=None,
-            keep_alive=keep_alive,
-            chunked=False,
-        )
+        try:
+            head = response_head(
+                response.status,
+                response.headers,
+                content_length=None,
+                keep_alive=keep_alive,
+                chunked=False,
+                reason=response.reason,
+            )
+        except ValueError as exc:
+            return await self._write_response(
+                request, self._unsendable(request, exc), proto, writer
+            )
         proto.enter(_Phase.RESPONDING)
         writer.write(head)
         await self._drain(proto, writer)
@@ -1887,6 +1951,13 @@ class HttpServer:
     @staticmethod
     async def _drain(proto: _ServerProtocol, writer: asyncio.StreamWriter) -> None:
         await _drain(proto, writer)
+
+
+async def _aclose(stream: AsyncIterator[bytes]) -> None:
+    """Close a response's stream (an async generator's finally runs; a job settles)."""
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        await aclose()
 
 
 async def _drain(proto: _ServerProtocol, writer: asyncio.StreamWriter) -> None:
@@ -1915,7 +1986,16 @@ class EarlyResponse:
     no task or queue between the handler and the socket, and whatever bookkeeping wraps the
     handler's call (ModelQueue's job and FIFO turn) ends when the stream does."""
 
-    __slots__ = ("_chunked", "_keep_alive", "_proto", "_request", "_writer", "started")
+    __slots__ = (
+        "_bodiless",
+        "_chunked",
+        "_ended",
+        "_keep_alive",
+        "_proto",
+        "_request",
+        "_writer",
+        "started",
+    )
 
     def __init__(
         self,
@@ -1930,35 +2010,47 @@ class EarlyResponse:
         # An HTTP/1.0 client knows no chunked coding: its stream ends when the connection does.
         self._chunked = request.version == "HTTP/1.1"
         self._keep_alive = request.keep_alive and self._chunked and not closing
+        self._bodiless = False  # a 204 or 304: no framing, no body, no last chunk
+        self._ended = False  # finished or cut: the connection is the next answer's
         self.started = False
 
-    def start(self, status: int, headers: Sequence[tuple[str, str]]) -> None:
-        """Send the head (status, header fields; the framing is added here)."""
+    def start(
+        self, status: int, headers: Sequence[tuple[str, str]], reason: str | None = None
+    ) -> None:
+        """Send the head (status, header fields; the framing is added here). A head that
+        cannot be sent raises ValueError before anything is: the handler may answer anyway."""
         if self.started:
             raise RuntimeError("the response was started already")
-        self.started = True
-        self._proto.enter(_Phase.RESPONDING)
-        self._writer.write(
-            response_head(
-                status,
-                headers,
-                content_length=None,
-                keep_alive=self._keep_alive,
-                chunked=self._chunked,
-            )
+        bodiless = status in (204, 304)  # RFC 9110 15.3.5, 15.4.5: never a body
+        head = response_head(
+            status,
+            headers,
+            content_length=None,
+            keep_alive=self._keep_alive,
+            chunked=self._chunked and not bodiless,
+            reason=reason,
         )
+        self.started = True
+        self._bodiless = bodiless
+        self._proto.enter(_Phase.RESPONDING)
+        self._writer.write(head)
 
     async def write(self, data: bytes) -> None:
         """Send `data` as the body's next piece (waiting while the client does not read)."""
         if not self.started:
             raise RuntimeError("start() the response before writing to it")
+        if self._ended:  # its bytes would land in the next answer on this connection
+            raise RuntimeError("the response has ended: nothing more can be written to it")
         if data:
+            if self._bodiless:
+                raise RuntimeError("a 204 or 304 answer has no body")
             self._writer.write(encode_chunk(data) if self._chunked else data)
             await _drain(self._proto, self._writer)
 
     async def finish(self) -> bool:
         """(The server's, when the handler returned.) The last chunk; whether to keep alive."""
-        if self._chunked:
+        self._ended = True
+        if self._chunked and not self._bodiless:
             self._writer.write(LAST_CHUNK)
         await _drain(self._proto, self._writer)
         return self._keep_alive
@@ -1966,6 +2058,7 @@ class EarlyResponse:
     def cut(self, why: BaseException) -> bool:
         """(The server's, when the handler raised.) Cut the stream, so the client sees an
         error rather than a short success."""
+        self._ended = True
         log.warning("stream for %s cut: %s", self._request.path, why)
         _abort(self._writer.transport)
         return False
@@ -4807,6 +4900,12 @@ class ModelQueue:
                 ok = 200 <= model_response.status < 300
                 job.finish("served" if ok else "errored", response.status)
                 return response
+            if request.response_started:  # it began an answer, then returned another
+                model_response.close()
+                raise RuntimeError(
+                    f"{type(handler).__name__}.generate_client_response began its answer"
+                    " (StreamResponse.prepare) and returned another: return the one it began"
+                )
             release = lock.release if holding and lock is not None else _nothing
             holding = False  # the stream releases the model when it ends
             response.stream = _AccountedStream(job, model_response, response.stream, release)
@@ -4822,6 +4921,14 @@ class ModelQueue:
             raise
         except asyncio.CancelledError:
             job.finish("cancelled", 499)
+            raise
+        except ConnectionError:  # the handler's own writes (StreamResponse.write) failed
+            proto = request.connection
+            transport = proto.conn_transport if proto is not None else None
+            if transport is not None and transport.is_closing():  # the client went away
+                job.finish("cancelled", 499)
+            else:
+                job.finish("errored", 500)
             raise
         except BaseException:
             job.finish("errored", 500)
@@ -5376,7 +5483,7 @@ class Backend:
     def session(self) -> ModelSession:
         """The model server for a worker's own routes, with aiohttp's ClientSession names
         (the 2024 library's `backend.session`; see Compatibility: the 2024 lib)."""
-        return ModelSession(lambda: self.client)
+        return ModelSession(lambda: self.client, self.config.max_body)
 
     def _parallel(self, handler: EndpointHandler[Any]) -> bool:
         """Whether a route's model requests go straight to the model (else: FIFO)."""
@@ -5997,25 +6104,35 @@ def _run(main: Callable[[Config, _LogHandler], Coroutine[Any, Any, None]]) -> No
 # shaped here. No second server: the same path, limits and accounting as a native worker.
 
 SESSION_TIMEOUT = 300.0  # seconds a worker's own request through backend.session may take
+# What a head can hold as "name:value" (or "Reason:phrase"): a token, then Latin-1 text
+_SENDABLE = re.compile(rf"{_TCHAR.decode()}+:[\t\x20-\x7e\x80-\xff]*")
 
 
 def _header_fields(
-    headers: Mapping[str, str] | None, charset: str | None, content_type: str | None
+    headers: Mapping[str, str] | None,
+    charset: str | None,
+    content_type: str | None,
+    reason: str | None,
 ) -> tuple[list[tuple[str, str]], str | None]:
     """aiohttp's headers={...}: the fields to send, and a Content-Type among them (taken
-    out: the core sends the content type once; a Content-Length is the core's to write)."""
+    out: the core sends the content type once; a Content-Length is the core's to write).
+    A field or reason= that no head can hold is refused here, as aiohttp does: a ValueError
+    in the handler (its 500), not a connection cut without an answer."""
     fields = list((headers or {}).items())
     given = next((v for k, v in fields if k.lower() == "content-type"), None)
     fields = [(k, v) for k, v in fields if k.lower() not in ("content-type", "content-length")]
     media = content_type or given
     if media is not None and charset and "charset=" not in media.lower():
         media = f"{media}; charset={charset}"
+    for name, value in [*fields, ("Content-Type", media or ""), ("Reason", reason or "")]:
+        if not _SENDABLE.fullmatch(f"{name}:{value}"):
+            raise ValueError(f"{name!r}: {value!r} cannot be sent (Latin-1, no control bytes)")
     return fields, media
 
 
 class _AioResponse(Response):
-    """aiohttp.web.Response: body= (bytes, a str, or backend.session's answer .content),
-    text=, status=, content_type=, charset=, headers= (a dict)."""
+    """aiohttp.web.Response: body= (bytes, a str, or an answer's .content: streamed), text=,
+    status=, reason=, content_type=, charset=, headers= (a dict)."""
 
     def __init__(
         self,
@@ -6030,40 +6147,36 @@ class _AioResponse(Response):
     ) -> None:
         if text is not None and body is not None:
             raise ValueError("body and text are not allowed together")
-        if isinstance(body, _ReadBody):  # a session answer's .content: the model's body
-            body = body.data
+        stream = body.iter_any() if isinstance(body, BodyStream) else None
         if text is not None or isinstance(body, str):
             charset = charset or "utf-8"
             data = typing.cast(str, text if text is not None else body).encode(charset)
             default = "text/plain"
-        elif body is None or isinstance(body, (bytes, bytearray, memoryview)):
-            data = bytes(typing.cast("bytes | bytearray | memoryview", body or b""))
+        elif stream or body is None or isinstance(body, (bytes, bytearray, memoryview)):
+            data = b"" if stream else bytes(typing.cast("bytes | bytearray | None", body) or b"")
             default = "application/octet-stream"
         else:
             raise TypeError(f"web.Response body: bytes or str, not {type(body).__name__}")
-        fields, media = _header_fields(headers, charset, content_type)
+        fields, media = _header_fields(headers, charset, content_type, reason)
         if media is None:
             media = f"{default}; charset={charset}" if charset else default
-        super().__init__(status, data, content_type=media, headers=fields)
+        super().__init__(
+            status, data, content_type=media, headers=fields, stream=stream, reason=reason
+        )
 
 
 def _aio_json_response(
     data: Any = None,
     *,
-    text: str | None = None,
-    body: bytes | None = None,
-    status: int = 200,
-    reason: str | None = None,
-    headers: Mapping[str, str] | None = None,
     content_type: str = "application/json",
     dumps: Callable[[Any], str] | None = None,
+    **options: Any,
 ) -> _AioResponse:
-    """aiohttp.web.json_response(data=..., status=...)."""
-    if body is None and text is None:
-        body = json_dumps(data) if dumps is None else dumps(data).encode()
-    return _AioResponse(
-        body=body, text=text, status=status, headers=headers, content_type=content_type
-    )
+    """aiohttp.web.json_response(data=..., status=...): text=, body=, status=, reason=,
+    headers= as web.Response takes them."""
+    if options.get("body") is None and options.get("text") is None:
+        options["body"] = json_dumps(data) if dumps is None else dumps(data).encode()
+    return _AioResponse(content_type=content_type, **options)
 
 
 class _AioStreamResponse(Response):
@@ -6080,19 +6193,28 @@ class _AioStreamResponse(Response):
         reason: str | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> None:
-        fields, media = _header_fields(headers, None, None)
-        super().__init__(status, content_type=media or "application/octet-stream", headers=fields)
+        fields, media = _header_fields(headers, None, None, reason)
+        media = media or "application/octet-stream"
+        super().__init__(status, content_type=media, headers=fields, reason=reason)
         self.prepared = False
         self._early: EarlyResponse | None = None
-        self._pieces: list[bytes] = []
+
+    @property
+    def body(self) -> bytes:  # joined when read, not at each write (that was quadratic)
+        self._pieces = [b"".join(self._pieces)]
+        return self._pieces[0]
+
+    @body.setter
+    def body(self, value: bytes) -> None:
+        self._pieces = [value]
 
     async def prepare(self, request: Request) -> None:
-        if self.prepared:
-            return
-        self.prepared = True
-        self._early = request.responder
-        if self._early is not None:
-            self._early.start(self.status, [("Content-Type", self.content_type), *self.headers])
+        if not self.prepared:
+            self._early = request.responder
+            if self._early is not None:  # a head that cannot be sent raises: not prepared
+                fields = [("Content-Type", self.content_type), *self.headers]
+                self._early.start(self.status, fields, self.reason)
+            self.prepared = True
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         if not self.prepared:
@@ -6101,7 +6223,6 @@ class _AioStreamResponse(Response):
             await self._early.write(bytes(data))
         else:
             self._pieces.append(bytes(data))
-            self.body = b"".join(self._pieces)
 
     async def write_eof(self, data: bytes = b"") -> None:
         """The end comes when the handler returns; this only writes the last `data`."""
@@ -6109,80 +6230,92 @@ class _AioStreamResponse(Response):
             await self.write(data)
 
 
-class _ReadBody(BodyStream):
-    """A body read whole, as a BodyStream (a session answer's .content)."""
-
-    def __init__(self, data: bytes) -> None:
-        async def pieces() -> AsyncIterator[bytes]:
-            if data:
-                yield data
-
-        super().__init__(pieces())
-        self.data = data
-
-
 class _SessionResponse:
-    """A backend.session answer, read whole: aiohttp's ClientResponse names (status,
-    headers, content_type, content, read(), json(), text())."""
+    """backend.session's answer: awaited (or entered with `async with`), it is asked and
+    read whole; then it has aiohttp's ClientResponse names (status, reason, headers,
+    content_type, content, read(), json(), text())."""
 
-    def __init__(self, status: int, reason: str, headers: Headers, body: bytes) -> None:
-        self.status = status
-        self.reason = reason
-        self.headers = headers
-        self.content = _ReadBody(body)
-        self.content_type = _media_type(headers.get("content-type"))
-        self._body = body
+    status: int
+    reason: str
+    headers: Headers
+    content_type: str
+
+    def __init__(self, ask: Callable[[], Awaitable[tuple[ClientResponse, bytes]]]) -> None:
+        self._ask = ask
+        self._body = b""
+
+    async def _asked(self) -> _SessionResponse:
+        resp, self._body = await self._ask()
+        self.status, self.reason, self.headers = resp.status, resp.reason, resp.headers
+        self.content_type = resp.content_type
+        return self
+
+    def __await__(self) -> typing.Generator[Any, None, _SessionResponse]:
+        return self._asked().__await__()
+
+    async def __aenter__(self) -> _SessionResponse:
+        return await self._asked()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        return None
+
+    @property
+    def content(self) -> BodyStream:
+        async def whole() -> AsyncIterator[bytes]:
+            yield self._body
+
+        return BodyStream(whole())
 
     async def read(self) -> bytes:
         return self._body
 
     async def text(self) -> str:
-        return self._body.decode("utf-8", errors="replace")
+        return _decode_text(self._body, self.headers.get("content-type"))
 
     async def json(self) -> Any:
-        try:
-            return json_loads(self._body)
-        except _JSON_DECODE_ERRORS:
-            raise UpstreamError("the model answered invalid JSON") from None
+        return _upstream_json(self._body)
 
     def release(self) -> None:
         return None
 
-    def close(self) -> None:
-        return None
-
-    async def __aenter__(self) -> _SessionResponse:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        return None
+    close = release
 
 
-class _SessionCall:
-    """What backend.session.get(...) returns: awaited, or used with `async with`."""
+def _session_target(base_url: str, url: str, params: Mapping[str, str] | None) -> str:
+    """What backend.session asks the model server for: a path as it is, or a whole URL on
+    the model server (its scheme, host and port, under its path); then params=."""
+    import urllib.parse
 
-    def __init__(self, send: Callable[[], Awaitable[_SessionResponse]]) -> None:
-        self._send = send
-
-    def __await__(self) -> typing.Generator[Any, None, _SessionResponse]:
-        return self._send().__await__()
-
-    async def __aenter__(self) -> _SessionResponse:
-        return await self._send()
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        return None
+    if not url.startswith("/"):
+        parts = urllib.parse.urlsplit(url)
+        scheme, host, port, prefix = split_url(base_url)
+        try:
+            same = split_url(f"{parts.scheme}://{parts.netloc}")[:3] == (scheme, host, port)
+        except ValueError:
+            same = False
+        path = parts.path or "/"
+        if not (same and (path + "/").startswith(prefix + "/")):
+            raise ValueError(
+                f"backend.session asks the model server ({base_url}) only: {url!r} is not"
+                " on it; give a path such as '/healthcheck'"
+            )
+        url = path[len(prefix) :] + (f"?{parts.query}" if parts.query else "")
+    if params:
+        url += ("&" if "?" in url else "?") + urllib.parse.urlencode(params)
+    return url
 
 
 class ModelSession:
     """backend.session: the model server with aiohttp's ClientSession names (get, post, put,
-    delete, request), over the backend's pooled connections; a path is on the model server,
-    a whole URL is asked on a connection of its own. Each answer is read whole (at most
-    MAX_UPSTREAM_BODY): for a worker's own routes (/healthcheck, a /view proxy); model
+    delete, request), over the backend's pooled connections: `url` is a path, or a whole URL
+    on the model server (no other host), a query and params= as aiohttp takes them. Each
+    answer is read whole, at most max_body bytes (MAX_BODY_BYTES, 16 MiB; past it an
+    UpstreamError, a 502): for a worker's own routes (/healthcheck, a /view proxy); model
     routes relay streams through their handlers."""
 
-    def __init__(self, client: Callable[[], HttpClient]) -> None:
+    def __init__(self, client: Callable[[], HttpClient], max_body: int = MAX_BODY) -> None:
         self._client = client
+        self.max_body = max_body
 
     def request(
         self,
@@ -6194,9 +6327,7 @@ class ModelSession:
         params: Mapping[str, str] | None = None,
         headers: Mapping[str, str] | None = None,
         timeout: float | None = SESSION_TIMEOUT,
-    ) -> _SessionCall:
-        import urllib.parse
-
+    ) -> _SessionResponse:
         body = json_dumps(json) if json is not None else data
         body = body.encode() if isinstance(body, str) else body
         fields = [(k, v) for k, v in (headers or {}).items() if k.lower() != "content-type"]
@@ -6204,38 +6335,25 @@ class ModelSession:
             (v for k, v in (headers or {}).items() if k.lower() == "content-type"),
             "application/json" if json is not None else "application/octet-stream",
         )
-        if params:
-            url += ("&" if "?" in url else "?") + urllib.parse.urlencode(params)
 
-        async def send() -> _SessionResponse:
-            own = None if url.startswith("/") else HttpClient(url, max_idle=0)
-            client = self._client() if own is None else own
-            try:
-                path = url if own is None else ""
-                resp = await client.request(
-                    method, path, body, headers=fields, content_type=content_type, timeout=timeout
-                )
-                async with resp:
-                    return _SessionResponse(
-                        resp.status, resp.reason, resp.headers, await resp.read()
-                    )
-            finally:
-                if own is not None:
-                    await own.close()
+        async def ask() -> tuple[ClientResponse, bytes]:
+            client = self._client()
+            target = _session_target(client.base_url, url, params)
+            resp = await client.request(
+                method, target, body, headers=fields, content_type=content_type, timeout=timeout
+            )
+            async with resp:
+                try:
+                    return resp, await resp.read(self.max_body)
+                except UpstreamError as exc:  # the same kind (a timeout stays a 504), said where
+                    raise type(exc)(f"backend.session {method} {target}: {exc}") from None
 
-        return _SessionCall(send)
+        return _SessionResponse(ask)
 
-    def get(self, url: str, **options: Any) -> _SessionCall:
-        return self.request("GET", url, **options)
-
-    def post(self, url: str, **options: Any) -> _SessionCall:
-        return self.request("POST", url, **options)
-
-    def put(self, url: str, **options: Any) -> _SessionCall:
-        return self.request("PUT", url, **options)
-
-    def delete(self, url: str, **options: Any) -> _SessionCall:
-        return self.request("DELETE", url, **options)
+    get = functools.partialmethod(request, "GET")
+    post = functools.partialmethod(request, "POST")
+    put = functools.partialmethod(request, "PUT")
+    delete = functools.partialmethod(request, "DELETE")
 
 
 class web:  # lower-case: it stands for the module of `from aiohttp import web`

@@ -15,8 +15,9 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import typing
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from support import (
     Rig,
     Runner,
     WorkerProcess,
+    parse_head,
     raw_client,
     request,
     signing_key,
@@ -77,7 +79,8 @@ class ModelApis:
     """The model APIs of tests/workers_2024 on loopback: hello's /generate and
     /generate_stream, openai's /v1/completions and /v1/chat/completions, media's /inference,
     /inference_stream, /detect and /view, GET /health and /healthcheck; and POST /hold/...,
-    which answers once `release` is set (for the in-process tests of the queue).
+    which answers once `release` is set (for the in-process tests of the queue); GET /bytes
+    (?size= bytes, chunked if ?chunked=1) and /latin (Latin-1 text) for backend.session's.
 
     A stream holds after its first piece while `gate` is set to an Event that is not set yet
     (and sets `holding`): a client that has the first piece then has it while the model still
@@ -104,6 +107,8 @@ class ModelApis:
                 get("/view", self._view),
                 get("/health", self._text("ok")),
                 get("/healthcheck", self._text("model is healthy")),
+                get("/bytes", self._bytes),
+                get("/latin", self._latin),
                 *[post(f"/hold/{name}", self._hold) for name in "abcslx"],
             ]
         )
@@ -188,6 +193,19 @@ class ModelApis:
         if name not in self.FILES:
             return Response(404, f"no such file: {name}".encode(), content_type="text/plain")
         return Response(200, self.FILES[name], content_type="image/png")
+
+    async def _bytes(self, request: Request) -> Response:
+        self.seen.append((request.method, request.target))
+        data = b"x" * int(request.query["size"])
+        if request.query.get("chunked") == "1":
+            return self._stream([data[:1], data[1:]], "application/octet-stream")
+        return Response(200, data, content_type="application/octet-stream")
+
+    async def _latin(self, request: Request) -> Response:
+        self.seen.append((request.method, request.target))
+        return Response(
+            200, "caf\u00e9".encode("latin-1"), content_type="text/plain; charset=latin-1"
+        )
 
     async def _hold(self, request: Request) -> Response:
         self._body(request)
@@ -984,3 +1002,335 @@ def test_worker_files_use_only_the_compat_names() -> None:
     for path in sorted((TESTS / "workers_2024").rglob("*.py")):
         used = pyworker_names(path)
         assert used <= set(pyworker.__all__), (path, sorted(used - set(pyworker.__all__)))
+
+
+# A StreamResponse's mistakes and its client's departures #########################################
+
+
+class BeganThenReturned(EndpointHandler[hello_world.InputData]):
+    """Prepares a StreamResponse, then returns a streaming Response anyway."""
+
+    endpoint = "/generate_stream"
+
+    async def generate_client_response(
+        self, client_request: web.Request, model_response: ClientResponse
+    ) -> Response:
+        res = web.StreamResponse()
+        res.content_type = "text/event-stream"
+        await res.prepare(client_request)
+        return await pyworker.relay_stream(model_response)
+
+
+class ClientDropped(EndpointHandler[hello_world.InputData]):
+    """Writes one piece, then the client's connection is aborted (as the server's sweeper
+    aborts a client that stopped reading past WRITE_TIMEOUT), then writes again."""
+
+    endpoint = "/generate_stream"
+
+    async def generate_client_response(
+        self, client_request: web.Request, model_response: ClientResponse
+    ) -> web.Response | web.StreamResponse:
+        res = web.StreamResponse()
+        res.content_type = "text/event-stream"
+        await res.prepare(client_request)
+        await res.write(b"data: first\n\n")
+        proto = client_request.connection
+        assert proto is not None and proto.conn_transport is not None
+        transport = typing.cast(asyncio.Transport, proto.conn_transport)
+        transport.abort()  # closing at once; connection_lost comes a step later
+        await res.write(b"data: second\n\n")
+        return res
+
+
+def _serial_rig(tmp_path: Path, handler: EndpointHandler[Any]) -> Any:
+    """A rig with `handler` on /s and hello_world's /generate on /g, one FIFO for both."""
+    return worker_rig(
+        tmp_path,
+        fake=FakeModel(log_path=str(tmp_path / "model.log"), tokens=3),
+        parallel=False,
+        cached_max_perf=100.0,
+        routes=lambda backend: [
+            post("/s", backend.create_handler(handler)),
+            post("/g", backend.create_handler(hello_world.GenerateHandler())),
+        ],
+        **QUIET,
+    )
+
+
+def test_answer_begun_and_another_returned_is_cut_and_settled(tmp_path: Path) -> None:
+    """Guards a FIFO held for good: a handler that prepared a StreamResponse and returned
+    another (streaming) answer left its job unsettled and the model's turn taken, so every
+    later request on a serial route waited forever. Now the begun answer is cut (the client
+    sees an error, not an empty success), the request is settled errored, the turn freed."""
+
+    async def main() -> None:
+        async with _serial_rig(tmp_path, BeganThenReturned()) as rig:
+            body = {"payload": {"prompt": "hi", "max_response_tokens": 3}}
+            cut = await request(rig.port, "POST", "/s", body)
+            assert cut.status == 200 and not cut.complete, cut
+            await until(rig.settled, 5.0, "settled")
+            metrics = rig.backend.metrics
+            assert (metrics.errored.requests, metrics.served.requests) == (1, 0)
+            assert not rig.backend.queue.lock.locked()
+            after = await request(rig.port, "POST", "/g", body)
+            assert after.status == 200, after
+
+    run(main())
+
+
+def test_client_gone_under_the_handlers_writes_is_cancelled(tmp_path: Path) -> None:
+    """Guards the accounting: a StreamResponse.write that fails because the client's
+    connection is closing (ConnectionResetError, before connection_lost cancels the task)
+    is the client gone, a cancelled request (499), not a worker error (500)."""
+
+    async def main() -> None:
+        async with _serial_rig(tmp_path, ClientDropped()) as rig:
+            body = {"payload": {"prompt": "hi", "max_response_tokens": 3}}
+            with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, ValueError):
+                await request(rig.port, "POST", "/s", body)  # the connection is aborted
+            await until(rig.settled, 5.0, "settled")
+            metrics = rig.backend.metrics
+            assert (metrics.cancelled.requests, metrics.errored.requests) == (1, 0)
+            assert not rig.backend.queue.lock.locked()
+
+    run(main())
+
+
+# web's answers: what they refuse and what they send ##############################################
+
+
+def test_web_answers_refuse_fields_no_head_can_hold() -> None:
+    """Guards an unanswered request: a header field, content type or reason that no response
+    head can hold (CR, LF, NUL, beyond Latin-1, a name that is no token) is a ValueError
+    where the answer is made, as aiohttp has it, so the handler's error boundary answers
+    500 and settles the request; it used to surface only as the head was written, after
+    the request was counted served, and closed the connection without a status line."""
+    bad: list[Callable[[], object]] = [
+        lambda: web.Response(text="x", content_type="text/plain\r\nSet-Cookie: evil=1"),
+        lambda: web.Response(text="x", headers={"X-A": "a\r\nSet-Cookie: evil=1"}),
+        lambda: web.Response(text="x", headers={"X-A": "\u20ac"}),
+        lambda: web.Response(text="x", headers={"Bad Name": "1"}),
+        lambda: web.Response(text="x", reason="OK\r\nX-Evil: 1"),
+        lambda: web.json_response({"a": 1}, headers={"X-A": "\x00"}),
+        lambda: web.StreamResponse(headers={"X-A": "a\nb"}),
+        lambda: web.StreamResponse(reason="\u20ac"),
+    ]
+    for make in bad:
+        with pytest.raises(ValueError):
+            make()
+    fine = web.Response(text="x", headers={"X-A": "caf\u00e9\tok"}, reason="Fine")
+    assert (fine.headers, fine.reason) == ([("X-A", "caf\u00e9\tok")], "Fine")
+
+
+class UnsendableAnswer(EndpointHandler[hello_world.InputData]):
+    endpoint = "/generate"
+
+    async def generate_client_response(
+        self, client_request: web.Request, model_response: ClientResponse
+    ) -> web.Response | web.StreamResponse:
+        await model_response.read()
+        return web.Response(text="x", headers={"X-Price": "5 \u20ac"})
+
+
+def test_unsendable_web_answer_on_a_model_route_is_a_500_settled_errored(tmp_path: Path) -> None:
+    # what it guards: the request was counted served 200, then its connection closed unanswered
+    async def main() -> None:
+        async with _serial_rig(tmp_path, UnsendableAnswer()) as rig:
+            body = {"payload": {"prompt": "hi", "max_response_tokens": 3}}
+            reply = await request(rig.port, "POST", "/s", body)
+            assert (reply.status, reply.json()) == (500, {"error": "internal error"})
+            await until(rig.settled, 5.0, "settled")
+            metrics = rig.backend.metrics
+            assert (metrics.errored.requests, metrics.served.requests) == (1, 0)
+
+    run(main())
+
+
+def test_web_answers_send_their_reason() -> None:
+    # what it guards: reason= of web.Response, json_response and StreamResponse was dropped
+    async def plain(request: Request) -> Response:
+        return web.Response(text="x", status=404, reason="Nothing Here")
+
+    async def as_json(request: Request) -> Response:
+        return web.json_response({"made": True}, status=201, reason="Made It")
+
+    async def streamed(request: Request) -> Response:
+        res = web.StreamResponse(reason="Flowing")
+        await res.prepare(request)
+        await res.write(b"piece")
+        return res
+
+    async def main() -> None:
+        server = HttpServer([get("/p", plain), get("/j", as_json), get("/s", streamed)])
+        port = await server.start("127.0.0.1", 0)
+        try:
+            async with raw_client(port) as client:
+                for path, line in (
+                    ("/p", b"HTTP/1.1 404 Nothing Here\r\n"),
+                    ("/j", b"HTTP/1.1 201 Made It\r\n"),
+                    ("/s", b"HTTP/1.1 200 Flowing\r\n"),
+                ):
+                    await client.send(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                    head = await client.head_bytes()
+                    assert head.startswith(line), head
+                    if path == "/s":
+                        assert await client.chunked_body() == b"piece"
+                    else:
+                        await client.reader.readexactly(int(parse_head(head)[1]["content-length"]))
+        finally:
+            await server.shutdown(grace=0)
+
+    run(main())
+
+
+def _done(step: Coroutine[Any, Any, None]) -> None:
+    """Run a coroutine that never waits (a StreamResponse outside a server does not)."""
+    try:
+        step.send(None)
+    except StopIteration:
+        return
+    raise AssertionError("it waited")
+
+
+def test_stream_response_outside_a_server_joins_its_body_once() -> None:
+    """Guards quadratic work: prepared outside a server (a Request with no connection), a
+    StreamResponse keeps its writes as pieces and joins them once, when its body is read;
+    each write used to re-join every piece so far. Counted as calls of bytes.join."""
+    joins = 0
+
+    def count(frame: object, event: str, arg: object) -> None:
+        nonlocal joins
+        if event == "c_call" and getattr(arg, "__name__", "") == "join":
+            joins += isinstance(getattr(arg, "__self__", None), bytes)
+
+    res = web.StreamResponse()
+    _done(res.prepare(pyworker.parse_request_head(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")))
+    pieces = [b"%d," % i for i in range(200)]
+    sys.setprofile(count)
+    try:
+        for piece in pieces:
+            _done(res.write(piece))
+    finally:
+        sys.setprofile(None)
+    assert joins == 0
+    assert res.body == b"".join(pieces)
+    assert res.body == b"".join(pieces)  # read twice: the same
+
+
+def test_header_membership_takes_any_case() -> None:
+    # what it guards: a 2024 file's `if "Authorization" not in request.headers:` (aiohttp's
+    # `in` ignores case, as get() and [] here do) took the wrong branch
+    req = pyworker.parse_request_head(b"GET / HTTP/1.1\r\nHost: x\r\nAuthorization: t\r\n\r\n")
+    for name in ("Authorization", "authorization", "AUTHORIZATION"):
+        assert name in req.headers
+    assert "X-Missing" not in req.headers and "x-missing" not in req.headers
+    assert 3 not in req.headers
+
+
+# backend.session: bounded, on the model server only ##############################################
+
+
+def test_session_answers_are_read_at_most_max_body() -> None:
+    """Guards memory: backend.session read every answer whole up to 256 MiB (a /view proxy
+    on an unsigned route: N clients held N times that). Now at most the worker's max body
+    (MAX_BODY_BYTES, 16 MiB), sized or chunked, past it an UpstreamError naming the limit,
+    which a worker's own route answers 502; and the seed's web.Response(body=resp.content)
+    of a session answer still sends it."""
+
+    async def main() -> None:
+        async with ModelApis() as model:
+            client = HttpClient(model.url)
+            session = pyworker.ModelSession(lambda: client, 4096)
+
+            async def proxy(request: Request) -> Response:
+                resp = await session.get("/bytes", params={"size": request.query["size"]})
+                return web.Response(body=resp.content, status=resp.status)
+
+            server = HttpServer([get("/proxy", proxy)])
+            port = await server.start("127.0.0.1", 0)
+            try:
+                whole = await session.get("/bytes", params={"size": "4096", "chunked": "1"})
+                assert await whole.read() == b"x" * 4096
+                for chunked in ("0", "1"):
+                    with pytest.raises(pyworker.UpstreamError, match="larger than 4,096 bytes"):
+                        await session.get("/bytes", params={"size": "4097", "chunked": chunked})
+                small = await request(port, "GET", "/proxy?size=10")
+                assert (small.status, small.body) == (200, b"x" * 10)
+                big = await request(port, "GET", "/proxy?size=5000")
+                assert (big.status, big.json()) == (502, {"error": "the model server failed"})
+            finally:
+                await server.shutdown(grace=0)
+                await client.close()
+        backend = Backend(UNUSED_URL, None, True, hello_world.GenerateHandler(), [])
+        backend.config = dataclasses.replace(backend.config, max_body=2048)
+        assert backend.session.max_body == 2048
+
+    run(main())
+
+
+def test_session_url_is_the_model_servers_own() -> None:
+    """Guards two things: a whole URL given to backend.session reached any host (its
+    docstring says the model server; a worker's unsigned route built from client input
+    could be pointed anywhere), and a query or params= on a whole URL raised ValueError.
+    Now a whole URL must be on the model server (scheme, host, port, under its path),
+    else a ValueError saying so, and queries and params= work on paths and URLs alike."""
+
+    async def main() -> None:
+        async with ModelApis() as model:
+            client = HttpClient(model.url)
+            session = pyworker.ModelSession(lambda: client)
+            try:
+                resp = await session.get(f"{model.url}/view?filename=out.png", params={"t": "o"})
+                assert (resp.status, await resp.read()) == (200, ModelApis.FILES["out.png"])
+                assert model.seen[-1] == ("GET", "/view?filename=out.png&t=o")
+                await session.get("/view?filename=out.png", params={"type": "x y"})
+                assert model.seen[-1] == ("GET", "/view?filename=out.png&type=x+y")
+                elsewhere = [
+                    "http://127.0.0.1:9/view",
+                    f"https://127.0.0.1:{model.port}/view",
+                    f"http://localhost:{model.port}/view",
+                    f"http://user@127.0.0.1:{model.port}/view",
+                    "view",
+                ]
+                for url in elsewhere:
+                    with pytest.raises(ValueError, match="asks the model server"):
+                        await session.get(url)
+                under = HttpClient(f"{model.url}/v1")  # a model URL with a path
+                prefixed = pyworker.ModelSession(lambda: under)
+                done = await prefixed.post(f"{model.url}/v1/completions", json={"max_tokens": 2})
+                assert done.status == 200 and model.seen[-1] == ("POST", "/v1/completions")
+                with pytest.raises(ValueError, match="asks the model server"):
+                    await prefixed.get(f"{model.url}/view")
+                await under.close()
+            finally:
+                await client.close()
+
+    run(main())
+
+
+def test_text_is_decoded_with_the_charset_it_names() -> None:
+    """Guards one decoding for every text(): a request's and a session answer's ignored the
+    charset their Content-Type names (only ClientResponse.text() read it). A body that is
+    not JSON stays the sender's fault: 400 for a client's, UpstreamError for the model's."""
+
+    async def main() -> None:
+        req = pyworker.parse_request_head(
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain; charset=latin-1\r\n\r\n"
+        )
+        req.body = "caf\u00e9".encode("latin-1")
+        assert await req.text() == "caf\u00e9"
+        with pytest.raises(pyworker.HttpError):
+            await req.json()
+        async with ModelApis() as model:
+            client = HttpClient(model.url)
+            try:
+                answer = await pyworker.ModelSession(lambda: client).get("/latin")
+                assert await answer.text() == "caf\u00e9"
+                with pytest.raises(pyworker.UpstreamError):
+                    await answer.json()
+                async with await client.request("GET", "/latin", timeout=5.0) as raw:
+                    assert await raw.text() == "caf\u00e9"
+            finally:
+                await client.close()
+
+    run(main())

@@ -684,3 +684,187 @@ def test_shutdown_answers_a_request_whose_body_is_still_arriving() -> None:
             await server.shutdown(grace=0)
 
     run(main())
+
+
+# Answers a handler writes itself (request.responder: EarlyResponse) ##############################
+
+
+def _responder(request: Request) -> pyworker.EarlyResponse:
+    early = request.responder
+    assert early is not None, "a request served by a server has a responder"
+    return early
+
+
+def test_early_response_refuses_writes_after_its_end() -> None:
+    """Guards the next answer on a keep-alive connection: a handler that kept its
+    EarlyResponse (a task left writing) and writes after the server finished it must get an
+    error, not put raw chunks into the connection where the next response goes."""
+    kept: list[pyworker.EarlyResponse] = []
+
+    async def stream(request: Request) -> Response:
+        early = _responder(request)
+        early.start(200, [("Content-Type", "text/plain")])
+        await early.write(b"first")
+        kept.append(early)
+        return Response()
+
+    async def late(request: Request) -> Response:
+        try:
+            await kept[0].write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged")
+        except RuntimeError as exc:
+            return pyworker.text_response(f"refused: {exc}")
+        return pyworker.text_response("written")
+
+    async def main() -> None:
+        routes = [pyworker.get("/s", stream), pyworker.get("/late", late)]
+        async with serving(routes) as port, raw_client(port) as client:
+            await client.send(b"GET /s HTTP/1.1\r\nHost: x\r\n\r\n")
+            first = await client.response()
+            assert (first.status, first.body, first.complete) == (200, b"first", True)
+            await client.send(b"GET /late HTTP/1.1\r\nHost: x\r\n\r\n")
+            second = await client.response()  # a forged chunk here would not parse as a head
+            assert second.status == 200
+            assert second.body.startswith(b"refused: the response has ended"), second.body
+
+    run(main())
+
+
+@pytest.mark.parametrize("field", [("X-A", "a\nb"), ("X-A", "\u20ac")], ids=["newline", "euro"])
+def test_early_response_head_that_cannot_be_sent_leaves_it_unstarted(
+    field: tuple[str, str],
+) -> None:
+    """Guards a bare last chunk as the whole answer: start() with a field no head can hold
+    raises before anything is sent and the response is not started, so the handler's own
+    answer (here a 500 it chose) is what the client gets."""
+
+    async def handler(request: Request) -> Response:
+        try:
+            _responder(request).start(200, [field])
+        except ValueError:
+            assert not request.response_started
+            return pyworker.text_response("caught", 500)
+        return pyworker.text_response("started")
+
+    async def main() -> None:
+        async with serving([pyworker.get("/", handler)]) as port, raw_client(port) as client:
+            await client.send(GET)
+            reply = await client.response()
+            assert (reply.status, reply.body) == (500, b"caught")
+            await client.send(GET)  # the connection is still in step
+            assert (await client.response()).body == b"caught"
+
+    run(main())
+
+
+def test_unsendable_response_head_is_answered_500() -> None:
+    """Guards an unanswered request: a returned Response whose head cannot be written (CR or
+    LF in a field or the reason, a character beyond Latin-1), sized or streamed, is a 500
+    with a proper head, and the connection stays usable; it used to be closed with no
+    status line at all."""
+
+    async def one_piece() -> AsyncIterator[bytes]:
+        yield b"never sent"
+
+    bad: dict[str, Callable[[], Response]] = {
+        "/newline": lambda: Response(headers=[("X-A", "a\r\nSet-Cookie: evil=1")]),
+        "/euro": lambda: Response(headers=[("X-A", "\u20ac")]),
+        "/type": lambda: Response(content_type="text/plain\r\nX-Evil: 1"),
+        "/reason": lambda: Response(reason="OK\r\nX-Evil: 1"),
+        "/stream": lambda: Response(headers=[("X-A", "\u20ac")], stream=one_piece()),
+        "/empty": lambda: Response(204, headers=[("X-A", "\u20ac")]),
+    }
+
+    def answer(make: Callable[[], Response]) -> pyworker.Handler:
+        async def handler(request: Request) -> Response:
+            return make()
+
+        return handler
+
+    async def main() -> None:
+        routes = [pyworker.get(path, answer(make)) for path, make in bad.items()]
+        async with serving(routes) as port, raw_client(port) as client:
+            for path in bad:
+                await client.send(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode())
+                reply = await client.response()
+                assert reply.status == 500, (path, reply)
+                assert reply.json() == {"error": "internal error"}
+                assert "x-evil" not in {k.lower() for k, _ in reply.headers}
+
+    run(main())
+
+
+def test_early_response_204_has_no_framing_and_no_body() -> None:
+    """Guards the next answer on the connection: a 204 (or 304) begun by its handler carries
+    no Transfer-Encoding and no last chunk (RFC 9110 15.3.5), and data written to it is
+    refused, not sent."""
+    refused: list[str] = []
+
+    async def no_content(request: Request) -> Response:
+        early = _responder(request)
+        early.start(204, [])
+        try:
+            await early.write(b"a body")
+        except RuntimeError as exc:
+            refused.append(str(exc))
+        return Response()
+
+    async def main() -> None:
+        routes = [pyworker.get("/nothing", no_content), *echo_routes("/")]
+        async with serving(routes) as port, raw_client(port) as client:
+            await client.send(b"GET /nothing HTTP/1.1\r\nHost: x\r\n\r\n" + GET)
+            status, headers = await client.head()
+            assert status == 204
+            names = {k.lower() for k, _ in headers}
+            assert "transfer-encoding" not in names and "content-length" not in names
+            reply = await client.response()  # a "0\r\n\r\n" first would not parse as a head
+            assert reply.status == 200 and reply.json()["target"] == "/"
+            assert refused == ["a 204 or 304 answer has no body"]
+
+    run(main())
+
+
+def test_reason_phrase_is_the_responses_own() -> None:
+    # what it guards: Response(reason=) (web.Response's reason=) reaches the status line
+    async def handler(request: Request) -> Response:
+        return Response(reason="Fine Indeed")
+
+    async def main() -> None:
+        async with serving([pyworker.get("/", handler)]) as port, raw_client(port) as client:
+            await client.send(GET)
+            assert (await client.head_bytes()).startswith(b"HTTP/1.1 200 Fine Indeed\r\n")
+
+    run(main())
+
+
+@pytest.mark.parametrize("other", ["body", "stream"])
+def test_answer_begun_then_another_returned_is_cut(other: str) -> None:
+    """Guards a short success: a handler that began its answer (start, write) and then
+    returned another Response (a body, or a stream left unread) had the other one dropped
+    without a word and its answer finished as if whole; now it is cut (the client sees an
+    error) and the returned stream is closed (its generator's cleanup runs)."""
+    closed: list[bool] = []
+
+    async def pieces() -> AsyncIterator[bytes]:
+        try:
+            yield b"other"
+        finally:
+            closed.append(True)
+
+    async def handler(request: Request) -> Response:
+        early = _responder(request)
+        early.start(200, [("Content-Type", "text/plain")])
+        await early.write(b"first")
+        if other == "body":
+            return Response(body=b"other")
+        stream = pieces()
+        await stream.__anext__()  # under way: only aclose() runs its finally
+        return Response(stream=stream)
+
+    async def main() -> None:
+        async with serving([pyworker.get("/", handler)]) as port, raw_client(port) as client:
+            await client.send(GET)
+            reply = await client.response()
+            assert reply.status == 200 and not reply.complete, reply
+            assert closed == ([True] if other == "stream" else [])
+
+    run(main())
