@@ -254,7 +254,7 @@ def test_bad_model_headers_are_a_500_with_the_reason_logged(
             assert reply.status == 500, reply
             assert len(rig.fake.requests) == served
             logged = caplog.text  # the handler's failure, with its traceback
-            assert "handler for POST /generate failed" in logged, logged
+            assert "/generate: the worker's handler raised ValueError; answered 500" in logged
             assert "not sent: header 'X-Trace': its value holds CR, LF" in logged, logged
             assert "Content-Length: 99" not in logged, logged  # the client's text is not logged
             reply = await rig.post("/generate", rig.body("t2"))  # the worker serves on
