@@ -2091,6 +2091,11 @@ class ApiPayload(abc.ABC):
     def count_workload(self) -> float:
         """The request's cost in the autoscaler's unit (tokens, pixels x steps ...)."""
 
+    def generate_payload_multipart(self) -> dict[str, Any] | None:
+        """Form fields to send the model as multipart/form-data instead of JSON (the name
+        today's vastai library gives it), or None: JSON. See Multipart.from_form."""
+        return None
+
     @classmethod
     def from_json_msg(cls, json_msg: dict[str, Any]) -> Self:
         """Build the payload from the client's JSON; raise JsonDataException on bad fields."""
@@ -2924,11 +2929,37 @@ class Multipart:
 
     def __init__(
         self,
-        fields: Mapping[str, str] | None = None,
+        fields: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
         files: Sequence[tuple[str, str, str, bytes]] = (),
     ) -> None:
-        self.fields = dict(fields or {})
+        # Pairs, not a dict: a form may repeat a field (an HTML form's multiple select does).
+        self.fields = list(fields.items() if isinstance(fields, Mapping) else fields or ())
         self.files = list(files)
+
+    @classmethod
+    def from_form(cls, form: Mapping[str, Any]) -> Multipart:
+        """A payload's generate_payload_multipart() fields as a Multipart: a (file name,
+        bytes, content type) tuple is a file, a list repeats its field, None is left out, a
+        dict or list item is sent as JSON, a bool as true / false, anything else as str()."""
+        fields: list[tuple[str, str]] = []
+        files: list[tuple[str, str, str, bytes]] = []
+        for name, value in form.items():
+            items: list[Any] = value if isinstance(value, list) else [value]  # pyright: ignore[reportUnknownVariableType]
+            for item in items:
+                if item is None:
+                    continue
+                if isinstance(item, tuple):
+                    filename, data, content_type = typing.cast(tuple[str, bytes, str], item)
+                    files.append((name, filename, content_type, bytes(data)))
+                elif isinstance(item, (bytes, bytearray)):
+                    raise TypeError(f"form field {name!r}: bytes go in a file tuple")
+                elif isinstance(item, (dict, list)):
+                    fields.append((name, json_dumps(item).decode()))
+                elif isinstance(item, bool):
+                    fields.append((name, "true" if item else "false"))
+                else:
+                    fields.append((name, str(item)))
+        return cls(fields, files)
 
     @staticmethod
     def _quoted(text: str) -> str:
@@ -2937,7 +2968,7 @@ class Multipart:
 
     def encode(self) -> tuple[str, bytes]:
         parts: list[tuple[bytes, bytes]] = []
-        for name, value in self.fields.items():
+        for name, value in self.fields:
             head = f"Content-Disposition: form-data; name={self._quoted(name)}\r\n"
             parts.append((head.encode("utf-8"), value.encode("utf-8")))
         for name, filename, content_type, data in self.files:
@@ -3117,7 +3148,11 @@ class EndpointHandler(abc.ABC, Generic[P]):
     def model_body(self, payload: P) -> dict[str, Any] | Multipart:
         """What the model is sent: by default payload.generate_payload_json() as JSON.
         Override to add to it (`{**payload.generate_payload_json(), "stream": True}`), or
-        return a Multipart for a model API that takes uploads (audio, images)."""
+        return a Multipart for a model API that takes uploads (audio, images). A payload
+        whose generate_payload_multipart() gives fields is sent as multipart/form-data."""
+        form = payload.generate_payload_multipart()
+        if form is not None:
+            return Multipart.from_form(form)
         return payload.generate_payload_json()
 
     def model_headers(self, payload: P) -> Sequence[tuple[str, str]]:

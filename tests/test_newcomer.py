@@ -204,6 +204,25 @@ class Upload(pyworker.EndpointHandler[Transcribe]):
         )
 
 
+@dataclasses.dataclass
+class FormTranscribe(Transcribe):
+    """Today's vastai form of an upload: the payload names its form fields itself."""
+
+    def generate_payload_multipart(self) -> dict[str, Any] | None:
+        return {
+            "file": ("a.wav", bytes(range(256)), "audio/wav"),
+            "language": self.language,
+            "timestamp_granularities": ["word", "segment"],  # a list repeats its field
+            "options": {"beam": 5},  # a dict is sent as JSON text
+            "stream": False,
+            "prompt": None,  # left out
+        }
+
+
+class FormUpload(pyworker.EndpointHandler[FormTranscribe]):
+    endpoint = "/transcribe"
+
+
 def _parse_multipart(content_type: str, body: bytes) -> list[Any]:
     """The parts of a multipart/form-data body, by the standard library's MIME parser."""
     head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode()
@@ -229,6 +248,26 @@ def test_multipart_encoding_parses_back() -> None:
     assert parts[2].get_content_type() == "audio/wav"
     assert parts[2].get_payload(decode=True) == bytes(range(256)) * 4
     assert parts[2].get_param("filename", header="content-disposition") == "a %22b%22.wav"
+
+
+def test_payload_multipart_fields_are_sent_as_a_form() -> None:
+    # Guards vastai's generate_payload_multipart() (vllm's upload routes are served only when
+    # ApiPayload has it): the default model_body sends its fields as multipart/form-data.
+    assert "generate_payload_multipart" in vars(pyworker.ApiPayload)
+    multipart = FormUpload().model_body(FormTranscribe(audio_b64="x", language="de"))
+    assert isinstance(multipart, pyworker.Multipart)
+    parts = _parse_multipart(*multipart.encode())
+    names = [p.get_param("name", header="content-disposition") for p in parts]
+    repeated = ["timestamp_granularities"] * 2
+    assert names == ["language", *repeated, "options", "stream", "file"]
+    values = [p.get_payload(decode=True) for p in parts]
+    assert values[:5] == [b"de", b"word", b"segment", b'{"beam":5}', b"false"]
+    assert parts[5].get_content_type() == "audio/wav" and values[5] == bytes(range(256))
+    # a payload without it is JSON, as before
+    assert Upload().model_body(Transcribe.for_test()) is not None
+    assert isinstance(StreamingChat().model_body(hello_world.InputData.for_test()), dict)
+    with pytest.raises(TypeError, match="file tuple"):
+        pyworker.Multipart.from_form({"file": b"raw bytes"})
 
 
 def test_multipart_refuses_a_header_injection() -> None:
