@@ -2202,7 +2202,7 @@ class SetupError(Exception):
     """The local setup could not start; the message names the worker and its log file."""
 
 
-def _free_port() -> int:
+def reserve_port() -> int:
     """A port free now, that nobody else is handed before the worker binds it: a port merely
     free a moment ago (bind to 0, close) can go to another program's socket first.
 
@@ -2333,7 +2333,7 @@ class LocalSetup:
             directory = os.path.join(self.directory, f"worker-{index}")
             os.makedirs(directory, exist_ok=True)
             model = self.model_factory(os.path.join(directory, "model.log"))
-            worker = LocalWorker(index, directory, _free_port(), model)
+            worker = LocalWorker(index, directory, reserve_port(), model)
             self.workers.append(worker)
             await model.start()
             worker.process = await self._spawn(worker)

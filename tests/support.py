@@ -39,7 +39,7 @@ from typing import IO, Any, TypeVar
 import hello_world
 import pyworker
 from pyworker import Backend, Config, State
-from test_load import FakeModel, LocalAutoscaler, RsaPrivateKey
+from test_load import FakeModel, LocalAutoscaler, RsaPrivateKey, reserve_port
 
 T = TypeVar("T")
 
@@ -96,14 +96,7 @@ def free_ports(count: int) -> list[int]:
     and WORKER_HTTP_PORT: pass both, never count on WORKER_PORT + 1 being free)."""
     ports: list[int] = []
     while len(ports) < count:
-        with socket.socket() as listener:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind(("127.0.0.1", 0))
-            listener.listen(1)
-            port = int(listener.getsockname()[1])
-            with socket.create_connection(("127.0.0.1", port), timeout=5.0):
-                accepted, _ = listener.accept()
-                accepted.close()  # this end first: it is the one left in TIME_WAIT
+        port = reserve_port()
         if port not in ports:
             ports.append(port)
     return ports
