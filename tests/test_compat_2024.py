@@ -36,7 +36,7 @@ from support import (
     until,
     worker_rig,
 )
-from test_author_api import Prompt, RawModel
+from test_author_api import QUIET, Prompt, RawModel
 
 import hello_world
 import pyworker
@@ -61,15 +61,6 @@ run = Runner(timeout=60.0)
 
 TESTS = Path(__file__).resolve().parent
 MASTER_TOKEN = "compat-2024-token"
-
-# worker_rig's options for an UNSECURED worker whose load reports go nowhere, quietly
-QUIET: dict[str, Any] = {
-    "report_addrs": [UNUSED_URL],
-    "unsecured": True,
-    "report_check_interval": 60.0,
-    "report_max_interval": 60.0,
-    "log_poll_interval": 0.02,
-}
 
 
 # A fake model server with the three workers' model APIs #########################################
@@ -836,6 +827,17 @@ class FailingRelay(StreamRelay):
     fail_after = 2
 
 
+async def _settled_errored_and_free(rig: Rig, body: dict[str, Any]) -> None:
+    """The request just cut on /s was settled once, as errored; the FIFO's turn was given
+    back (/g, on the same queue, is served)."""
+    await until(rig.settled, 5.0, "settled")
+    metrics = rig.backend.metrics
+    assert (metrics.errored.requests, metrics.served.requests) == (1, 0)
+    assert not rig.backend.queue.lock.locked()
+    after = await request(rig.port, "POST", "/g", body)
+    assert after.status == 200, after
+
+
 @pytest.mark.parametrize("failing", ["model", "handler"])
 def test_stream_response_is_cut_when_the_stream_breaks(tmp_path: Path, failing: str) -> None:
     """The model breaks off mid-stream (or the handler raises mid-stream): the client's
@@ -863,12 +865,7 @@ def test_stream_response_is_cut_when_the_stream_breaks(tmp_path: Path, failing: 
             assert cut.headers.get("transfer-encoding") == "chunked"
             assert not cut.complete, cut
             assert b'"tok0"' in cut.body and b'"tok7"' not in cut.body
-            await until(rig.settled, 5.0, "settled")
-            metrics = rig.backend.metrics
-            assert (metrics.errored.requests, metrics.served.requests) == (1, 0)
-            assert not rig.backend.queue.lock.locked()
-            after = await request(rig.port, "POST", "/g", body)
-            assert after.status == 200, after
+            await _settled_errored_and_free(rig, body)
 
     run(main())
 
@@ -1068,12 +1065,7 @@ def test_answer_begun_and_another_returned_is_cut_and_settled(tmp_path: Path) ->
             body = {"payload": {"prompt": "hi", "max_response_tokens": 3}}
             cut = await request(rig.port, "POST", "/s", body)
             assert cut.status == 200 and not cut.complete, cut
-            await until(rig.settled, 5.0, "settled")
-            metrics = rig.backend.metrics
-            assert (metrics.errored.requests, metrics.served.requests) == (1, 0)
-            assert not rig.backend.queue.lock.locked()
-            after = await request(rig.port, "POST", "/g", body)
-            assert after.status == 200, after
+            await _settled_errored_and_free(rig, body)
 
     run(main())
 
