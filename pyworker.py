@@ -1846,49 +1846,47 @@ class HttpServer:
         writer: asyncio.StreamWriter,
     ) -> bool:
         keep_alive = request.keep_alive and not self.closing
+        stream, body = response.stream, b""
+        chunked = False
+        content_length: int | None = None
         if response.status in (204, 304):  # RFC 9110 15.3.5, 15.4.5: never a body
-            return await self._write_bodiless(request, response, proto, writer, keep_alive)
-        headers = [("Content-Type", response.content_type), *response.headers]
-        if keep_alive and request.version == "HTTP/1.0" and response.stream is None:
-            headers.append(("Connection", "keep-alive"))  # 1.0 closes unless told otherwise
-        stream = response.stream
-        if stream is None:
-            body = response.body
-            try:  # ValueError, UnicodeEncodeError among them: a field that cannot be sent
-                head = response_head(
-                    response.status,
-                    headers,
-                    content_length=len(body),
-                    keep_alive=keep_alive,
-                    reason=response.reason,
-                )
-            except ValueError as exc:
-                return await self._write_response(
-                    request, self._unsendable(request, exc), proto, writer
-                )
-            proto.enter(_Phase.RESPONDING)
-            writer.write(head + body)
-            await self._drain(proto, writer)
-            return keep_alive
-        # An HTTP/1.0 client knows no chunked coding: its stream ends when the connection does.
-        chunked = request.version == "HTTP/1.1"
-        keep_alive = keep_alive and chunked
-        # The head waits for the first chunk: they leave in one write, and a model that fails
-        # before its first byte still gets the client a proper error answer instead of a cut.
-        try:
+            if stream is not None:  # a relayed 204 or 304: its (empty) body ends at once
+                async for _ in stream:
+                    pass
+            stream, headers = None, list(response.headers)
+        else:
+            headers = [("Content-Type", response.content_type), *response.headers]
+            if stream is None:
+                body = response.body
+                content_length = len(body)
+                if keep_alive and request.version == "HTTP/1.0":
+                    headers.append(("Connection", "keep-alive"))  # 1.0 closes unless told
+            else:
+                # An HTTP/1.0 client knows no chunked coding: its stream ends with the connection.
+                chunked = request.version == "HTTP/1.1"
+                keep_alive = keep_alive and chunked
+        try:  # ValueError, UnicodeEncodeError among them: a field that cannot be sent
             head = response_head(
                 response.status,
                 headers,
-                content_length=None,
+                content_length=content_length,
                 keep_alive=keep_alive,
                 chunked=chunked,
                 reason=response.reason,
             )
         except ValueError as exc:
-            await _aclose(stream)
+            if stream is not None:
+                await _aclose(stream)
             return await self._write_response(
                 request, self._unsendable(request, exc), proto, writer
             )
+        if stream is None:
+            proto.enter(_Phase.RESPONDING)
+            writer.write(head + body)
+            await self._drain(proto, writer)
+            return keep_alive
+        # The head waits for the first chunk: they leave in one write, and a model that fails
+        # before its first byte still gets the client a proper error answer instead of a cut.
         try:
             async for data in stream:
                 if data:
@@ -1916,35 +1914,6 @@ class HttpServer:
         finally:
             await _aclose(stream)
         writer.write(head + LAST_CHUNK if chunked else head)
-        await self._drain(proto, writer)
-        return keep_alive
-
-    async def _write_bodiless(
-        self,
-        request: Request,
-        response: Response,
-        proto: _ServerProtocol,
-        writer: asyncio.StreamWriter,
-        keep_alive: bool,
-    ) -> bool:
-        if response.stream is not None:  # a relayed 204 or 304: its (empty) body ends at once
-            async for _ in response.stream:
-                pass
-        try:
-            head = response_head(
-                response.status,
-                response.headers,
-                content_length=None,
-                keep_alive=keep_alive,
-                chunked=False,
-                reason=response.reason,
-            )
-        except ValueError as exc:
-            return await self._write_response(
-                request, self._unsendable(request, exc), proto, writer
-            )
-        proto.enter(_Phase.RESPONDING)
-        writer.write(head)
         await self._drain(proto, writer)
         return keep_alive
 
